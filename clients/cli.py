@@ -1,0 +1,225 @@
+"""`looksync`: the command line of DESIGN.md ("Public interfaces")."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+
+def _settings():
+    from gateway.settings import get_settings
+
+    return get_settings()
+
+
+def _add_filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--category", action="append", default=[], help="standard category (repeatable)")
+    p.add_argument("--gender", default="", help="women | men | unisex")
+    p.add_argument("--market", default="", help="ISO 3166 alpha-2, e.g. US")
+    p.add_argument("--brand", action="append", default=[])
+    p.add_argument("--size", action="append", default=[])
+    p.add_argument("--min-price", type=float)
+    p.add_argument("--max-price", type=float)
+    p.add_argument("--in-stock", action="store_true")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.add_argument("--gateway", help="gateway address (default from LOOKSYNC_GATEWAY_URL)")
+
+
+def _filters(args):
+    from clients.client import FilterArgs
+
+    return FilterArgs(
+        categories=tuple(args.category),
+        gender=args.gender,
+        market=args.market,
+        brands=tuple(args.brand),
+        sizes=tuple(args.size),
+        min_price=args.min_price,
+        max_price=args.max_price,
+        in_stock_only=args.in_stock,
+    )
+
+
+def _print_response(resp, as_json: bool) -> None:
+    if as_json:
+        from google.protobuf.json_format import MessageToJson
+
+        print(MessageToJson(resp, preserving_proto_field_name=True))
+        return
+    space = f"{resp.space.model} v{resp.space.version}"
+    print(f"{len(resp.hits)} hits  (space {space}, request {resp.request_id})")
+    for rank, hit in enumerate(resp.hits, 1):
+        p = hit.product
+        stock = "in stock" if p.in_stock else "sold out"
+        print(
+            f"{rank:3d}. {hit.score:6.3f}  {p.id:8s} {p.title:32.32s} {p.brand:12.12s} "
+            f"{p.category:9s} {p.gender:6s} {p.market} {p.price:8.2f} {p.currency} {stock}"
+        )
+    if resp.text_truncated:
+        print("note: the text was longer than the model's context and was truncated")
+    print("timings: " + ", ".join(f"{t.stage} {t.ms:.1f} ms" for t in resp.timings))
+
+
+def _client(args):
+    from clients.client import LookSyncClient
+
+    return LookSyncClient(args.gateway or _settings().gateway_url)
+
+
+def cmd_search_text(args) -> int:
+    with _client(args) as client:
+        _print_response(client.search_text(args.text, k=args.k, filters=_filters(args)), args.json)
+    return 0
+
+
+def cmd_search_image(args) -> int:
+    image = Path(args.image).read_bytes()
+    with _client(args) as client:
+        resp = client.search_image(
+            image, k=args.k, filters=_filters(args), text_modifier=args.text, text_weight=args.text_weight
+        )
+        _print_response(resp, args.json)
+    return 0
+
+
+def cmd_triton(args) -> int:
+    from gateway.tritonserver import TritonServer
+
+    s = _settings()
+    server = TritonServer(
+        repository=Path(args.repository or s.model_repository),
+        http_port=s.triton_http_port,
+        grpc_port=s.triton_grpc_port,
+        metrics_port=s.triton_metrics_port,
+        work_dir=s.data_dir / "triton",
+    )
+    log = open(args.log, "a") if args.log else None  # noqa: SIM115 - lives as long as the server
+    t0 = time.monotonic()
+    server.start(timeout_s=args.timeout, log_file=log)
+    print(
+        f"tritonserver ready in {time.monotonic() - t0:.1f}s (gRPC :{s.triton_grpc_port}, "
+        f"HTTP :{s.triton_http_port}, metrics :{s.triton_metrics_port}); Ctrl-C stops it",
+        flush=True,
+    )
+    try:
+        while server.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return server.process.returncode or 0
+
+
+def cmd_serve(args) -> int:
+    from gateway.observability import setup_logging
+    from gateway.server import serve
+
+    setup_logging(args.log_level)
+    asyncio.run(serve(_settings()))
+    return 0
+
+
+def cmd_index(args) -> int:
+    from gateway.embedder import TritonEmbedder
+    from gateway.indexer import Indexer, index_catalog, resolve_space
+    from gateway.server import open_index
+
+    s = _settings()
+
+    async def run():
+        embedder = TritonEmbedder(s.triton_url)
+        index = open_index(s)
+        try:
+            space = await resolve_space(embedder, s.embedding_model, args.version)
+            print(f"indexing {args.catalog} into {space.index_name} ({space})", file=sys.stderr)
+            indexer = Indexer(embedder, index, space, batch_size=args.batch_size)
+            return await index_catalog(Path(args.catalog), indexer, progress=not args.quiet)
+        finally:
+            await embedder.close()
+            await index.close()
+
+    report = asyncio.run(run())
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.stage_s.items())
+    print(
+        f"indexed {report.written} products ({report.embedded} embedded, {report.unchanged} unchanged) "
+        f"in {report.wall_s:.1f}s [{stages}]; {len(report.failed)} failed"
+    )
+    for where, error in report.failed[:20]:
+        print(f"  {where}: {error}")
+    return 1 if report.failed and not report.written else 0
+
+
+def cmd_sample_catalog(args) -> int:
+    from clients.sample_catalog import generate
+
+    path = generate(Path(args.out), n=args.n, seed=args.seed)
+    print(path)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from clients.demo import run_demo
+
+    return run_demo(keep_running=args.keep_running)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="looksync", description="LookSync: match looks to products")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("triton", help="start Triton on the CPU target and wait until ready")
+    p.add_argument("--repository", help="model repository (default LOOKSYNC_MODEL_REPOSITORY)")
+    p.add_argument("--timeout", type=float, default=180.0)
+    p.add_argument("--log", help="append Triton's log to this file")
+    p.set_defaults(func=cmd_triton)
+
+    p = sub.add_parser("serve", help="run the gRPC gateway")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("index", help="embed and index a catalog (JSON Lines)")
+    p.add_argument("catalog")
+    p.add_argument("--version", type=int, help="model version (default: newest ready in Triton)")
+    p.add_argument("--batch-size", type=int, default=_settings().index_batch_size)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search-text", help="search products by text")
+    p.add_argument("text")
+    _add_filters(p)
+    p.set_defaults(func=cmd_search_text)
+
+    p = sub.add_parser("search-image", help="search products by an image (and optional text)")
+    p.add_argument("image")
+    p.add_argument("--text", default="", help="text modifier, e.g. 'in red'")
+    p.add_argument("--text-weight", type=float, default=0.0)
+    _add_filters(p)
+    p.set_defaults(func=cmd_search_image)
+
+    p = sub.add_parser("sample-catalog", help="generate the synthetic sample catalog")
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_sample_catalog)
+
+    p = sub.add_parser("demo", help="export, serve, index and search the sample catalog end to end")
+    p.add_argument("--keep-running", action="store_true", help="leave Triton and the gateway up")
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Python client for the LookSync gateway, for app backends and operators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.api import looksync_pb2 as pb
+from gateway.api import looksync_pb2_grpc as pb_grpc
+
+
+@dataclass
+class FilterArgs:
+    categories: tuple[str, ...] = ()
+    gender: str = ""
+    market: str = ""
+    brands: tuple[str, ...] = ()
+    sizes: tuple[str, ...] = ()
+    min_price: float | None = None
+    max_price: float | None = None
+    in_stock_only: bool = False
+
+    def to_proto(self) -> pb.Filters:
+        msg = pb.Filters(
+            categories=list(self.categories),
+            gender=self.gender,
+            market=self.market,
+            brands=list(self.brands),
+            sizes=list(self.sizes),
+            in_stock_only=self.in_stock_only,
+        )
+        if self.min_price is not None:
+            msg.min_price = self.min_price
+        if self.max_price is not None:
+            msg.max_price = self.max_price
+        return msg
+
+
+class LookSyncClient:
+    """One channel per client object: create it once and reuse it (channels are expensive)."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 10.0):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+        self.stub = pb_grpc.LookSearchStub(self.channel)
+
+    def search_text(
+        self,
+        text: str,
+        k: int = 10,
+        filters: FilterArgs | None = None,
+        space: pb.EmbeddingSpace | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> pb.SearchResponse:
+        request = pb.SearchTextRequest(text=text, k=k, filters=(filters or FilterArgs()).to_proto())
+        if space is not None:
+            request.space.CopyFrom(space)
+        return self.stub.SearchText(request, timeout=timeout_s or self.timeout_s, metadata=_meta(request_id))
+
+    def search_image(
+        self,
+        image: bytes,
+        k: int = 10,
+        filters: FilterArgs | None = None,
+        text_modifier: str = "",
+        text_weight: float = 0.0,
+        space: pb.EmbeddingSpace | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> pb.SearchResponse:
+        request = pb.SearchImageRequest(
+            image=image,
+            k=k,
+            filters=(filters or FilterArgs()).to_proto(),
+            text_modifier=text_modifier,
+            text_weight=text_weight,
+        )
+        if space is not None:
+            request.space.CopyFrom(space)
+        return self.stub.SearchImage(request, timeout=timeout_s or self.timeout_s, metadata=_meta(request_id))
+
+    def health(self, service: str = "", timeout_s: float = 2.0) -> str:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> LookSyncClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _meta(request_id: str | None):
+    return (("x-request-id", request_id),) if request_id else None

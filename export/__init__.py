@@ -1,0 +1,1 @@
+"""Turns model checkpoints into Triton model-repository versions (see DESIGN.md, `export/`)."""

@@ -1,0 +1,115 @@
+"""Image decoding and CLIP pre-processing with numpy and Pillow only.
+
+This file is copied next to each exported model version and imported by the python-backend
+models inside Triton, so it must not import torch, open_clip or anything from the project.
+The gateway and the tests import the same file, so "what Triton does" and "what we check
+against" can never drift apart.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+# Pillow's own bomb guard fires at ~179 MP with an exception and warns from ~89 MP; our limit
+# is applied first (from the header, before any pixel is decoded), so silence the warning.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class InvalidImage(ValueError):
+    """The bytes are not an image we can use; the message says why, for the caller."""
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image and check its header: format and dimensions, no pixel decoding.
+
+    Cheap enough for the gateway to run on every request, so that decompression bombs and
+    non-images are refused before they cost Triton anything.
+    """
+    if not data:
+        raise InvalidImage("image is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise InvalidImage(f"image dimensions are too large ({exc})") from None
+    except Exception:  # Pillow raises many types for garbage input
+        head = data[:8].hex()
+        raise InvalidImage(f"bytes are not a supported image format (first bytes: {head})") from None
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise InvalidImage(f"image has invalid dimensions {width}x{height}")
+    if width * height > max_pixels:
+        raise InvalidImage(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+        )
+    return img
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Fully decode an image to RGB; truncated or corrupt data raises InvalidImage."""
+    img = probe_image(data, max_pixels)
+    try:
+        img.seek(0)  # animated formats: the first frame is the product shot
+        img.load()
+    except Exception as exc:
+        raise InvalidImage(f"image data is corrupt or truncated ({exc})") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Product cut-outs are transparent around the garment: put them on white, as a shop
+        # page shows them, rather than on the black that a plain convert() gives.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img, dtype=np.float32)
+        arr = (arr / max(float(arr.max()), 1.0) * 255.0).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shortest side to `size` (bicubic), then a centred square crop.
+
+    Integer rounding follows torchvision's Resize/CenterCrop exactly, which is what open_clip
+    uses at training time; parity with it is tested.
+    """
+    width, height = img.size
+    if width <= height:
+        new_w, new_h = size, int(size * height / width)
+    else:
+        new_w, new_h = int(size * width / height), size
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), Image.BICUBIC)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def pixels(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """RGB image -> normalised float32 CHW array, as the image tower expects."""
+    img = resize_center_crop(to_rgb(img), spec.size)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def image_bytes_to_pixels(data: bytes, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS):
+    return pixels(decode_image(data, max_pixels), spec)

@@ -1,0 +1,129 @@
+"""`config.pbtxt` for the four Triton models that serve one embedding model.
+
+For a model named `clip`:
+
+    clip_image_encoder   pixels -> embedding      (ONNX; python+onnxruntime on cpu, ORT/TRT on gpu)
+    clip_text_encoder    token ids -> embedding   (same)
+    clip_image           image bytes -> embedding (python: decode + resize + normalise, then BLS)
+    clip_text            strings -> embedding     (python: BPE tokenise, then BLS)
+
+Names, inputs and outputs are the same on both targets; only backends and placement differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch_size: int = 64
+    preferred: tuple[int, ...] = (8, 16, 32)
+    max_queue_delay_us: int = 2000
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    model: str
+    target: str  # "cpu" | "gpu"
+    image_size: int
+    context_length: int
+    batching: Batching = field(default_factory=Batching)
+    # Versions kept loaded: the serving one and the incoming one during a swap (DESIGN.md).
+    versions_kept: int = 2
+    cpu_instances: int = 1
+    gpu_instances: int = 1
+    onnx_threads: int = 0
+    fp16: bool = True
+
+
+def _dynamic_batching(b: Batching) -> str:
+    preferred = ", ".join(str(n) for n in b.preferred if n <= b.max_batch_size)
+    return (
+        "dynamic_batching {\n"
+        f"  preferred_batch_size: [ {preferred} ]\n"
+        f"  max_queue_delay_microseconds: {b.max_queue_delay_us}\n"
+        "}\n"
+    )
+
+
+def _io(kind: str, name: str, dtype: str, dims: list[int]) -> str:
+    dims_s = ", ".join(str(d) for d in dims)
+    return f'{kind} [\n  {{ name: "{name}" data_type: {dtype} dims: [ {dims_s} ] }}\n]\n'
+
+
+def _version_policy(plan: ServingPlan) -> str:
+    return f"version_policy: {{ latest: {{ num_versions: {plan.versions_kept} }} }}\n"
+
+
+def _trt_accelerator(plan: ServingPlan) -> str:
+    precision = "FP16" if plan.fp16 else "FP32"
+    params = {
+        "precision_mode": precision,
+        "max_workspace_size_bytes": str(4 << 30),
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": f"/tmp/looksync-trt-cache/{plan.model}",
+    }
+    body = " ".join(f'parameters {{ key: "{k}" value: "{v}" }}' for k, v in params.items())
+    return (
+        "optimization { execution_accelerators { gpu_execution_accelerator: [\n"
+        f'  {{ name: "tensorrt" {body} }}\n'
+        "] } }\n"
+    )
+
+
+def encoder_config(plan: ServingPlan, tower: str) -> str:
+    """Config for `<model>_<tower>_encoder`, tower in {"image", "text"}."""
+    if tower == "image":
+        # CPU: any size (the python model checks); GPU: fixed, so TensorRT builds one profile.
+        side = plan.image_size if plan.target == "gpu" else -1
+        inp = _io("input", "pixel_values", "TYPE_FP32", [3, side, side])
+    else:
+        inp = _io("input", "input_ids", "TYPE_INT64", [-1])
+    text = f'name: "{plan.model}_{tower}_encoder"\n'
+    if plan.target == "gpu":
+        text += 'backend: "onnxruntime"\n'
+    else:
+        text += 'backend: "python"\n'
+    text += f"max_batch_size: {plan.batching.max_batch_size}\n"
+    text += inp + _io("output", "embedding", "TYPE_FP32", [-1])
+    text += _dynamic_batching(plan.batching) + _version_policy(plan)
+    if plan.target == "gpu":
+        text += f"instance_group [ {{ kind: KIND_GPU count: {plan.gpu_instances} }} ]\n"
+        text += _trt_accelerator(plan)
+    else:
+        text += f"instance_group [ {{ kind: KIND_CPU count: {plan.cpu_instances} }} ]\n"
+        text += f'parameters {{ key: "intra_op_threads" value: {{ string_value: "{plan.onnx_threads}" }} }}\n'
+    return text
+
+
+def wrapper_config(plan: ServingPlan, tower: str) -> str:
+    """Config for the python model `<model>_<tower>` that pre-processes and calls the encoder."""
+    text = f'name: "{plan.model}_{tower}"\nbackend: "python"\n'
+    text += f"max_batch_size: {plan.batching.max_batch_size}\n"
+    if tower == "image":
+        text += _io("input", "image", "TYPE_STRING", [1])
+        text += _io("output", "embedding", "TYPE_FP32", [-1])
+    else:
+        text += _io("input", "text", "TYPE_STRING", [1])
+        text += (
+            "output [\n"
+            '  { name: "embedding" data_type: TYPE_FP32 dims: [ -1 ] },\n'
+            '  { name: "truncated" data_type: TYPE_BOOL dims: [ 1 ] }\n'
+            "]\n"
+        )
+    text += _dynamic_batching(plan.batching) + _version_policy(plan)
+    # Pre-processing is CPU work on both targets; more instances overlap decode with the GPU.
+    count = plan.cpu_instances if plan.target == "cpu" else max(2, plan.gpu_instances * 2)
+    text += f"instance_group [ {{ kind: KIND_CPU count: {count} }} ]\n"
+    return text
+
+
+def all_configs(plan: ServingPlan) -> dict[str, str]:
+    """Model name -> config text, for every model of the plan."""
+    return {
+        f"{plan.model}_image_encoder": encoder_config(plan, "image"),
+        f"{plan.model}_text_encoder": encoder_config(plan, "text"),
+        f"{plan.model}_image": wrapper_config(plan, "image"),
+        f"{plan.model}_text": wrapper_config(plan, "text"),
+    }

@@ -1,0 +1,159 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Filters(_message.Message):
+    __slots__ = ("categories", "gender", "market", "brands", "sizes", "min_price", "max_price", "in_stock_only")
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    GENDER_FIELD_NUMBER: _ClassVar[int]
+    MARKET_FIELD_NUMBER: _ClassVar[int]
+    BRANDS_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    MIN_PRICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PRICE_FIELD_NUMBER: _ClassVar[int]
+    IN_STOCK_ONLY_FIELD_NUMBER: _ClassVar[int]
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    gender: str
+    market: str
+    brands: _containers.RepeatedScalarFieldContainer[str]
+    sizes: _containers.RepeatedScalarFieldContainer[str]
+    min_price: float
+    max_price: float
+    in_stock_only: bool
+    def __init__(self, categories: _Optional[_Iterable[str]] = ..., gender: _Optional[str] = ..., market: _Optional[str] = ..., brands: _Optional[_Iterable[str]] = ..., sizes: _Optional[_Iterable[str]] = ..., min_price: _Optional[float] = ..., max_price: _Optional[float] = ..., in_stock_only: _Optional[bool] = ...) -> None: ...
+
+class Product(_message.Message):
+    __slots__ = ("id", "title", "brand", "category", "gender", "market", "price", "currency", "sizes", "in_stock", "image_url")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    BRAND_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    GENDER_FIELD_NUMBER: _ClassVar[int]
+    MARKET_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    IN_STOCK_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_URL_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    title: str
+    brand: str
+    category: str
+    gender: str
+    market: str
+    price: float
+    currency: str
+    sizes: _containers.RepeatedScalarFieldContainer[str]
+    in_stock: bool
+    image_url: str
+    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., brand: _Optional[str] = ..., category: _Optional[str] = ..., gender: _Optional[str] = ..., market: _Optional[str] = ..., price: _Optional[float] = ..., currency: _Optional[str] = ..., sizes: _Optional[_Iterable[str]] = ..., in_stock: _Optional[bool] = ..., image_url: _Optional[str] = ...) -> None: ...
+
+class Hit(_message.Message):
+    __slots__ = ("product", "score", "duplicates")
+    PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    product: Product
+    score: float
+    duplicates: int
+    def __init__(self, product: _Optional[_Union[Product, _Mapping]] = ..., score: _Optional[float] = ..., duplicates: _Optional[int] = ...) -> None: ...
+
+class EmbeddingSpace(_message.Message):
+    __slots__ = ("model", "version", "dim")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    dim: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., dim: _Optional[int] = ...) -> None: ...
+
+class StageTiming(_message.Message):
+    __slots__ = ("stage", "ms")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    MS_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    ms: float
+    def __init__(self, stage: _Optional[str] = ..., ms: _Optional[float] = ...) -> None: ...
+
+class SearchTextRequest(_message.Message):
+    __slots__ = ("text", "filters", "k", "space")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    filters: Filters
+    k: int
+    space: EmbeddingSpace
+    def __init__(self, text: _Optional[str] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., k: _Optional[int] = ..., space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ...) -> None: ...
+
+class SearchImageRequest(_message.Message):
+    __slots__ = ("image", "text_modifier", "text_weight", "filters", "k", "space")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_MODIFIER_FIELD_NUMBER: _ClassVar[int]
+    TEXT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    text_modifier: str
+    text_weight: float
+    filters: Filters
+    k: int
+    space: EmbeddingSpace
+    def __init__(self, image: _Optional[bytes] = ..., text_modifier: _Optional[str] = ..., text_weight: _Optional[float] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., k: _Optional[int] = ..., space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("hits", "space", "timings", "text_truncated", "request_id")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[Hit]
+    space: EmbeddingSpace
+    timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
+    text_truncated: bool
+    request_id: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., text_truncated: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class SearchLookRequest(_message.Message):
+    __slots__ = ("image", "filters", "k_per_layer")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    K_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    filters: Filters
+    k_per_layer: int
+    def __init__(self, image: _Optional[bytes] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., k_per_layer: _Optional[int] = ...) -> None: ...
+
+class LayerResult(_message.Message):
+    __slots__ = ("layer", "query", "query_source", "rerank_source", "hits")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    QUERY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    query: str
+    query_source: str
+    rerank_source: str
+    hits: _containers.RepeatedCompositeFieldContainer[Hit]
+    def __init__(self, layer: _Optional[str] = ..., query: _Optional[str] = ..., query_source: _Optional[str] = ..., rerank_source: _Optional[str] = ..., hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
+
+class SearchLookResponse(_message.Message):
+    __slots__ = ("layers", "space", "timings", "request_id")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[LayerResult]
+    space: EmbeddingSpace
+    timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
+    request_id: str
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerResult, _Mapping]]] = ..., space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,35 @@
+"""Errors that carry their gRPC status. Stages raise these; only the server maps them to gRPC."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class LookSyncError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(LookSyncError):
+    """The request is wrong; the message names the field and the problem."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Unavailable(LookSyncError):
+    """A dependency (Triton, the index, Redis) cannot be reached right now."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(LookSyncError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class FailedPrecondition(LookSyncError):
+    """The system is not in a state to answer, e.g. an embedding-space mismatch."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(LookSyncError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED

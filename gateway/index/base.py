@@ -1,0 +1,90 @@
+"""The catalog index interface that both backends implement (embedded LanceDB, Elasticsearch)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.catalog import Product
+from gateway.errors import FailedPrecondition
+from gateway.filters import SearchFilters
+
+
+@dataclass(frozen=True)
+class EmbeddingSpace:
+    """Which model made a vector. Vectors of different spaces are never compared."""
+
+    model: str
+    version: int
+    dim: int
+
+    @property
+    def index_name(self) -> str:
+        return f"products-{self.model}-v{self.version}"
+
+    def __str__(self) -> str:
+        return f"{self.model} v{self.version} ({self.dim}-d)"
+
+
+@dataclass
+class ScoredProduct:
+    product: Product
+    score: float
+    vector: np.ndarray | None = None
+
+
+@dataclass
+class StoredProduct:
+    product: Product
+    image_hash: str
+    vector: np.ndarray
+
+
+def check_query(vector: np.ndarray, query_space: EmbeddingSpace, index_space: EmbeddingSpace) -> None:
+    """Refuse a query vector from another space, or of the wrong shape, before it can match."""
+    if (query_space.model, query_space.version) != (index_space.model, index_space.version):
+        raise FailedPrecondition(f"query vector is from {query_space} but the index holds {index_space}")
+    if vector.ndim != 1 or vector.shape[0] != index_space.dim:
+        raise FailedPrecondition(
+            f"query vector has shape {tuple(vector.shape)}, the index holds {index_space.dim}-d vectors"
+        )
+
+
+class CatalogIndex(ABC):
+    """A product index whose vectors all belong to one embedding space per physical index,
+    read through an alias that names the serving one."""
+
+    @abstractmethod
+    async def space(self) -> EmbeddingSpace | None:
+        """The space of the index the alias points at; None when there is none yet."""
+
+    @abstractmethod
+    async def search(
+        self,
+        vector: np.ndarray,
+        space: EmbeddingSpace,
+        filters: SearchFilters,
+        k: int,
+        with_vectors: bool = False,
+    ) -> tuple[EmbeddingSpace, list[ScoredProduct]]:
+        """kNN over the alias target with the filters applied before ranking."""
+
+    @abstractmethod
+    async def ensure(self, space: EmbeddingSpace, make_current_if_none: bool = True) -> str:
+        """Create the physical index for a space if missing; return its name."""
+
+    @abstractmethod
+    async def upsert(self, space: EmbeddingSpace, items: list[tuple[Product, str, np.ndarray]]) -> None:
+        """Insert or replace products (product, image content hash, vector) by id."""
+
+    @abstractmethod
+    async def get(self, space: EmbeddingSpace, ids: list[str]) -> dict[str, StoredProduct]:
+        """Stored products by id (ids not present are absent from the result)."""
+
+    @abstractmethod
+    async def count(self, space: EmbeddingSpace) -> int: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...

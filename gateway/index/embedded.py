@@ -1,0 +1,270 @@
+"""The embedded catalog index: LanceDB tables on local disk, no server.
+
+Layout under `<data_dir>/index/`:
+
+    products-clip-v1.lance/   one LanceDB table per embedding space
+    manifest.json             {"aliases": {"products": "products-clip-v1"},
+                               "indexes": {"products-clip-v1": {"model": "clip", "version": 1, "dim": 64}}}
+
+The manifest is the embedded stand-in for Elasticsearch's aliases and mapping `_meta`: it is
+replaced atomically (write, fsync, rename) under a file lock, and every process re-reads it
+when it changes, so the gateway follows an alias move or a new index without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+
+from gateway.catalog import Product
+from gateway.errors import FailedPrecondition, Unavailable
+from gateway.filters import SearchFilters
+from gateway.index.base import (
+    CatalogIndex,
+    EmbeddingSpace,
+    ScoredProduct,
+    StoredProduct,
+    check_query,
+)
+
+MANIFEST = "manifest.json"
+_FIELDS = [f for f in Product.__dataclass_fields__]
+
+
+def _schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("title", pa.string()),
+            ("brand", pa.string()),
+            ("category", pa.string()),
+            ("gender", pa.string()),
+            ("market", pa.string()),
+            ("price", pa.float64()),
+            ("currency", pa.string()),
+            ("sizes", pa.list_(pa.string())),
+            ("in_stock", pa.bool_()),
+            ("image_url", pa.string()),
+            ("image_hash", pa.string()),
+            ("vector", pa.list_(pa.float32(), dim)),
+        ]
+    )
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def where_clause(f: SearchFilters) -> str | None:
+    """The filters as a LanceDB (DataFusion SQL) predicate, every value quoted."""
+    parts = []
+    if f.categories:
+        parts.append(f"category IN ({', '.join(map(_quote, f.categories))})")
+    if f.genders():
+        parts.append(f"gender IN ({', '.join(map(_quote, f.genders()))})")
+    if f.market:
+        parts.append(f"market = {_quote(f.market)}")
+    if f.brands:
+        parts.append(f"brand IN ({', '.join(map(_quote, f.brands))})")
+    if f.sizes:
+        parts.append(f"array_has_any(sizes, [{', '.join(map(_quote, f.sizes))}])")
+    if f.min_price is not None:
+        parts.append(f"price >= {f.min_price!r}")
+    if f.max_price is not None:
+        parts.append(f"price <= {f.max_price!r}")
+    if f.in_stock_only:
+        parts.append("in_stock = true")
+    return " AND ".join(parts) or None
+
+
+def _row_product(row: dict) -> Product:
+    return Product(**{k: row[k] for k in _FIELDS})
+
+
+class Manifest:
+    """Aliases and per-index embedding identity, shared by the processes of one machine."""
+
+    def __init__(self, root: Path):
+        self.path = root / MANIFEST
+        self._lock_path = root / ".manifest.lock"
+        self._stamp: tuple[int, int] | None = None
+        self._data: dict = {"aliases": {}, "indexes": {}}
+
+    def read(self) -> dict:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return self._data
+        stamp = (st.st_mtime_ns, st.st_ino)
+        if stamp != self._stamp:
+            self._data = json.loads(self.path.read_text())
+            self._stamp = stamp
+        return self._data
+
+    @contextmanager
+    def edit(self):
+        """Read-modify-write under an exclusive lock; readers never see a partial file."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_path, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._stamp = None
+            data = json.loads(json.dumps(self.read()))
+            yield data
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            with open(tmp, "w") as fh:
+                json.dump(data, fh, indent=2, sort_keys=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+
+
+class EmbeddedIndex(CatalogIndex):
+    def __init__(self, root: Path, alias: str = "products", refresh_s: float = 0.5):
+        self.root = Path(root)
+        self.alias = alias
+        self.refresh_s = refresh_s
+        self.manifest = Manifest(self.root)
+        self._db = None
+        self._tables: dict[str, object] = {}
+        self._manifest_checked = 0.0
+        self._lock = asyncio.Lock()
+
+    async def _connect(self):
+        if self._db is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            # Other processes (the indexer, ingest workers) write the same tables; this is how
+            # long a reader may serve a version older than their last commit.
+            self._db = await lancedb.connect_async(
+                str(self.root), read_consistency_interval=timedelta(seconds=self.refresh_s)
+            )
+        return self._db
+
+    def _manifest(self) -> dict:
+        now = time.monotonic()
+        if now - self._manifest_checked >= self.refresh_s:
+            self._manifest_checked = now
+            return self.manifest.read()  # a stat(); re-parsed only when the file changed
+        return self.manifest._data
+
+    async def _table(self, name: str):
+        table = self._tables.get(name)
+        if table is None:
+            db = await self._connect()
+            try:
+                table = await db.open_table(name)
+            except (ValueError, FileNotFoundError) as exc:
+                raise Unavailable(f"index {name!r} cannot be opened: {exc}") from None
+            self._tables[name] = table
+        return table
+
+    def _space_of(self, name: str) -> EmbeddingSpace:
+        meta = self._manifest()["indexes"].get(name)
+        if meta is None:
+            raise FailedPrecondition(f"index {name!r} has no recorded embedding space")
+        return EmbeddingSpace(meta["model"], int(meta["version"]), int(meta["dim"]))
+
+    async def space(self) -> EmbeddingSpace | None:
+        target = self._manifest()["aliases"].get(self.alias)
+        return None if target is None else self._space_of(target)
+
+    async def search(self, vector, space, filters, k, with_vectors=False):
+        target = self._manifest()["aliases"].get(self.alias)
+        if target is None:
+            raise FailedPrecondition(f"no index behind alias {self.alias!r}: run `looksync index` first")
+        index_space = self._space_of(target)
+        check_query(vector, space, index_space)
+        table = await self._table(target)
+        query = (
+            table.query().nearest_to(np.asarray(vector, dtype=np.float32)).distance_type("cosine").limit(k)
+        )
+        where = where_clause(filters)
+        if where:
+            query = query.where(where)
+        rows = (await query.to_arrow()).to_pylist()
+        hits = []
+        for row in rows:
+            vec = np.asarray(row["vector"], dtype=np.float32) if with_vectors else None
+            hits.append(ScoredProduct(_row_product(row), 1.0 - float(row["_distance"]), vec))
+        return index_space, hits
+
+    async def ensure(self, space: EmbeddingSpace, make_current_if_none: bool = True) -> str:
+        name = space.index_name
+        async with self._lock:
+            known = self.manifest.read()["indexes"].get(name)
+            if known is not None:
+                recorded = EmbeddingSpace(known["model"], int(known["version"]), int(known["dim"]))
+                if recorded != space:
+                    raise FailedPrecondition(f"index {name} holds {recorded}, not {space}")
+            db = await self._connect()
+            # exist_ok: another process may have created it a moment ago.
+            await db.create_table(name, schema=_schema(space.dim), exist_ok=True)
+            with self.manifest.edit() as data:
+                data["indexes"].setdefault(
+                    name,
+                    {
+                        "model": space.model,
+                        "version": space.version,
+                        "dim": space.dim,
+                        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    },
+                )
+                if make_current_if_none:
+                    data["aliases"].setdefault(self.alias, name)
+            self._manifest_checked = 0.0
+        return name
+
+    async def upsert(self, space, items):
+        if not items:
+            return
+        table = await self._table(await self.ensure(space))
+        columns: dict[str, list] = {f: [] for f in _FIELDS}
+        hashes, vectors = [], []
+        for product, image_hash, vector in items:
+            for f in _FIELDS:
+                columns[f].append(getattr(product, f))
+            hashes.append(image_hash)
+            if vector.shape != (space.dim,):
+                raise FailedPrecondition(f"vector for {product.id} is not {space.dim}-d")
+            vectors.append(vector.astype(np.float32))
+        flat = pa.array(np.concatenate(vectors), type=pa.float32())
+        columns["image_hash"] = hashes
+        columns["vector"] = pa.FixedSizeListArray.from_arrays(flat, space.dim)
+        batch = pa.table(columns, schema=_schema(space.dim))
+        await table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(batch)
+
+    async def get(self, space, ids):
+        if not ids:
+            return {}
+        table = await self._table(await self.ensure(space, make_current_if_none=False))
+        found = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            rows = await (
+                table.query()
+                .where(f"id IN ({', '.join(map(_quote, chunk))})")
+                .select([*_FIELDS, "image_hash", "vector"])
+                .to_arrow()
+            )
+            for row in rows.to_pylist():
+                found[row["id"]] = StoredProduct(
+                    _row_product(row), row["image_hash"], np.asarray(row["vector"], dtype=np.float32)
+                )
+        return found
+
+    async def count(self, space):
+        table = await self._table(await self.ensure(space, make_current_if_none=False))
+        return await table.count_rows()
+
+    async def close(self):
+        self._tables.clear()
+        self._db = None

@@ -1,0 +1,184 @@
+"""The search path for SearchText and SearchImage, top to bottom:
+
+    validate -> resolve the index's embedding space -> embed (Triton) -> retrieve (kNN + filters)
+
+Each stage is timed; timings go back to the caller and into the stage histogram.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from export.triton.preprocess import InvalidImage, probe_image
+from gateway.embedder import TritonEmbedder
+from gateway.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
+from gateway.filters import SearchFilters
+from gateway.index.base import CatalogIndex, EmbeddingSpace, ScoredProduct
+
+# Longer text cannot change the embedding (the model sees 77 tokens, and a token is at least
+# one character), so cut it before it costs tokenizer time; the response says it was cut.
+MAX_TEXT_CHARS = 4000
+DEFAULT_TEXT_WEIGHT = 0.3
+
+
+@dataclass
+class Timings:
+    stages: list[tuple[str, float]] = field(default_factory=list)
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages.append((name, (time.perf_counter() - start) * 1000.0))
+
+
+@dataclass
+class SearchResult:
+    hits: list[ScoredProduct]
+    space: EmbeddingSpace
+    timings: Timings
+    text_truncated: bool = False
+
+
+@dataclass
+class Deadline:
+    """An absolute deadline; each remote call gets what is left of it."""
+
+    at: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds)
+
+    def left(self, cap: float | None = None) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("the request's deadline passed before the search finished")
+        return min(left, cap) if cap is not None else left
+
+
+def check_k(k: int, default: int, max_k: int, field_name: str = "k") -> int:
+    if k == 0:
+        return default
+    if k < 0 or k > max_k:
+        raise InvalidArgument(f"{field_name}: {k} is out of range; use 1..{max_k} (0 = default {default})")
+    return k
+
+
+def check_text(text: str, field_name: str, required: bool = True) -> tuple[str, bool]:
+    text = text.strip()
+    if required and not text:
+        raise InvalidArgument(f"{field_name}: empty text")
+    if len(text) > MAX_TEXT_CHARS:
+        return text[:MAX_TEXT_CHARS], True
+    return text, False
+
+
+def check_image(data: bytes, max_pixels: int) -> None:
+    """Header-only checks (format, dimensions); full decoding happens once, in Triton."""
+    try:
+        probe_image(data, max_pixels)
+    except InvalidImage as exc:
+        raise InvalidArgument(f"image: {exc}") from None
+
+
+def check_space(expected, actual: EmbeddingSpace) -> None:
+    if expected is None:
+        return
+    if (expected.model, expected.version) != (actual.model, actual.version):
+        raise FailedPrecondition(
+            f"space: the request expects {expected.model} v{expected.version}, "
+            f"but the index behind the alias is {actual}"
+        )
+
+
+def blend(image_vec: np.ndarray, text_vec: np.ndarray, text_weight: float) -> np.ndarray:
+    vec = (1.0 - text_weight) * image_vec + text_weight * text_vec
+    return vec / max(float(np.linalg.norm(vec)), 1e-12)
+
+
+class Searcher:
+    def __init__(
+        self, embedder: TritonEmbedder, index: CatalogIndex, triton_timeout_s: float, max_image_pixels: int
+    ):
+        self.embedder = embedder
+        self.index = index
+        self.triton_timeout_s = triton_timeout_s
+        self.max_image_pixels = max_image_pixels
+
+    async def _space(self, expected: EmbeddingSpace | None) -> EmbeddingSpace:
+        space = await self.index.space()
+        if space is None:
+            raise FailedPrecondition("the catalog index is empty: run `looksync index CATALOG.jsonl`")
+        check_space(expected, space)
+        return space
+
+    async def _retrieve(self, vector, space, filters, k, timings) -> tuple[EmbeddingSpace, list]:
+        with timings.stage("retrieve"):
+            return await self.index.search(vector, space, filters, k)
+
+    async def _embed_text(self, space, text, deadline) -> tuple[np.ndarray, bool]:
+        emb, truncated = await self.embedder.embed_texts(
+            space.model, space.version, [text], deadline.left(self.triton_timeout_s)
+        )
+        return emb[0], bool(truncated[0])
+
+    async def search_text(
+        self,
+        text: str,
+        filters: SearchFilters,
+        k: int,
+        deadline: Deadline,
+        expected: EmbeddingSpace | None = None,
+    ) -> SearchResult:
+        timings = Timings()
+        text, cut = check_text(text, "text")
+        space = await self._space(expected)
+        with timings.stage("embed_text"):
+            vector, truncated = await self._embed_text(space, text, deadline)
+        space = EmbeddingSpace(space.model, space.version, int(vector.shape[0]))
+        index_space, hits = await self._retrieve(vector, space, filters, k, timings)
+        return SearchResult(hits, index_space, timings, text_truncated=cut or truncated)
+
+    async def search_image(
+        self,
+        image: bytes,
+        text_modifier: str,
+        text_weight: float,
+        filters: SearchFilters,
+        k: int,
+        deadline: Deadline,
+        expected: EmbeddingSpace | None = None,
+    ) -> SearchResult:
+        timings = Timings()
+        with timings.stage("validate_image"):
+            check_image(image, self.max_image_pixels)
+        modifier, cut = check_text(text_modifier, "text_modifier", required=False)
+        if math.isnan(text_weight) or not 0.0 <= text_weight <= 1.0:
+            raise InvalidArgument(f"text_weight: {text_weight} is not in [0, 1]")
+        if modifier and text_weight == 0.0:
+            text_weight = DEFAULT_TEXT_WEIGHT
+        space = await self._space(expected)
+        truncated = False
+        with timings.stage("embed"):
+            image_call = self.embedder.embed_images(
+                space.model, space.version, [image], deadline.left(self.triton_timeout_s)
+            )
+            if modifier:
+                (img_emb, (text_vec, truncated)) = await asyncio.gather(
+                    image_call, self._embed_text(space, modifier, deadline)
+                )
+                vector = blend(img_emb[0], text_vec, text_weight)
+            else:
+                vector = (await image_call)[0]
+        space = EmbeddingSpace(space.model, space.version, int(vector.shape[0]))
+        index_space, hits = await self._retrieve(vector, space, filters, k, timings)
+        return SearchResult(hits, index_space, timings, text_truncated=cut or truncated)

@@ -1,0 +1,196 @@
+"""The gateway: a grpc.aio server with LookSearch, health, reflection and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from gateway.api import looksync_pb2 as pb
+from gateway.api import looksync_pb2_grpc as pb_grpc
+from gateway.embedder import TritonEmbedder
+from gateway.errors import LookSyncError
+from gateway.filters import from_proto
+from gateway.index.base import CatalogIndex, EmbeddingSpace
+from gateway.observability import RPC_ERRORS, RPC_SECONDS, STAGE_SECONDS, log, request_id_var
+from gateway.search import Deadline, Searcher, SearchResult, check_k
+from gateway.settings import Settings
+
+logger = logging.getLogger("looksync.gateway")
+SERVICE = pb.DESCRIPTOR.services_by_name["LookSearch"].full_name
+
+
+def open_index(settings: Settings) -> CatalogIndex:
+    if settings.index_backend == "embedded":
+        from gateway.index.embedded import EmbeddedIndex
+
+        return EmbeddedIndex(settings.embedded_dir, settings.index_alias, settings.index_refresh_s)
+    raise SystemExit("LOOKSYNC_INDEX_BACKEND=elasticsearch is not available in this build yet")
+
+
+def _space_from_proto(msg) -> EmbeddingSpace | None:
+    if not msg.model:
+        return None
+    return EmbeddingSpace(msg.model, msg.version, msg.dim)
+
+
+def _response(result: SearchResult, request_id: str) -> pb.SearchResponse:
+    hits = [
+        pb.Hit(product=pb.Product(**h.product.to_dict()), score=h.score, duplicates=0) for h in result.hits
+    ]
+    space = pb.EmbeddingSpace(model=result.space.model, version=result.space.version, dim=result.space.dim)
+    timings = [pb.StageTiming(stage=name, ms=ms) for name, ms in result.timings.stages]
+    return pb.SearchResponse(
+        hits=hits,
+        space=space,
+        timings=timings,
+        text_truncated=result.text_truncated,
+        request_id=request_id,
+    )
+
+
+class LookSearchServicer(pb_grpc.LookSearchServicer):
+    def __init__(self, searcher: Searcher, settings: Settings):
+        self.searcher = searcher
+        self.settings = settings
+
+    def _deadline(self, context) -> Deadline:
+        remaining = context.time_remaining()
+        default = self.settings.request_timeout_s
+        return Deadline.after(default if remaining is None else min(remaining, default * 10))
+
+    async def _run(self, rpc: str, context, handler):
+        metadata = dict(context.invocation_metadata() or ())
+        request_id = metadata.get("x-request-id") or uuid.uuid4().hex
+        request_id_var.set(request_id)
+        await context.send_initial_metadata((("x-request-id", request_id),))
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            result = await handler(self._deadline(context))
+            for stage, ms in result.timings.stages:
+                STAGE_SECONDS.labels(rpc, stage).observe(ms / 1000.0)
+            return _response(result, request_id)
+        except LookSyncError as exc:
+            code = exc.code.name
+            log(logger, logging.INFO, "request refused", rpc=rpc, code=code, error=str(exc))
+            await context.abort(exc.code, str(exc))
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            logger.exception("unexpected error in %s", rpc)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+        finally:
+            elapsed = time.perf_counter() - start
+            RPC_SECONDS.labels(rpc).observe(elapsed)
+            if code != "OK":
+                RPC_ERRORS.labels(rpc, code).inc()
+            log(logger, logging.INFO, "rpc", rpc=rpc, code=code, ms=round(elapsed * 1000, 2))
+
+    async def SearchText(self, request, context):
+        s = self.settings
+
+        async def handle(deadline):
+            return await self.searcher.search_text(
+                request.text,
+                from_proto(request.filters),
+                check_k(request.k, s.default_k, s.max_k),
+                deadline,
+                _space_from_proto(request.space),
+            )
+
+        return await self._run("SearchText", context, handle)
+
+    async def SearchImage(self, request, context):
+        s = self.settings
+
+        async def handle(deadline):
+            return await self.searcher.search_image(
+                request.image,
+                request.text_modifier,
+                request.text_weight,
+                from_proto(request.filters),
+                check_k(request.k, s.default_k, s.max_k),
+                deadline,
+                _space_from_proto(request.space),
+            )
+
+        return await self._run("SearchImage", context, handle)
+
+    async def SearchLook(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "SearchLook is not implemented yet")
+
+
+async def _watch_health(
+    health_servicer, embedder: TritonEmbedder, index: CatalogIndex, stop: asyncio.Event
+) -> None:
+    """SERVING only while Triton answers and an index is behind the alias (readiness)."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    while not stop.is_set():
+        try:
+            ok = await embedder.live() and await index.space() is not None
+        except Exception:
+            ok = False
+        status = serving if ok else not_serving
+        await health_servicer.set("", status)
+        await health_servicer.set(SERVICE, status)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except TimeoutError:
+            pass
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    embedder = TritonEmbedder(settings.triton_url)
+    index = open_index(settings)
+    searcher = Searcher(embedder, index, settings.triton_timeout_s, settings.max_image_pixels)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+            ("grpc.max_send_message_length", 64 << 20),
+        ]
+    )
+    pb_grpc.add_LookSearchServicer_to_server(LookSearchServicer(searcher, settings), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    if server.add_insecure_port(address) == 0:
+        raise SystemExit(f"cannot listen on {address}")
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="0.0.0.0")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(_watch_health(health_servicer, embedder, index, stop))
+    log(
+        logger,
+        logging.INFO,
+        "gateway listening",
+        address=address,
+        metrics_port=settings.metrics_port,
+        triton=settings.triton_url,
+        backend=settings.index_backend,
+    )
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    # Graceful: stop taking calls, let in-flight ones finish within the grace period.
+    log(logger, logging.INFO, "shutting down", grace_s=settings.shutdown_grace_s)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_s)
+    watcher.cancel()
+    await embedder.close()
+    await index.close()

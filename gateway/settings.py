@@ -1,0 +1,64 @@
+"""The one typed settings object: every knob is a `LOOKSYNC_*` environment variable."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOOKSYNC_", extra="ignore")
+
+    # Triton
+    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC address")
+    triton_http_port: int = 8000
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+    model_repository: Path = REPO_ROOT / "model_repository"
+    embedding_model: str = Field("clip", description="model name: Triton serves <name>_image/_text")
+    triton_timeout_s: float = Field(10.0, description="deadline for one Triton call")
+
+    # Catalog index
+    index_backend: Literal["embedded", "elasticsearch"] = "embedded"
+    data_dir: Path = REPO_ROOT / ".looksync"
+    index_alias: str = "products"
+    es_url: str | None = None
+    # How often the embedded backend looks for writes of other processes (seconds).
+    index_refresh_s: float = 0.5
+
+    # Other services
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    llm_api_key: SecretStr | None = None
+    admin_token: SecretStr | None = None
+
+    # Gateway
+    gateway_url: str = Field("127.0.0.1:50051", description="where clients find the gateway")
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    metrics_port: int = 9464
+    request_timeout_s: float = Field(5.0, description="deadline when the client sets none")
+    max_request_bytes: int = 16 << 20
+    max_image_pixels: int = 40_000_000
+    max_k: int = 200
+    default_k: int = 10
+    shutdown_grace_s: float = 5.0
+
+    # Ingestion
+    index_batch_size: int = 32
+
+    @property
+    def embedded_dir(self) -> Path:
+        return self.data_dir / "index"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
