@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def cmd_triton(args) -> int:
         metrics_port=s.triton_metrics_port,
         work_dir=s.data_dir / "triton",
     )
-    log = open(args.log, "a") if args.log else None  # noqa: SIM115 - lives as long as the server
+    log = open(args.log, "a") if args.log else None
     t0 = time.monotonic()
     server.start(timeout_s=args.timeout, log_file=log)
     print(
@@ -107,6 +108,9 @@ def cmd_triton(args) -> int:
         f"HTTP :{s.triton_http_port}, metrics :{s.triton_metrics_port}); Ctrl-C stops it",
         flush=True,
     )
+    # Triton runs in its own process group (so a terminal's Ctrl-C reaches us first); make
+    # SIGTERM stop it too, or a supervisor's stop would orphan the server.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
         while server.process.poll() is None:
             time.sleep(0.5)

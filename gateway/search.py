@@ -65,11 +65,10 @@ class Deadline:
         return min(left, cap) if cap is not None else left
 
 
-def check_k(k: int, default: int, max_k: int, field_name: str = "k") -> int:
-    if k == 0:
-        return default
-    if k < 0 or k > max_k:
-        raise InvalidArgument(f"{field_name}: {k} is out of range; use 1..{max_k} (0 = default {default})")
+def check_k(k: int, max_k: int, field_name: str = "k") -> int:
+    # proto3 cannot tell an unset k from 0; a silent default would hide client bugs.
+    if k < 1 or k > max_k:
+        raise InvalidArgument(f"{field_name}: {k} is out of range; set it to 1..{max_k}")
     return k
 
 

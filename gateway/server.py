@@ -103,7 +103,7 @@ class LookSearchServicer(pb_grpc.LookSearchServicer):
             return await self.searcher.search_text(
                 request.text,
                 from_proto(request.filters),
-                check_k(request.k, s.default_k, s.max_k),
+                check_k(request.k, s.max_k),
                 deadline,
                 _space_from_proto(request.space),
             )
@@ -119,7 +119,7 @@ class LookSearchServicer(pb_grpc.LookSearchServicer):
                 request.text_modifier,
                 request.text_weight,
                 from_proto(request.filters),
-                check_k(request.k, s.default_k, s.max_k),
+                check_k(request.k, s.max_k),
                 deadline,
                 _space_from_proto(request.space),
             )

@@ -48,7 +48,6 @@ class Settings(BaseSettings):
     max_request_bytes: int = 16 << 20
     max_image_pixels: int = 40_000_000
     max_k: int = 200
-    default_k: int = 10
     shutdown_grace_s: float = 5.0
 
     # Ingestion

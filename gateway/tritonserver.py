@@ -85,6 +85,8 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true",
             "--strict-readiness=true",
+            # In-flight requests get this long at shutdown; the default waits 30 s.
+            "--exit-timeout-secs=5",
             f"--log-verbose={self.log_verbose}",
         ]
         for model in self.models if self.models is not None else models_in(Path(self.repository)):

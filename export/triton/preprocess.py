@@ -43,8 +43,9 @@ def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
         raise InvalidImage("image is empty (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise InvalidImage(f"image dimensions are too large ({exc})") from None
+    except Image.DecompressionBombError:
+        # Pillow's own guard (~179 MP) fired while reading the header.
+        raise InvalidImage(f"image dimensions are over the limit of {max_pixels} pixels") from None
     except Exception:  # Pillow raises many types for garbage input
         head = data[:8].hex()
         raise InvalidImage(f"bytes are not a supported image format (first bytes: {head})") from None

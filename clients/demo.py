@@ -1,0 +1,179 @@
+"""`looksync demo`: the main job end to end on the embedded default.
+
+export a CLIP version (tiny config, random weights, unless one exists) -> start Triton ->
+generate the sample catalog -> index it -> start the gateway -> search by text and by image
+over gRPC -> write a contact sheet -> stop what it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from clients.client import FilterArgs, LookSyncClient
+from gateway.settings import Settings, get_settings
+from gateway.tritonserver import TritonServer, models_in
+
+
+def _step(msg: str) -> None:
+    print(f"\n== {msg}", flush=True)
+
+
+def _ensure_model(settings: Settings) -> None:
+    repo = settings.model_repository
+    if f"{settings.embedding_model}_image" in models_in(repo):
+        print(f"using the exported model versions in {repo}")
+        return
+    from export.clip import ExportRequest, export_clip
+
+    print("no exported model yet: exporting the tiny CLIP config (random weights)")
+    export_clip(
+        ExportRequest(arch="looksync-tiny", version=1, name=settings.embedding_model, repository=repo)
+    )
+
+
+def _index(settings: Settings, catalog: Path) -> None:
+    from gateway.embedder import TritonEmbedder
+    from gateway.indexer import Indexer, index_catalog, resolve_space
+    from gateway.server import open_index
+
+    async def run():
+        embedder = TritonEmbedder(settings.triton_url)
+        index = open_index(settings)
+        try:
+            space = await resolve_space(embedder, settings.embedding_model, None)
+            report = await index_catalog(catalog, Indexer(embedder, index, space))
+        finally:
+            await embedder.close()
+            await index.close()
+        print(
+            f"indexed {report.written} products into {space.index_name} in {report.wall_s:.1f}s "
+            f"({report.embedded} embedded, {report.unchanged} unchanged, {len(report.failed)} failed)"
+        )
+
+    asyncio.run(run())
+
+
+def _wait_serving(client: LookSyncClient, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("the gateway exited during start-up; see .looksync/gateway.log")
+        try:
+            if client.health() == "SERVING":
+                return
+        except Exception:
+            pass
+        time.sleep(0.3)
+    raise SystemExit("the gateway did not become SERVING in time")
+
+
+def _show(title: str, resp) -> None:
+    print(f"\n{title}")
+    for rank, hit in enumerate(resp.hits, 1):
+        p = hit.product
+        print(
+            f"  {rank}. {hit.score:.3f} {p.id} {p.title} | {p.brand} | {p.gender} {p.market} "
+            f"{p.price:.2f} {p.currency}"
+        )
+    print("  timings: " + ", ".join(f"{t.stage} {t.ms:.1f} ms" for t in resp.timings))
+
+
+def _contact_sheet(rows: list[tuple[Path, list[Path]]], out: Path, size: int = 112) -> None:
+    sheet = Image.new("RGB", (size * 6 + 10, size * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (query, hits) in enumerate(rows):
+        sheet.paste(Image.open(query).convert("RGB").resize((size, size)), (0, r * size))
+        for c, hit in enumerate(hits[:5]):
+            sheet.paste(Image.open(hit).convert("RGB").resize((size, size)), (10 + size * (c + 1), r * size))
+        draw.line((size + 4, r * size, size + 4, (r + 1) * size), fill="black", width=2)
+    sheet.save(out)
+
+
+def run_demo(keep_running: bool = False) -> int:
+    settings = get_settings()
+    data = settings.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+
+    _step("1/5 model: CLIP exported to ONNX in the Triton model repository")
+    _ensure_model(settings)
+
+    _step("2/5 Triton: the real tritonserver on the CPU target")
+    triton = TritonServer(
+        settings.model_repository,
+        settings.triton_http_port,
+        settings.triton_grpc_port,
+        settings.triton_metrics_port,
+        work_dir=data / "triton",
+    )
+    started_triton = not triton.ready()
+    if started_triton:
+        triton.start(log_file=open(data / "triton.log", "a"))
+        print(f"tritonserver ready (gRPC {settings.triton_url}); log in {data / 'triton.log'}")
+    else:
+        print("tritonserver already running; using it")
+
+    gateway = None
+    try:
+        _step("3/5 catalog: the synthetic sample catalog, embedded and indexed (LanceDB)")
+        from clients.sample_catalog import generate
+
+        catalog = generate(data / "sample", n=300)
+        _index(settings, catalog)
+
+        _step("4/5 gateway: gRPC on " + settings.gateway_url)
+        env = dict(os.environ)
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "clients.cli", "serve"],
+            env=env,
+            stdout=open(data / "gateway.log", "a"),
+            stderr=subprocess.STDOUT,
+        )
+        client = LookSyncClient(settings.gateway_url)
+        _wait_serving(client, gateway)
+
+        _step("5/5 searches over gRPC")
+        images = data / "sample" / "images"
+        r1 = client.search_text("red striped t-shirt", k=5)
+        _show('search-text "red striped t-shirt"', r1)
+        r2 = client.search_text(
+            "dress", k=5, filters=FilterArgs(categories=("dress",), max_price=120, in_stock_only=True)
+        )
+        _show('search-text "dress" --category dress --max-price 120 --in-stock', r2)
+        query = images / "p00007.jpg"
+        r3 = client.search_image(query.read_bytes(), k=5)
+        _show(f"search-image {query.name} (a catalog product's own image: it should come first)", r3)
+        r4 = client.search_image(
+            query.read_bytes(),
+            k=5,
+            text_modifier="in red",
+            text_weight=0.3,
+            filters=FilterArgs(gender="women"),
+        )
+        _show(f'search-image {query.name} --text "in red" --gender women', r4)
+
+        sheet = data / "demo-contact-sheet.png"
+        rows = [(query, [images / f"{h.product.id}.jpg" for h in r.hits]) for r in (r3, r4)]
+        _contact_sheet(rows, sheet)
+        print(f"\ncontact sheet (query | top 5): {sheet}")
+        print(
+            "note: the tiny model has random weights, so text matches are arbitrary; image search "
+            "of a catalog image finds that product. Real weights: see README, 'Models'."
+        )
+        if keep_running:
+            print("\nTriton and the gateway keep running; try: .venv/bin/looksync search-text 'blue jeans'")
+            gateway = None
+            started_triton = False
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(15)
+        if started_triton:
+            triton.stop()
+    return 0

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Creates .venv at the repository root and installs what `make demo` and `make test` need:
+# Debian packages first, then the project with its export and dev extras. Re-running is cheap:
+# the Python install is skipped while pyproject.toml is unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null || { echo "setup: $python not found (LookSync needs Python 3.11)" >&2; exit 1; }
+
+# libpython3.11: Triton's python-backend stub links the system libpython.
+# redis-server: the tests start their own instance on a free loopback port.
+missing=()
+dpkg -s libpython3.11 >/dev/null 2>&1 || missing+=(libpython3.11)
+command -v redis-server >/dev/null || missing+=(redis-server)
+if ((${#missing[@]})); then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "setup: installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+stamp=".venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  start=$(date +%s)
+  echo "setup: installing Python packages into .venv (torch for export makes this take a minute)"
+  .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[export,dev]"
+  # Only the tritonserver binary and python backend inside this wheel are used. Its own Python
+  # requirements are for PyTriton's API, which LookSync does not import, so none are pulled in.
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps "nvidia-pytriton==0.7.0"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+  echo "setup: Python packages installed in $(( $(date +%s) - start ))s"
+fi

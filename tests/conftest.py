@@ -1,0 +1,168 @@
+"""Fixtures that start real things: a tiny CLIP export, tritonserver, the gateway over gRPC.
+
+Everything is session-scoped and on free loopback ports, so one Triton and one gateway serve
+most tests; tests that break a server (stop Triton, ...) start their own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.tritonserver import TritonServer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory) -> Path:
+    """A model repository holding version 1 of the tiny CLIP config (random weights)."""
+    from export.clip import ExportRequest, export_clip
+
+    repo = tmp_path_factory.mktemp("model_repository")
+    export_clip(ExportRequest(arch="looksync-tiny", version=1, repository=repo))
+    return repo
+
+
+def start_triton(repo: Path, work: Path) -> TritonServer:
+    server = TritonServer(repo, free_port(), free_port(), free_port(), work_dir=work)
+    server.start(timeout_s=120, log_file=open(work.parent / f"triton-{server.grpc_port}.log", "a"))
+    return server
+
+
+@pytest.fixture(scope="session")
+def triton(tiny_repo, tmp_path_factory):
+    server = start_triton(tiny_repo, tmp_path_factory.mktemp("triton"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def catalog(tmp_path_factory) -> Path:
+    from clients.sample_catalog import generate
+
+    return generate(tmp_path_factory.mktemp("catalog"), n=200, seed=11)
+
+
+def looksync_env(triton: TritonServer, data_dir: Path, **extra) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        LOOKSYNC_TRITON_URL=f"127.0.0.1:{triton.grpc_port}",
+        LOOKSYNC_DATA_DIR=str(data_dir),
+        LOOKSYNC_MODEL_REPOSITORY=str(triton.repository),
+        LOOKSYNC_INDEX_REFRESH_S="0.2",
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def looksync(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "clients.cli", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@dataclass
+class Gateway:
+    process: subprocess.Popen
+    address: str
+    metrics_port: int
+    env: dict[str, str]
+    log: Path
+
+    def client(self, timeout_s: float = 10.0):
+        from clients.client import LookSyncClient
+
+        return LookSyncClient(self.address, timeout_s=timeout_s)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def start_gateway(env: dict[str, str], log: Path, wait_serving: bool = True) -> Gateway:
+    port, metrics = free_port(), free_port()
+    env = {
+        **env,
+        "LOOKSYNC_GRPC_PORT": str(port),
+        "LOOKSYNC_METRICS_PORT": str(metrics),
+        "LOOKSYNC_GRPC_HOST": "127.0.0.1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clients.cli", "serve"],
+        env=env,
+        cwd=REPO,
+        stdout=open(log, "a"),
+        stderr=subprocess.STDOUT,
+    )
+    gw = Gateway(proc, f"127.0.0.1:{port}", metrics, env, log)
+    deadline = time.monotonic() + 60
+    with gw.client() as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {log.read_text()[-2000:]}")
+            try:
+                status = client.health()
+                if status == "SERVING" or (not wait_serving and status):
+                    return gw
+            except Exception:
+                pass
+            time.sleep(0.2)
+    gw.stop()
+    raise RuntimeError(f"gateway not serving after 60s: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def indexed(triton, catalog, tmp_path_factory):
+    """A data dir whose embedded index holds the sample catalog, indexed by `looksync index`."""
+    data_dir = tmp_path_factory.mktemp("data")
+    env = looksync_env(triton, data_dir)
+    result = looksync("index", str(catalog), "--quiet", env=env)
+    assert result.returncode == 0, result.stderr + result.stdout
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def gateway(triton, indexed, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "gateway.log"
+    gw = start_gateway(looksync_env(triton, indexed), log)
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="session")
+def client(gateway):
+    with gateway.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def products(catalog):
+    import json
+
+    from gateway.catalog import parse_record
+
+    with open(catalog) as fh:
+        return [parse_record(json.loads(line)) for line in fh]

@@ -1,0 +1,166 @@
+"""The embedded LanceDB index on disk: filters, upsert, identity, visibility across processes."""
+
+import asyncio
+import itertools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gateway.catalog import Product
+from gateway.errors import FailedPrecondition
+from gateway.filters import build_filters
+from gateway.index.base import EmbeddingSpace
+from gateway.index.embedded import EmbeddedIndex, where_clause
+
+SPACE = EmbeddingSpace("clip", 1, 16)
+
+
+def _products(n=120, seed=0):
+    rng = np.random.default_rng(seed)
+    cats = ["dress", "jeans", "sneakers", "shirt"]
+    out = []
+    for i in range(n):
+        out.append(
+            Product(
+                id=f"x{i}",
+                title=f"item {i} it's",
+                brand=["O'Neil", "Kumo", "Brisa"][i % 3],
+                category=cats[i % 4],
+                gender=["women", "men", "unisex"][i % 3 if i % 5 else 2],
+                market=["US", "DE"][i % 2],
+                price=float(rng.uniform(5, 300)),
+                currency="USD",
+                sizes=[["S", "M"], ["L"], [], ["38", "39"]][i % 4],
+                in_stock=bool(i % 4),
+                image_url="",
+            )
+        )
+    return out
+
+
+def _vectors(n, dim=16, seed=1):
+    v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.fixture()
+def filled(tmp_path):
+    products, vectors = _products(), _vectors(120)
+
+    async def fill():
+        index = EmbeddedIndex(tmp_path, refresh_s=0.0)
+        await index.upsert(SPACE, [(p, f"h{p.id}", v) for p, v in zip(products, vectors)])
+        return index
+
+    return asyncio.run(fill()), products, vectors
+
+
+FILTER_CASES = [
+    {},
+    {"categories": ["dress"]},
+    {"categories": ["dress", "jeans"], "gender": "women"},
+    {"gender": "men", "market": "de"},
+    {"gender": "unisex"},
+    {"brands": ["O'Neil"], "in_stock_only": True},
+    {"sizes": ["M", "38"]},
+    {"min_price": 50.0, "max_price": 120.0},
+    {"categories": ["sneakers"], "sizes": ["39"], "max_price": 250.0, "market": "US", "in_stock_only": True},
+    {"brands": ["nobody"]},
+]
+
+
+@pytest.mark.parametrize("case", FILTER_CASES, ids=lambda c: ",".join(c) or "none")
+def test_filtered_knn_equals_brute_force(filled, case):
+    index, products, vectors = filled
+    filters = build_filters(**case)
+    query = _vectors(1, seed=9)[0]
+    space, hits = asyncio.run(index.search(query, SPACE, filters, 10))
+    allowed = [i for i, p in enumerate(products) if filters.matches(p)]
+    expected = sorted(allowed, key=lambda i: -float(vectors[i] @ query))[:10]
+    assert space == SPACE
+    assert [h.product.id for h in hits] == [products[i].id for i in expected]
+    assert all(filters.matches(h.product) for h in hits)
+    for h, i in zip(hits, expected):
+        assert h.score == pytest.approx(float(vectors[i] @ query), abs=1e-5)
+
+
+def test_upsert_replaces_by_id(filled):
+    index, products, vectors = filled
+    changed = Product(**{**products[0].to_dict(), "price": 1.0, "title": "renamed"})
+    asyncio.run(index.upsert(SPACE, [(changed, "new", vectors[5])]))
+    stored = asyncio.run(index.get(SPACE, ["x0"]))["x0"]
+    assert asyncio.run(index.count(SPACE)) == 120
+    assert (stored.product.title, stored.product.price, stored.image_hash) == ("renamed", 1.0, "new")
+    np.testing.assert_allclose(stored.vector, vectors[5])
+
+
+@pytest.mark.parametrize(
+    "query_space, dim",
+    [
+        (EmbeddingSpace("clip", 2, 16), 16),  # same model, other version
+        (EmbeddingSpace("dinov2", 1, 16), 16),  # other model
+        (EmbeddingSpace("clip", 1, 8), 8),  # right identity, wrong dimension
+    ],
+)
+def test_query_vector_of_another_space_is_refused(filled, query_space, dim):
+    index, _, _ = filled
+    with pytest.raises(FailedPrecondition):
+        asyncio.run(index.search(_vectors(1, dim)[0], query_space, build_filters(), 5))
+
+
+def test_the_manifest_records_identity_and_alias(filled, tmp_path):
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["aliases"] == {"products": "products-clip-v1"}
+    assert manifest["indexes"]["products-clip-v1"]["dim"] == 16
+    with pytest.raises(FailedPrecondition):
+        asyncio.run(filled[0].ensure(EmbeddingSpace("clip", 1, 32)))
+
+
+def test_writes_from_another_process_become_visible_without_reopening(filled, tmp_path):
+    index, products, vectors = filled
+    query = _vectors(1, seed=42)[0]
+    code = f"""
+import asyncio, numpy as np
+from gateway.catalog import Product
+from gateway.index.base import EmbeddingSpace
+from gateway.index.embedded import EmbeddedIndex
+p = Product(id="late", title="late", brand="B", category="dress", gender="women", market="US",
+            price=10.0, currency="USD", sizes=["M"], in_stock=True, image_url="")
+v = np.array({query.tolist()}, dtype=np.float32)
+asyncio.run(EmbeddedIndex({str(tmp_path)!r}).upsert(EmbeddingSpace("clip", 1, 16), [(p, "h", v)]))
+"""
+
+    async def scenario():
+        _, first = await index.search(query, SPACE, build_filters(), 1)
+        assert first[0].product.id != "late"
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+        await asyncio.sleep(0.1)
+        _, after = await index.search(query, SPACE, build_filters(), 1)
+        return after[0].product.id
+
+    assert asyncio.run(scenario()) == "late"
+
+
+def test_where_clause_quotes_every_value():
+    clause = where_clause(build_filters(brands=["O'Neil", "x') OR 1=1 --"]))
+    assert clause == "brand IN ('O''Neil', 'x'') OR 1=1 --')"
+
+
+def test_all_filter_combinations_build():
+    keys = ["categories", "gender", "market", "brands", "sizes", "min_price", "in_stock_only"]
+    values = {
+        "categories": ["dress"],
+        "gender": "women",
+        "market": "US",
+        "brands": ["Kumo"],
+        "sizes": ["M"],
+        "min_price": 10.0,
+        "in_stock_only": True,
+    }
+    for r in range(len(keys) + 1):
+        for combo in itertools.combinations(keys, r):
+            clause = where_clause(build_filters(**{k: values[k] for k in combo}))
+            assert (clause is None) == (r == 0)

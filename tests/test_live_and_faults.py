@@ -1,0 +1,77 @@
+"""Separate processes sharing the index, and Triton going away under a running gateway."""
+
+import json
+import time
+
+import grpc
+import pytest
+
+from clients.sample_catalog import generate
+from tests.conftest import looksync, looksync_env, start_gateway, start_triton
+
+
+def test_products_indexed_while_the_gateway_runs_become_searchable(gateway, triton, indexed, tmp_path):
+    extra = generate(tmp_path / "new", n=12, seed=99)
+    # New ids, so they are new products rather than updates of the session catalog's.
+    lines = [json.loads(line) for line in extra.read_text().splitlines()]
+    for rec in lines:
+        rec["id"] = "new-" + rec["id"]
+    extra.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    target = lines[5]
+    image = (extra.parent / target["image_url"]).read_bytes()
+
+    with gateway.client() as client:
+        assert client.search_image(image, k=1).hits[0].product.id != target["id"]
+        result = looksync("index", str(extra), "--quiet", env=looksync_env(triton, indexed))
+        assert result.returncode == 0, result.stderr
+        assert "indexed 12 products (12 embedded" in result.stdout
+        deadline = time.monotonic() + 10
+        while client.search_image(image, k=1).hits[0].product.id != target["id"]:
+            assert time.monotonic() < deadline, "new product not visible to the running gateway"
+            time.sleep(0.2)
+
+
+def test_reindexing_an_unchanged_catalog_embeds_nothing(triton, catalog, indexed):
+    result = looksync("index", str(catalog), "--quiet", env=looksync_env(triton, indexed))
+    assert result.returncode == 0, result.stderr
+    assert "(0 embedded, 200 unchanged)" in result.stdout
+
+
+@pytest.fixture()
+def own_stack(tiny_repo, catalog, tmp_path):
+    """Triton and a gateway of this test's own, because the test stops Triton."""
+    server = start_triton(tiny_repo, tmp_path / "triton")
+    env = looksync_env(server, tmp_path / "data", LOOKSYNC_TRITON_TIMEOUT_S="2")
+    assert looksync("index", str(catalog), "--quiet", env=env).returncode == 0
+    gw = start_gateway(env, tmp_path / "gateway.log")
+    yield server, gw, tmp_path
+    gw.stop()
+    server.stop()
+
+
+def test_triton_down_gives_unavailable_fast_and_recovers(own_stack):
+    server, gw, tmp_path = own_stack
+    with gw.client() as client:
+        assert len(client.search_text("dress", k=3).hits) == 3
+        server.kill()
+        for _ in range(3):
+            start = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                client.search_text("dress", k=3, timeout_s=5)
+            elapsed = time.monotonic() - start
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+            assert "Triton" in err.value.details()
+            assert elapsed < 3.0, f"took {elapsed:.1f}s to report Triton down"
+
+        # Same ports again: the gateway's channel reconnects on its own.
+        server.start(timeout_s=120, log_file=open(tmp_path / "triton-again.log", "a"))
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert len(client.search_text("dress", k=3).hits) == 3
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                assert time.monotonic() < deadline, "gateway did not recover after Triton came back"
+                time.sleep(0.2)
+        assert gw.process.poll() is None, "the gateway must not have restarted"
