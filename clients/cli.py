@@ -89,6 +89,32 @@ def cmd_search_image(args) -> int:
     return 0
 
 
+def cmd_search_look(args) -> int:
+    image = Path(args.image).read_bytes()
+    with _client(args) as client:
+        resp = client.search_look(image, k_per_layer=args.k, filters=_filters(args))
+    if args.json:
+        _print_response(resp, True)
+        return 0
+    print(
+        f"{len(resp.layers)} layers  (space {resp.space.model} v{resp.space.version}, "
+        f"request {resp.request_id}{', cached' if resp.cached else ''})"
+    )
+    for layer in resp.layers:
+        print(
+            f'\n[{layer.layer}] "{layer.query}"  (query: {layer.query_source}, rerank: {layer.rerank_source})'
+        )
+        for rank, hit in enumerate(layer.hits, 1):
+            p = hit.product
+            dup = f"  (+{hit.duplicates} duplicates)" if hit.duplicates else ""
+            print(
+                f"  {rank:2d}. {hit.score:6.3f}  {p.id:10s} {p.title:30.30s} {p.brand:12.12s} "
+                f"{p.price:8.2f} {p.currency}{dup}"
+            )
+    print("\ntimings: " + ", ".join(f"{t.stage} {t.ms:.1f} ms" for t in resp.timings))
+    return 0
+
+
 def cmd_triton(args) -> int:
     from gateway.tritonserver import TritonServer
 
@@ -206,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-weight", type=float, default=0.0)
     _add_filters(p)
     p.set_defaults(func=cmd_search_image)
+
+    p = sub.add_parser("search-look", help="products for each garment layer of a look image")
+    p.add_argument("image")
+    _add_filters(p)
+    p.set_defaults(func=cmd_search_look)
 
     p = sub.add_parser("sample-catalog", help="generate the synthetic sample catalog")
     p.add_argument("out")

@@ -83,6 +83,19 @@ class LookSyncClient:
             request.space.CopyFrom(space)
         return self.stub.SearchImage(request, timeout=timeout_s or self.timeout_s, metadata=_meta(request_id))
 
+    def search_look(
+        self,
+        image: bytes,
+        k_per_layer: int = 5,
+        filters: FilterArgs | None = None,
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> pb.SearchLookResponse:
+        request = pb.SearchLookRequest(
+            image=image, k_per_layer=k_per_layer, filters=(filters or FilterArgs()).to_proto()
+        )
+        return self.stub.SearchLook(request, timeout=timeout_s or self.timeout_s, metadata=_meta(request_id))
+
     def health(self, service: str = "", timeout_s: float = 2.0) -> str:
         stub = health_pb2_grpc.HealthStub(self.channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)

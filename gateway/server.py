@@ -19,11 +19,13 @@ from gateway.embedder import TritonEmbedder
 from gateway.errors import LookSyncError
 from gateway.filters import from_proto
 from gateway.index.base import CatalogIndex, EmbeddingSpace
+from gateway.look.pipeline import LookResult, LookSearcher, LookSettings
 from gateway.observability import RPC_ERRORS, RPC_SECONDS, STAGE_SECONDS, log, request_id_var
 from gateway.search import Deadline, Searcher, SearchResult, check_k
 from gateway.settings import Settings
 
 logger = logging.getLogger("looksync.gateway")
+RESPONSE_MARGIN_S = 0.015
 SERVICE = pb.DESCRIPTOR.services_by_name["LookSearch"].full_name
 
 
@@ -32,7 +34,86 @@ def open_index(settings: Settings) -> CatalogIndex:
         from gateway.index.embedded import EmbeddedIndex
 
         return EmbeddedIndex(settings.embedded_dir, settings.index_alias, settings.index_refresh_s)
-    raise SystemExit("LOOKSYNC_INDEX_BACKEND=elasticsearch is not available in this build yet")
+    if not settings.es_url:
+        raise SystemExit("LOOKSYNC_INDEX_BACKEND=elasticsearch needs LOOKSYNC_ES_URL (http://host:9200)")
+    from gateway.index.elastic import ElasticIndex
+
+    return ElasticIndex(
+        settings.es_url,
+        alias=settings.index_alias,
+        refresh_s=settings.index_refresh_s,
+        timeout_s=settings.es_timeout_s,
+        num_candidates_factor=settings.es_num_candidates_factor,
+        m=settings.es_hnsw_m,
+        ef_construction=settings.es_hnsw_ef_construction,
+    )
+
+
+def build_look_searcher(settings: Settings, embedder: TritonEmbedder, index: CatalogIndex) -> LookSearcher:
+    from gateway.cache import make_cache
+    from gateway.look.localizer import BodyZoneLocalizer
+    from gateway.look.querygen import FallbackQueryGenerator, LLMQueryGenerator, ZeroShot
+    from gateway.look.rerank import LLMReranker
+
+    llm_queries = llm_reranker = None
+    if settings.llm_base_url and settings.llm_model:
+        from gateway.llm import LLMClient
+
+        key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
+        llm = LLMClient(settings.llm_base_url, settings.llm_model, key)
+        llm_queries, llm_reranker = LLMQueryGenerator(llm), LLMReranker(llm)
+    fallback = FallbackQueryGenerator(embedder, BodyZoneLocalizer(), ZeroShot(embedder))
+    return LookSearcher(
+        embedder,
+        index,
+        fallback,
+        llm_queries,
+        llm_reranker,
+        LookSettings(
+            settings.max_k_per_layer,
+            settings.look_candidates,
+            settings.dedup_threshold,
+            settings.llm_timeout_s,
+        ),
+        settings.max_image_pixels,
+        settings.triton_timeout_s,
+        result_cache=make_cache(settings.cache, "look", settings.redis_url, settings.cache_ttl_s, 1000),
+        text_cache=make_cache(settings.cache, "text", settings.redis_url, settings.cache_ttl_s, 20000),
+    )
+
+
+def _hit(product, score: float, duplicates: int = 0) -> pb.Hit:
+    return pb.Hit(product=pb.Product(**product.to_dict()), score=score, duplicates=duplicates)
+
+
+def _space_pb(space: EmbeddingSpace) -> pb.EmbeddingSpace:
+    return pb.EmbeddingSpace(model=space.model, version=space.version, dim=space.dim)
+
+
+def _timings_pb(timings) -> list[pb.StageTiming]:
+    return [pb.StageTiming(stage=name, ms=ms) for name, ms in timings.stages]
+
+
+def _look_response(result: LookResult, request_id: str) -> pb.SearchLookResponse:
+    layers = []
+    for outcome in result.layers:
+        q = outcome.query
+        layers.append(
+            pb.LayerResult(
+                layer=q.layer,
+                query=q.query,
+                query_source=q.source,
+                rerank_source=outcome.rerank_source,
+                hits=[_hit(c.hit.product, c.hit.score, c.duplicates) for c in outcome.candidates],
+            )
+        )
+    return pb.SearchLookResponse(
+        layers=layers,
+        space=_space_pb(result.space),
+        timings=_timings_pb(result.timings),
+        request_id=request_id,
+        cached=result.cached,
+    )
 
 
 def _space_from_proto(msg) -> EmbeddingSpace | None:
@@ -57,16 +138,20 @@ def _response(result: SearchResult, request_id: str) -> pb.SearchResponse:
 
 
 class LookSearchServicer(pb_grpc.LookSearchServicer):
-    def __init__(self, searcher: Searcher, settings: Settings):
+    def __init__(self, searcher: Searcher, look_searcher: LookSearcher, settings: Settings):
         self.searcher = searcher
+        self.look_searcher = look_searcher
         self.settings = settings
 
     def _deadline(self, context) -> Deadline:
         remaining = context.time_remaining()
         default = self.settings.request_timeout_s
-        return Deadline.after(default if remaining is None else min(remaining, default * 10))
+        if remaining is None:
+            return Deadline.after(default)
+        # Keep a little of the client's deadline for building and sending the answer.
+        return Deadline.after(min(remaining - RESPONSE_MARGIN_S, default * 10))
 
-    async def _run(self, rpc: str, context, handler):
+    async def _run(self, rpc: str, context, handler, respond=None):
         metadata = dict(context.invocation_metadata() or ())
         request_id = metadata.get("x-request-id") or uuid.uuid4().hex
         request_id_var.set(request_id)
@@ -77,7 +162,7 @@ class LookSearchServicer(pb_grpc.LookSearchServicer):
             result = await handler(self._deadline(context))
             for stage, ms in result.timings.stages:
                 STAGE_SECONDS.labels(rpc, stage).observe(ms / 1000.0)
-            return _response(result, request_id)
+            return (respond or _response)(result, request_id)
         except LookSyncError as exc:
             code = exc.code.name
             log(logger, logging.INFO, "request refused", rpc=rpc, code=code, error=str(exc))
@@ -127,7 +212,17 @@ class LookSearchServicer(pb_grpc.LookSearchServicer):
         return await self._run("SearchImage", context, handle)
 
     async def SearchLook(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "SearchLook is not implemented yet")
+        s = self.settings
+
+        async def handle(deadline):
+            return await self.look_searcher.search_look(
+                request.image,
+                from_proto(request.filters),
+                check_k(request.k_per_layer, s.max_k_per_layer, "k_per_layer"),
+                deadline,
+            )
+
+        return await self._run("SearchLook", context, handle, _look_response)
 
 
 async def _watch_health(
@@ -160,7 +255,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
             ("grpc.max_send_message_length", 64 << 20),
         ]
     )
-    pb_grpc.add_LookSearchServicer_to_server(LookSearchServicer(searcher, settings), server)
+    look_searcher = build_look_searcher(settings, embedder, index)
+    pb_grpc.add_LookSearchServicer_to_server(LookSearchServicer(searcher, look_searcher, settings), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     data_dir: Path = REPO_ROOT / ".looksync"
     index_alias: str = "products"
     es_url: str | None = None
+    es_num_candidates_factor: int = Field(10, description="kNN num_candidates = k x this (100..10000)")
+    es_hnsw_m: int = Field(16, description="HNSW graph degree of new Elasticsearch indexes")
+    es_hnsw_ef_construction: int = Field(100, description="HNSW build beam of new Elasticsearch indexes")
+    es_timeout_s: float = Field(5.0, description="deadline for one Elasticsearch request")
     # How often the embedded backend looks for writes of other processes (seconds).
     index_refresh_s: float = 0.5
 
@@ -38,6 +42,13 @@ class Settings(BaseSettings):
     llm_model: str | None = None
     llm_api_key: SecretStr | None = None
     admin_token: SecretStr | None = None
+    llm_timeout_s: float = Field(8.0, description="cap for one LLM call (also capped by the deadline)")
+
+    # Look search
+    look_candidates: int = Field(30, description="candidates per layer before dedup and rerank")
+    dedup_threshold: float = Field(0.97, description="image-vector cosine at which products collapse")
+    cache: Literal["memory", "redis", "off"] = Field("memory", description="query/result caches")
+    cache_ttl_s: float = 300.0
 
     # Gateway
     gateway_url: str = Field("127.0.0.1:50051", description="where clients find the gateway")
@@ -48,6 +59,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = 16 << 20
     max_image_pixels: int = 40_000_000
     max_k: int = 200
+    max_k_per_layer: int = 50
     shutdown_grace_s: float = 5.0
 
     # Ingestion

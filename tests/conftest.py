@@ -64,6 +64,9 @@ def looksync_env(triton: TritonServer, data_dir: Path, **extra) -> dict[str, str
         LOOKSYNC_DATA_DIR=str(data_dir),
         LOOKSYNC_MODEL_REPOSITORY=str(triton.repository),
         LOOKSYNC_INDEX_REFRESH_S="0.2",
+        # The tiny random-weight model puts all images within cosine ~0.99 of each other, so
+        # only exact duplicates (same image bytes, cosine 1.0) may collapse in tests.
+        LOOKSYNC_DEDUP_THRESHOLD="0.99999",
     )
     env.update({k: str(v) for k, v in extra.items()})
     return env

@@ -99,7 +99,8 @@ def test_dynamic_batching_groups_concurrent_requests(triton, tc):
     assert len(results) == 64 and all(r.shape == (1, 64) for r in results)
     for model, (inf0, exe0) in before.items():
         inf1, exe1 = _stats(tc, model)
-        assert inf1 - inf0 == 64, model
+        # >=: the session's Triton is shared, a straggler from an earlier test may land here.
+        assert inf1 - inf0 >= 64, (model, inf1 - inf0)
         # Batched: fewer executions than inferences.
         assert exe1 - exe0 < inf1 - inf0, f"{model}: {exe1 - exe0} executions for 64 inferences"
 

@@ -147,13 +147,15 @@ class LayerResult(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., query: _Optional[str] = ..., query_source: _Optional[str] = ..., rerank_source: _Optional[str] = ..., hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
 
 class SearchLookResponse(_message.Message):
-    __slots__ = ("layers", "space", "timings", "request_id")
+    __slots__ = ("layers", "space", "timings", "request_id", "cached")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SPACE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[LayerResult]
     space: EmbeddingSpace
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     request_id: str
-    def __init__(self, layers: _Optional[_Iterable[_Union[LayerResult, _Mapping]]] = ..., space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    cached: bool
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerResult, _Mapping]]] = ..., space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., request_id: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...

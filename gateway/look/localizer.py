@@ -1,0 +1,51 @@
+"""Garment localizers: where in the look each garment is.
+
+`BodyZoneLocalizer` assumes a full-length, roughly centred figure (what look generators produce)
+and cuts fixed body zones. It knows nothing about the garments; the Florence-2 + SAM2 localizer
+replaces it where those models are served.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Protocol
+
+from PIL import Image
+
+from gateway.look.types import Region
+from gateway.taxonomy import categories_of_layer
+
+# zone -> (top, bottom) as fractions of the figure's height, and the layers it can show.
+BODY_ZONES: dict[str, tuple[float, float, tuple[str, ...]]] = {
+    "upper": (0.14, 0.46, ("topwear", "outerwear", "dress")),
+    "lower": (0.46, 0.80, ("bottomwear", "dress")),
+    "feet": (0.80, 0.98, ("footwear",)),
+}
+
+
+def zone_box(zone: str, width: int, height: int) -> tuple[int, int, int, int]:
+    """The square box (centred in the zone) that a garment of that zone occupies."""
+    top_f, bottom_f, _ = BODY_ZONES[zone]
+    top, bottom = int(top_f * height), int(bottom_f * height)
+    side = min(bottom - top, width)
+    left = (width - side) // 2
+    top += (bottom - top - side) // 2
+    return left, top, left + side, top + side
+
+
+class Localizer(Protocol):
+    def regions(self, look: Image.Image) -> list[Region]: ...
+
+
+class BodyZoneLocalizer:
+    name = "body_zones"
+
+    def regions(self, look: Image.Image) -> list[Region]:
+        out = []
+        for zone, (_, _, layers) in BODY_ZONES.items():
+            box = zone_box(zone, *look.size)
+            buf = io.BytesIO()
+            look.crop(box).save(buf, "PNG")
+            categories = tuple(c for layer in layers for c in categories_of_layer(layer))
+            out.append(Region(zone, box, buf.getvalue(), categories))
+        return out

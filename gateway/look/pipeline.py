@@ -1,0 +1,222 @@
+"""SearchLook, top to bottom:
+
+    1 queries    LLM: one descriptive query per garment layer   -- fails/slow --> localizer + CLIP
+    2 vectors    Triton: text embedding of each query (and the region crop's image embedding)
+    3 retrieve   per layer, concurrently: kNN with the layer's categories + the request's filters
+    3b dedup     near-duplicates collapse into the best one
+    4 rerank     LLM over the top-k of each layer            -- fails/slow --> region-embedding cosine
+
+One deadline covers the request; each stage gets a share of what is left, and the LLM stages
+always leave room for their fallbacks, so a slow LLM costs quality, not the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+from prometheus_client import Counter
+
+from gateway.embedder import TritonEmbedder
+from gateway.errors import FailedPrecondition
+from gateway.filters import SearchFilters
+from gateway.index.base import CatalogIndex, EmbeddingSpace
+from gateway.llm import LLMError
+from gateway.look.dedup import dedup
+from gateway.look.querygen import FallbackQueryGenerator, LLMQueryGenerator, decode_look
+from gateway.look.rerank import LLMReranker, embedding_rerank
+from gateway.look.types import Candidate, LayerOutcome, LayerQuery
+from gateway.observability import log
+from gateway.search import Deadline, Timings, check_image
+
+FALLBACKS = Counter("looksync_fallbacks_total", "LLM stages answered by their fallback", ["stage", "reason"])
+logger = logging.getLogger("looksync.look")
+
+# Time kept back from the LLM stages for their fallbacks (measured: fallback query generation
+# ~40 ms and retrieval ~20 ms on the 2-core CPU target with the tiny model).
+FALLBACK_RESERVE_S = 0.12
+RERANK_RESERVE_S = 0.03
+
+
+@dataclass
+class LookSettings:
+    k_per_layer_max: int = 50
+    candidates_per_layer: int = 30  # retrieved before dedup and rerank
+    dedup_threshold: float = 0.97
+    llm_timeout_s: float = 8.0
+
+
+@dataclass
+class LookResult:
+    layers: list[LayerOutcome]
+    space: EmbeddingSpace
+    timings: Timings
+    cached: bool = False
+
+
+class LookSearcher:
+    def __init__(
+        self,
+        embedder: TritonEmbedder,
+        index: CatalogIndex,
+        fallback_queries: FallbackQueryGenerator,
+        llm_queries: LLMQueryGenerator | None,
+        llm_reranker: LLMReranker | None,
+        settings: LookSettings,
+        max_image_pixels: int,
+        triton_timeout_s: float,
+        result_cache,
+        text_cache,
+    ):
+        self.embedder = embedder
+        self.index = index
+        self.fallback_queries = fallback_queries
+        self.llm_queries = llm_queries
+        self.llm_reranker = llm_reranker
+        self.settings = settings
+        self.max_image_pixels = max_image_pixels
+        self.triton_timeout_s = triton_timeout_s
+        self.result_cache = result_cache
+        self.text_cache = text_cache
+
+    async def search_look(
+        self, image: bytes, filters: SearchFilters, k: int, deadline: Deadline
+    ) -> LookResult:
+        timings = Timings()
+        with timings.stage("validate_image"):
+            check_image(image, self.max_image_pixels)
+            look = decode_look(image)
+        space = await self.index.space()
+        if space is None:
+            raise FailedPrecondition("the catalog index is empty: run `looksync index CATALOG.jsonl`")
+        cache_key = _cache_key(image, filters, k, space)
+        cached = await self.result_cache.get(cache_key)
+        if cached is not None:
+            return LookResult(cached, space, timings, cached=True)
+
+        # 1 queries
+        with timings.stage("queries"):
+            queries = await self._queries(image, look, space, deadline)
+        # 2 vectors
+        with timings.stage("embed"):
+            await self._embed_queries(queries, look, space, deadline)
+        # 3 retrieve + 3b dedup, all layers at once
+        with timings.stage("retrieve"):
+            outcomes = await asyncio.gather(*(self._retrieve(q, space, filters) for q in queries))
+        # 4 rerank, all layers at once
+        with timings.stage("rerank"):
+            await asyncio.gather(*(self._rerank(image, o, deadline) for o in outcomes))
+        for outcome in outcomes:
+            outcome.candidates = outcome.candidates[:k]
+        await self.result_cache.set(cache_key, outcomes)
+        return LookResult(list(outcomes), space, timings)
+
+    async def _queries(self, image, look, space, deadline) -> list[LayerQuery]:
+        if self.llm_queries is not None:
+            budget = min(self.settings.llm_timeout_s, deadline.left() - FALLBACK_RESERVE_S)
+            try:
+                return await self.llm_queries.generate(image, budget)
+            except LLMError as exc:
+                FALLBACKS.labels("query_generation", exc.reason).inc()
+                log(
+                    logger, logging.WARNING, "LLM query generation failed; using the fallback", error=str(exc)
+                )
+        else:
+            FALLBACKS.labels("query_generation", "no_llm").inc()
+        return await self.fallback_queries.generate(look, space, deadline.left(self.triton_timeout_s))
+
+    async def _embed_queries(self, queries: list[LayerQuery], look, space, deadline) -> None:
+        """Text vectors for every query (cached) and, for LLM queries, the image vector of the
+        garment's zone, all in one round: the rerank fallback then needs no further Triton call,
+        so it still fits when the LLM rerank uses up its budget."""
+        missing = []
+        for q in queries:
+            q.text_vector = await self.text_cache.get(f"{space.model}:{space.version}:{q.query}")
+            if q.text_vector is None:
+                missing.append(q)
+        zones = (
+            self.fallback_queries.localizer.regions(look) if any(q.region is None for q in queries) else []
+        )
+        need_region = []
+        for q in queries:
+            zone = next((r for r in zones if set(q.categories) & set(r.categories)), None)
+            if q.region is None and zone is not None:
+                need_region.append((q, zone))
+        timeout = deadline.left(self.triton_timeout_s)
+        calls = []
+        if missing:
+            calls.append(
+                self.embedder.embed_texts(space.model, space.version, [q.query for q in missing], timeout)
+            )
+        if need_region:
+            calls.append(
+                self.embedder.embed_images(
+                    space.model, space.version, [r.image for _, r in need_region], timeout
+                )
+            )
+        results = await asyncio.gather(*calls)
+        if missing:
+            vectors, _ = results.pop(0)
+            for q, v in zip(missing, vectors):
+                q.text_vector = v
+                await self.text_cache.set(f"{space.model}:{space.version}:{q.query}", v)
+        if need_region:
+            for (q, region), v in zip(need_region, results.pop(0)):
+                q.region, q.region_vector = region, v
+
+    async def _retrieve(self, query: LayerQuery, space, filters: SearchFilters) -> LayerOutcome:
+        """kNN for one layer. A region embedding (the garment itself) leads when there is one;
+        the text query alone is the LLM path's vector."""
+        vector = query.text_vector
+        if query.region_vector is not None and query.source == "fallback":
+            vector = 0.8 * query.region_vector + 0.2 * query.text_vector
+            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        categories = query.categories
+        if filters.categories:
+            categories = tuple(c for c in categories if c in filters.categories)
+            if not categories:
+                return LayerOutcome(query)
+        gender = filters.gender or query.gender
+        layer_filters = replace(filters, categories=categories, gender=gender)
+        vector_space = EmbeddingSpace(space.model, space.version, int(vector.shape[0]))
+        _, hits = await self.index.search(
+            vector, vector_space, layer_filters, self.settings.candidates_per_layer, with_vectors=True
+        )
+        candidates = dedup([Candidate(h) for h in hits], self.settings.dedup_threshold)
+        return LayerOutcome(query, candidates)
+
+    async def _rerank(self, image: bytes, outcome: LayerOutcome, deadline) -> None:
+        if len(outcome.candidates) < 2:
+            return
+        if self.llm_reranker is not None:
+            budget = min(self.settings.llm_timeout_s, deadline.left() - RERANK_RESERVE_S)
+            try:
+                outcome.candidates = await self.llm_reranker.rerank(
+                    image, outcome.query, outcome.candidates, budget
+                )
+                outcome.rerank_source = "llm"
+                return
+            except LLMError as exc:
+                FALLBACKS.labels("rerank", exc.reason).inc()
+                log(
+                    logger,
+                    logging.WARNING,
+                    "LLM rerank failed; using the fallback",
+                    layer=outcome.query.layer,
+                    error=str(exc),
+                )
+        else:
+            FALLBACKS.labels("rerank", "no_llm").inc()
+        if outcome.query.region_vector is None:
+            return  # no zone shows this layer (bag, eyewear...): keep the retrieval order ("none")
+        outcome.candidates = embedding_rerank(outcome.query.region_vector, outcome.candidates)
+        outcome.rerank_source = "embedding"
+
+
+def _cache_key(image: bytes, filters: SearchFilters, k: int, space: EmbeddingSpace) -> str:
+    # repr, not hash(): string hashes differ between processes, and Redis is shared by them.
+    digest = hashlib.sha256(image + repr(filters).encode()).hexdigest()[:40]
+    return f"look:{space.model}:{space.version}:{k}:{digest}"

@@ -1,0 +1,167 @@
+"""Stage 1: one query per garment layer.
+
+`LLMQueryGenerator` asks a vision LLM; `FallbackQueryGenerator` needs no LLM: a localizer cuts
+the garments, their CLIP image embeddings are the queries, and CLIP zero-shot against text
+prompts names each one ("a red striped t-shirt") so the response stays readable.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from gateway.embedder import TritonEmbedder
+from gateway.index.base import EmbeddingSpace
+from gateway.llm import LLMClient, LLMError, image_part, load_prompt
+from gateway.look.localizer import Localizer
+from gateway.look.types import LayerQuery
+from gateway.taxonomy import CATEGORIES, CATEGORY_LAYER, LAYERS, categories_of_layer
+
+MAX_LAYERS = 8
+COLOURS = (
+    "red",
+    "blue",
+    "green",
+    "black",
+    "white",
+    "yellow",
+    "pink",
+    "beige",
+    "grey",
+    "navy",
+    "brown",
+    "orange",
+    "purple",
+)
+PATTERNS = ("solid", "striped", "checked", "dotted", "floral")
+
+Layer = Literal[tuple(LAYERS)]  # type: ignore[valid-type]
+Category = Literal[tuple(sorted(CATEGORIES))]  # type: ignore[valid-type]
+
+
+class Garment(BaseModel):
+    layer: Layer
+    category: Category
+    gender: Literal["women", "men", "unisex"]
+    query: str = Field(min_length=3, max_length=400)
+
+
+class QueryAnswer(BaseModel):
+    garments: list[Garment] = Field(min_length=1, max_length=MAX_LAYERS)
+
+
+class LLMQueryGenerator:
+    def __init__(self, llm: LLMClient):
+        self.llm = llm
+        self.prompt_version, template = load_prompt("query_generation")
+        self.system = template.replace("LAYERS", ", ".join(LAYERS)).replace(
+            "CATEGORIES", ", ".join(sorted(CATEGORIES))
+        )
+
+    async def generate(self, look: bytes, timeout_s: float) -> list[LayerQuery]:
+        answer = await self.llm.complete_json(
+            QueryAnswer,
+            self.system,
+            [{"type": "text", "text": "The look:"}, image_part(look)],
+            timeout_s,
+        )
+        queries: dict[str, LayerQuery] = {}
+        for g in answer.garments:
+            query = " ".join(g.query.split())
+            if len(query) < 3:
+                raise LLMError("invalid", f"empty query for layer {g.layer}")
+            if CATEGORY_LAYER[g.category] != g.layer:
+                # The category is the more specific claim; trust it and keep the layer coherent.
+                g.layer = CATEGORY_LAYER[g.category]
+            if g.layer not in queries:
+                queries[g.layer] = LayerQuery(
+                    layer=g.layer,
+                    categories=tuple(categories_of_layer(g.layer)),
+                    query=query,
+                    source="llm",
+                    gender=g.gender,
+                )
+        return list(queries.values())
+
+
+class ZeroShot:
+    """Text-prompt embeddings for naming a garment, computed once per embedding space."""
+
+    def __init__(self, embedder: TritonEmbedder):
+        self.embedder = embedder
+        self._prompts: dict[tuple[str, int], dict[str, tuple[list[str], np.ndarray]]] = {}
+
+    async def prompts(self, space: EmbeddingSpace, timeout_s: float):
+        key = (space.model, space.version)
+        if key not in self._prompts:
+            groups = {
+                "category": sorted(CATEGORIES),
+                "colour": list(COLOURS),
+                "pattern": list(PATTERNS),
+            }
+            texts = [f"a photo of a {c}" for c in groups["category"]]
+            texts += [f"a photo of a {c} garment" for c in groups["colour"]]
+            texts += [f"a photo of a {p} garment" for p in groups["pattern"]]
+            emb, _ = await self.embedder.embed_texts(space.model, space.version, texts, timeout_s)
+            out, start = {}, 0
+            for name, labels in groups.items():
+                out[name] = (labels, emb[start : start + len(labels)])
+                start += len(labels)
+            self._prompts[key] = out
+        return self._prompts[key]
+
+
+def _best(labels: list[str], vectors: np.ndarray, query: np.ndarray, allowed=None) -> str:
+    scores = vectors @ query
+    order = np.argsort(-scores)
+    for i in order:
+        if allowed is None or labels[i] in allowed:
+            return labels[i]
+    return labels[int(order[0])]
+
+
+class FallbackQueryGenerator:
+    def __init__(self, embedder: TritonEmbedder, localizer: Localizer, zero_shot: ZeroShot):
+        self.embedder = embedder
+        self.localizer = localizer
+        self.zero_shot = zero_shot
+
+    async def generate(self, look: Image.Image, space: EmbeddingSpace, timeout_s: float) -> list[LayerQuery]:
+        regions = self.localizer.regions(look)
+        vectors = await self.embedder.embed_images(
+            space.model, space.version, [r.image for r in regions], timeout_s
+        )
+        prompts = await self.zero_shot.prompts(space, timeout_s)
+        queries, used = [], set()
+        for region, vector in zip(regions, vectors):
+            # One result list per layer: a zone whose layers are all taken (a dress seen in the
+            # upper zone also fills the lower one) is left out.
+            allowed = [c for c in region.categories if CATEGORY_LAYER[c] not in used]
+            if not allowed:
+                continue
+            category = _best(*prompts["category"], vector, allowed=allowed)
+            used.add(CATEGORY_LAYER[category])
+            colour = _best(*prompts["colour"], vector)
+            pattern = _best(*prompts["pattern"], vector)
+            words = [colour] + ([] if pattern == "solid" else [pattern]) + [category]
+            queries.append(
+                LayerQuery(
+                    layer=CATEGORY_LAYER[category],
+                    # The zone, not the zero-shot guess, bounds the search: a wrong guess then
+                    # costs ranking quality, never the right product.
+                    categories=region.categories,
+                    query=" ".join(words),
+                    source="fallback",
+                    region=region,
+                    region_vector=vector,
+                )
+            )
+        return queries
+
+
+def decode_look(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
