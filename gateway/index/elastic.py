@@ -1,0 +1,623 @@
+"""The Elasticsearch catalog index: one physical index per embedding space, read through an alias.
+
+Layout on the cluster (the server-side twin of the embedded backend's manifest):
+
+    products-clip-v1          one index per embedding space (EmbeddingSpace.index_name)
+                              mapping _meta {"looksync": {"model": "clip", "version": 1, "dim": 1024}}
+    products  -> products-clip-v1
+                              the read alias; moving it (one `_aliases` call) switches serving
+
+The gateway re-resolves the alias every `refresh_s` seconds, so an alias move or a new index is
+followed without a restart. Every request body is built by a small pure function below
+(`index_body`, `knn_body`, `filter_clauses`, `bulk_actions`, `alias_actions`, ...), so the tests
+pin the exact JSON without a server.
+
+Requires Elasticsearch 8.12+ (int8_hnsw). On 9.2+ new indices leave vectors out of `_source` by
+default; `index_body` turns that off (`index.mapping.exclude_source_vectors: false`) so `get()`
+and `search(with_vectors=True)` read vectors the same way on every version (the indexer reuses
+stored vectors of unchanged images). Dropping that setting saves the `_source` copy (see below)
+but then every read of vectors has to ask for them with `_source.exclude_vectors: false`.
+
+Sizing, 12 M products x 1024-d float32 (per copy of the data; replicas multiply it):
+
+    raw vectors            12e6 x 1024 x 4 B   ~ 49 GB   always kept on disk (merges, rescoring)
+    int8_hnsw quantised    12e6 x 1024 x 1 B   ~ 12.3 GB (+ 4 B/vector correction)
+    bbq_hnsw (1 bit/dim)   12e6 x 1024 / 8 B   ~ 1.5 GB  (+ ~14 B/vector corrections)
+    HNSW graph             12e6 x m x 2 x 4 B  ~ 1.5 GB at m = 16 (layer 0 keeps 2m neighbours)
+    vectors in _source     JSON floats, compressed: tens of GB more; see the setting above
+
+kNN search only stays fast when what it touches is in the off-heap page cache of the data
+nodes (not the JVM heap): float HNSW needs ~51 GB of it, int8_hnsw ~14 GB, bbq_hnsw ~3 GB
+(plus the raw floats actually read when rescoring). Leave the heap at <= 31 GB and give the
+rest of the node's RAM to the page cache.
+
+Shards: keep each shard <= 30-50 GB on disk. With int8 the index is roughly 49 + 12 + 1.5 GB
+of vector data plus `_source` and keyword fields (~100-120 GB), so ~4-6 primary shards,
+each with >= 1 replica on other nodes. Every shard runs its own HNSW search over
+`num_candidates`, so more shards cost more work per query: do not over-shard, and force-merge
+to few segments after a full (re)index, since each segment holds its own graph.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Iterable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+from elastic_transport import ConnectionError as TransportConnectionError
+from elastic_transport import ConnectionTimeout, TransportError
+from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, NotFoundError
+from elasticsearch.helpers import async_streaming_bulk
+
+from gateway.catalog import Product
+from gateway.errors import FailedPrecondition, InvalidArgument, Unavailable
+from gateway.filters import SearchFilters
+from gateway.index.base import (
+    CatalogIndex,
+    EmbeddingSpace,
+    ScoredProduct,
+    StoredProduct,
+    check_query,
+)
+
+_FIELDS = [f for f in Product.__dataclass_fields__]
+META_KEY = "looksync"
+MAX_NUM_CANDIDATES = 10_000  # Elasticsearch's upper bound for knn.num_candidates
+MIN_NUM_CANDIDATES = 100
+# The oldest server version each vector index type works on.
+INDEX_TYPES = {"hnsw": (8, 0), "int8_hnsw": (8, 12), "bbq_hnsw": (8, 16)}
+MIN_SERVER = (8, 12)
+# Elasticsearch refuses dot_product vectors whose squared length is off 1 by more than ~1e-4;
+# vectors within this of unit length are sent as they are, others are normalised first.
+_UNIT_TOLERANCE = 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies (pure functions, pinned by tests/test_index_elasticsearch.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def default_index_type(server: tuple[int, int]) -> str:
+    """int8_hnsw on 8.x and 9.x: 4x less page cache than float and near-float recall.
+    bbq_hnsw (32x less) needs oversampling + rescoring to keep recall; opt in explicitly."""
+    return "int8_hnsw"
+
+
+def vector_mapping(dim: int, m: int, ef_construction: int, index_type: str) -> dict:
+    return {
+        "type": "dense_vector",
+        "element_type": "float",
+        "dims": dim,
+        "index": True,
+        # The embedder L2-normalises every vector, so dot product == cosine and is the
+        # cheapest similarity; Elasticsearch rejects non-unit vectors for it (see `unit`).
+        "similarity": "dot_product",
+        "index_options": {"type": index_type, "m": m, "ef_construction": ef_construction},
+    }
+
+
+def index_body(
+    space: EmbeddingSpace,
+    m: int = 16,
+    ef_construction: int = 100,
+    server: tuple[int, int] = (8, 15),
+    shards: int = 1,
+    replicas: int | None = None,
+    index_type: str | None = None,
+) -> dict:
+    """Settings and mappings for the physical index of one embedding space."""
+    index_type = index_type or default_index_type(server)
+    if server < INDEX_TYPES[index_type]:
+        oldest = ".".join(map(str, INDEX_TYPES[index_type]))
+        raise FailedPrecondition(f"index_options {index_type} needs Elasticsearch {oldest} or newer")
+    settings: dict[str, Any] = {"index.number_of_shards": shards}
+    if replicas is not None:
+        settings["index.number_of_replicas"] = replicas
+    if server >= (9, 2):
+        # Keep vectors in _source as 8.x does: get()/with_vectors read them the same way.
+        settings["index.mapping.exclude_source_vectors"] = False
+    keyword = {"type": "keyword"}
+    return {
+        "settings": settings,
+        "mappings": {
+            "dynamic": "strict",
+            "_meta": {META_KEY: {"model": space.model, "version": space.version, "dim": space.dim}},
+            "properties": {
+                "id": keyword,
+                "title": {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 512}}},
+                "brand": keyword,
+                "category": keyword,
+                "gender": keyword,
+                "market": keyword,
+                "price": {"type": "scaled_float", "scaling_factor": 100},
+                "currency": keyword,
+                "sizes": keyword,
+                "in_stock": {"type": "boolean"},
+                "image_url": keyword,
+                "image_hash": keyword,
+                "vector": vector_mapping(space.dim, m, ef_construction, index_type),
+            },
+        },
+    }
+
+
+def space_from_meta(name: str, meta: dict | None) -> EmbeddingSpace:
+    """The embedding identity recorded in an index's mapping `_meta`."""
+    identity = (meta or {}).get(META_KEY)
+    try:
+        return EmbeddingSpace(str(identity["model"]), int(identity["version"]), int(identity["dim"]))
+    except (TypeError, KeyError, ValueError):
+        raise FailedPrecondition(
+            f"index {name!r} has no recorded embedding space (mapping _meta.{META_KEY})"
+        ) from None
+
+
+def filter_clauses(filters: SearchFilters) -> list[dict]:
+    """The filters as bool-filter clauses; the same semantics as `SearchFilters.matches`.
+    `terms` on a multi-valued keyword field (sizes) matches when any value is listed."""
+    clauses: list[dict] = []
+    if filters.categories:
+        clauses.append({"terms": {"category": list(filters.categories)}})
+    if filters.genders():
+        clauses.append({"terms": {"gender": list(filters.genders())}})
+    if filters.market:
+        clauses.append({"term": {"market": filters.market}})
+    if filters.brands:
+        clauses.append({"terms": {"brand": list(filters.brands)}})
+    if filters.sizes:
+        clauses.append({"terms": {"sizes": list(filters.sizes)}})
+    price: dict[str, float] = {}
+    if filters.min_price is not None:
+        price["gte"] = filters.min_price
+    if filters.max_price is not None:
+        price["lte"] = filters.max_price
+    if price:
+        clauses.append({"range": {"price": price}})
+    if filters.in_stock_only:
+        clauses.append({"term": {"in_stock": True}})
+    return clauses
+
+
+def num_candidates(k: int, factor: int) -> int:
+    return min(max(k * factor, MIN_NUM_CANDIDATES, k), MAX_NUM_CANDIDATES)
+
+
+def knn_body(
+    vector: list[float],
+    k: int,
+    filters: SearchFilters,
+    num_candidates_factor: int = 10,
+    with_vectors: bool = False,
+    rescore_oversample: float | None = None,
+) -> dict:
+    """A top-level kNN search: filters apply during the graph search, before ranking."""
+    if not 1 <= k <= MAX_NUM_CANDIDATES:
+        raise InvalidArgument(f"k: {k} is not between 1 and {MAX_NUM_CANDIDATES}")
+    knn: dict[str, Any] = {
+        "field": "vector",
+        "query_vector": vector,
+        "k": k,
+        "num_candidates": num_candidates(k, num_candidates_factor),
+    }
+    clauses = filter_clauses(filters)
+    if clauses:
+        knn["filter"] = clauses
+    if rescore_oversample is not None:
+        # 8.18+/9.0+: re-rank oversampled quantised hits with the raw float vectors.
+        knn["rescore_vector"] = {"oversample": rescore_oversample}
+    return {
+        "knn": knn,
+        "size": k,  # a search returns 10 hits unless told otherwise
+        "track_total_hits": False,
+        "_source": True if with_vectors else {"excludes": ["vector"]},
+    }
+
+
+def score_to_cosine(score: float) -> float:
+    """Elasticsearch scores dot_product as (1 + dot) / 2; the embedded backend reports cosine."""
+    return 2.0 * float(score) - 1.0
+
+
+def product_source(product: Product, image_hash: str, vector: np.ndarray) -> dict:
+    return {
+        **product.to_dict(),
+        "image_hash": image_hash,
+        "vector": np.asarray(vector, dtype=np.float32).tolist(),
+    }
+
+
+def bulk_actions(index: str, items: Iterable[tuple[Product, str, np.ndarray]]) -> list[dict]:
+    """`index` actions (insert or replace by id) for the bulk helper."""
+    return [
+        {"_op_type": "index", "_index": index, "_id": product.id, "_source": product_source(product, h, v)}
+        for product, h, v in items
+    ]
+
+
+def delete_actions(index: str, ids: Iterable[str]) -> list[dict]:
+    return [{"_op_type": "delete", "_index": index, "_id": pid} for pid in ids]
+
+
+UPDATABLE = frozenset(_FIELDS) - {"id"} | {"image_hash"}
+
+
+def update_body(fields: dict) -> dict:
+    """A partial update of product fields; never the vector (re-embedding goes through upsert)."""
+    unknown = sorted(set(fields) - UPDATABLE)
+    if unknown:
+        raise InvalidArgument(f"cannot update {', '.join(unknown)}: updatable fields are {sorted(UPDATABLE)}")
+    return {"doc": dict(fields)}
+
+
+def alias_actions(alias: str, index: str, current: Iterable[str] = ()) -> list[dict]:
+    """Point `alias` at `index` only, atomically (one `_aliases` call)."""
+    actions: list[dict] = [{"remove": {"index": old, "alias": alias}} for old in current if old != index]
+    actions.append({"add": {"index": index, "alias": alias}})
+    return actions
+
+
+def product_from_source(source: dict) -> Product:
+    return Product(**{f: source[f] for f in _FIELDS})
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    """The vector as unit-length float32 (as is when it already is one)."""
+    v = np.asarray(vector, dtype=np.float32)
+    squared = float(np.dot(v.astype(np.float64), v.astype(np.float64)))
+    if abs(squared - 1.0) <= _UNIT_TOLERANCE:
+        return v
+    if not np.isfinite(squared) or squared == 0.0:
+        raise FailedPrecondition("a zero or non-finite vector cannot be indexed or searched")
+    return (v / np.sqrt(squared)).astype(np.float32)
+
+
+def parse_version(number: str) -> tuple[int, int]:
+    major, minor = number.split("-")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def safe_url(url: str) -> str:
+    """The URL without credentials, for messages."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+# ---------------------------------------------------------------------------------------------
+# The index
+# ---------------------------------------------------------------------------------------------
+
+
+class ElasticIndex(CatalogIndex):
+    def __init__(
+        self,
+        url: str,
+        alias: str = "products",
+        refresh_s: float = 0.5,
+        timeout_s: float = 5.0,
+        num_candidates_factor: int = 10,
+        m: int = 16,
+        ef_construction: int = 100,
+        index_type: str | None = None,
+        rescore_oversample: float | None = None,
+        shards: int = 1,
+        replicas: int | None = None,
+        bulk_timeout_s: float = 60.0,
+        bulk_max_retries: int = 5,
+        bulk_initial_backoff_s: float = 0.5,
+        max_chunk_bytes: int = 10 << 20,
+        chunk_size: int = 500,
+        max_retries: int = 1,
+        **client_options: Any,
+    ):
+        if index_type is not None and index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type {index_type!r} is not one of {', '.join(INDEX_TYPES)}")
+        self.url = url
+        self.alias = alias
+        self.refresh_s = refresh_s
+        self.timeout_s = timeout_s
+        self.num_candidates_factor = num_candidates_factor
+        self.m = m
+        self.ef_construction = ef_construction
+        self.index_type = index_type
+        self.rescore_oversample = rescore_oversample
+        self.shards = shards
+        self.replicas = replicas
+        self.bulk_timeout_s = bulk_timeout_s
+        self.bulk_max_retries = bulk_max_retries
+        self.bulk_initial_backoff_s = bulk_initial_backoff_s
+        self.max_chunk_bytes = max_chunk_bytes
+        self.chunk_size = chunk_size
+        self._es = AsyncElasticsearch(
+            url,
+            request_timeout=timeout_s,
+            max_retries=max_retries,
+            retry_on_timeout=False,
+            **client_options,
+        )
+        self._server: tuple[int, int] | None = None
+        self._resolved: tuple[str | None, EmbeddingSpace | None] | None = None
+        self._resolved_at = 0.0
+        self._resolve_lock = asyncio.Lock()
+        self._ensure_lock = asyncio.Lock()
+        self._ensured: dict[str, EmbeddingSpace] = {}
+        self._alias_seen = False
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _client(self, timeout_s: float | None = None) -> AsyncElasticsearch:
+        return self._es.options(request_timeout=timeout_s or self.timeout_s)
+
+    async def _call(self, what: str, request: Awaitable):
+        """Await one request; an unreachable, overloaded or failing cluster is Unavailable.
+        Other API errors (404, 400, ...) are left to the caller."""
+        where = safe_url(self.url)
+        try:
+            return await request
+        except ConnectionTimeout as exc:
+            raise Unavailable(f"Elasticsearch at {where} timed out ({what}): {exc}") from None
+        except TransportConnectionError as exc:
+            raise Unavailable(f"Elasticsearch at {where} cannot be reached ({what}): {exc}") from None
+        except ApiError as exc:
+            if exc.meta.status >= 500 or exc.meta.status == 429:
+                raise Unavailable(f"Elasticsearch at {where} failed ({what}): {exc}") from None
+            if exc.meta.status in (401, 403):
+                raise Unavailable(
+                    f"Elasticsearch at {where} refused the credentials ({what}): {exc}"
+                ) from None
+            raise
+        except TransportError as exc:
+            raise Unavailable(f"Elasticsearch at {where} failed ({what}): {exc}") from None
+
+    async def server_version(self) -> tuple[int, int]:
+        if self._server is None:
+            info = await self._call("server info", self._client().info())
+            server = parse_version(info["version"]["number"])
+            if server < MIN_SERVER:
+                raise FailedPrecondition(
+                    f"Elasticsearch at {safe_url(self.url)} is {info['version']['number']}; "
+                    f"LookSync needs {MIN_SERVER[0]}.{MIN_SERVER[1]} or newer"
+                )
+            self._server = server
+        return self._server
+
+    async def _mapping(self, name: str) -> dict | None:
+        """{concrete index: mapping} for an index or alias name; None when there is none."""
+        try:
+            resp = await self._call(f"read mapping of {name}", self._client().indices.get_mapping(index=name))
+        except NotFoundError:
+            return None
+        return {index: body.get("mappings", {}) for index, body in resp.body.items()}
+
+    async def _resolve(self, force: bool = False) -> tuple[str | None, EmbeddingSpace | None]:
+        """(index behind the alias, its space), re-read at most every refresh_s seconds."""
+        if not force and self._resolved is not None and time.monotonic() - self._resolved_at < self.refresh_s:
+            return self._resolved
+        async with self._resolve_lock:
+            if (
+                not force
+                and self._resolved is not None
+                and time.monotonic() - self._resolved_at < self.refresh_s
+            ):
+                return self._resolved
+            mappings = await self._mapping(self.alias)
+            if mappings is None:
+                resolved: tuple[str | None, EmbeddingSpace | None] = (None, None)
+            elif len(mappings) != 1:
+                raise FailedPrecondition(
+                    f"alias {self.alias!r} points at {len(mappings)} indexes ({', '.join(sorted(mappings))}); "
+                    "it must name exactly one"
+                )
+            else:
+                ((target, mapping),) = mappings.items()
+                if target == self.alias:
+                    raise FailedPrecondition(f"{self.alias!r} is a concrete index, not an alias")
+                resolved = (target, space_from_meta(target, mapping.get("_meta")))
+            self._resolved, self._resolved_at = resolved, time.monotonic()
+            return resolved
+
+    def _forget(self, name: str | None = None) -> None:
+        self._resolved = None
+        if name is not None:
+            self._ensured.pop(name, None)
+
+    # -- CatalogIndex --------------------------------------------------------------------------
+
+    async def space(self) -> EmbeddingSpace | None:
+        return (await self._resolve())[1]
+
+    async def search(self, vector, space, filters, k, with_vectors=False):
+        for attempt in range(2):
+            target, index_space = await self._resolve(force=attempt > 0)
+            if target is None:
+                raise FailedPrecondition(f"no index behind alias {self.alias!r}: run `looksync index` first")
+            check_query(vector, space, index_space)
+            query = unit(vector).tolist()
+            body = knn_body(
+                query, k, filters, self.num_candidates_factor, with_vectors, self.rescore_oversample
+            )
+            try:
+                # The concrete index, not the alias: it is the one whose space was checked.
+                resp = await self._call(f"search {target}", self._client().search(index=target, body=body))
+            except NotFoundError:
+                self._forget(target)  # the alias moved and the old index is gone: re-resolve once
+                continue
+            hits = []
+            for hit in resp["hits"]["hits"]:
+                source = hit["_source"]
+                vec = np.asarray(source["vector"], dtype=np.float32) if with_vectors else None
+                hits.append(ScoredProduct(product_from_source(source), score_to_cosine(hit["_score"]), vec))
+            return index_space, hits
+        raise Unavailable(f"the index behind alias {self.alias!r} disappeared during the search")
+
+    async def ensure(self, space: EmbeddingSpace, make_current_if_none: bool = True) -> str:
+        name = space.index_name
+        async with self._ensure_lock:
+            known = self._ensured.get(name)
+            if known is None:
+                await self._ensure_index(space)
+                self._ensured[name] = space
+            elif known != space:
+                raise FailedPrecondition(f"index {name} holds {known}, not {space}")
+            if make_current_if_none and not self._alias_seen:
+                exists = await self._call(
+                    f"look up alias {self.alias}", self._client().indices.exists_alias(name=self.alias)
+                )
+                if not exists:
+                    await self._call(
+                        f"point alias {self.alias} at {name}",
+                        self._client().indices.update_aliases(actions=alias_actions(self.alias, name)),
+                    )
+                    self._forget()
+                self._alias_seen = True
+        return name
+
+    async def _ensure_index(self, space: EmbeddingSpace) -> None:
+        name = space.index_name
+        mappings = await self._mapping(name)
+        if mappings is None:
+            body = index_body(
+                space,
+                self.m,
+                self.ef_construction,
+                await self.server_version(),
+                self.shards,
+                self.replicas,
+                self.index_type,
+            )
+            try:
+                await self._call(
+                    f"create index {name}",
+                    self._client().indices.create(
+                        index=name, settings=body["settings"], mappings=body["mappings"]
+                    ),
+                )
+                return
+            except BadRequestError as exc:
+                if "resource_already_exists_exception" not in str(exc):
+                    raise FailedPrecondition(f"cannot create index {name}: {exc}") from None
+            mappings = await self._mapping(name)  # another process created it a moment ago
+            if mappings is None:
+                raise Unavailable(f"index {name} was created and is gone again")
+        if list(mappings) != [name]:
+            raise FailedPrecondition(f"{name!r} is an alias of {', '.join(sorted(mappings))}, not an index")
+        recorded = space_from_meta(name, mappings[name].get("_meta"))
+        if recorded != space:
+            raise FailedPrecondition(f"index {name} holds {recorded}, not {space}")
+
+    async def set_current(self, space: EmbeddingSpace) -> str:
+        """Move the alias to the index of `space` (atomically, away from whatever it named)."""
+        name = await self.ensure(space, make_current_if_none=False)
+        current = await self._mapping(self.alias) or {}
+        await self._call(
+            f"point alias {self.alias} at {name}",
+            self._client().indices.update_aliases(actions=alias_actions(self.alias, name, current)),
+        )
+        self._forget()
+        self._alias_seen = True
+        return name
+
+    async def _bulk(self, what: str, actions: list[dict], ok_statuses: tuple[int, ...] = ()) -> None:
+        failed: list[dict] = []
+        stream = async_streaming_bulk(
+            self._client(self.bulk_timeout_s),
+            actions,
+            chunk_size=self.chunk_size,
+            max_chunk_bytes=self.max_chunk_bytes,
+            max_retries=self.bulk_max_retries,
+            initial_backoff=self.bulk_initial_backoff_s,
+            max_backoff=30,
+            raise_on_error=False,
+            yield_ok=False,
+        )
+
+        async def drain():
+            async for ok, item in stream:
+                (result,) = item.values()
+                if not ok and result.get("status") not in ok_statuses:
+                    failed.append(result)
+
+        await self._call(what, drain())
+        if failed:
+            first = failed[0]
+            reason = first.get("error", {})
+            if isinstance(reason, dict):
+                reason = f"{reason.get('type')}: {reason.get('reason')}"
+            raise Unavailable(
+                f"{what}: {len(failed)} of {len(actions)} documents failed at {safe_url(self.url)}; "
+                f"first: id {first.get('_id')!r} status {first.get('status')} ({reason})"
+            )
+
+    async def upsert(self, space, items):
+        if not items:
+            return
+        name = await self.ensure(space)
+        prepared = []
+        for product, image_hash, vector in items:
+            if vector.shape != (space.dim,):
+                raise FailedPrecondition(f"vector for {product.id} is not {space.dim}-d")
+            prepared.append((product, image_hash, unit(vector)))
+        try:
+            await self._bulk(f"index into {name}", bulk_actions(name, prepared))
+        except Unavailable:
+            self._forget(name)
+            raise
+
+    async def update_fields(self, space: EmbeddingSpace, product_id: str, fields: dict) -> bool:
+        """Change some fields of one stored product; False when it is not there."""
+        body = update_body(fields)
+        name = await self.ensure(space, make_current_if_none=False)
+        try:
+            await self._call(
+                f"update {product_id} in {name}",
+                self._client().update(index=name, id=product_id, doc=body["doc"], retry_on_conflict=3),
+            )
+        except NotFoundError:
+            return False
+        return True
+
+    async def delete(self, space: EmbeddingSpace, ids: list[str]) -> None:
+        if not ids:
+            return
+        name = await self.ensure(space, make_current_if_none=False)
+        await self._bulk(f"delete from {name}", delete_actions(name, ids), ok_statuses=(404,))
+
+    async def get(self, space, ids):
+        if not ids:
+            return {}
+        name = await self.ensure(space, make_current_if_none=False)
+        found = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            resp = await self._call(f"read products from {name}", self._client().mget(index=name, ids=chunk))
+            for doc in resp["docs"]:
+                if "error" in doc:
+                    raise Unavailable(f"reading {doc.get('_id')!r} from {name} failed: {doc['error']}")
+                if doc.get("found"):
+                    source = doc["_source"]
+                    found[doc["_id"]] = StoredProduct(
+                        product_from_source(source),
+                        source["image_hash"],
+                        np.asarray(source["vector"], dtype=np.float32),
+                    )
+        return found
+
+    async def count(self, space):
+        """Documents visible to search (written ones appear after the index refresh interval)."""
+        name = await self.ensure(space, make_current_if_none=False)
+        resp = await self._call(f"count {name}", self._client().count(index=name))
+        return int(resp["count"])
+
+    async def refresh(self, space: EmbeddingSpace) -> None:
+        """Make every write so far visible to search and count now (tests, end of a bulk load)."""
+        name = space.index_name
+        await self._call(f"refresh {name}", self._client().indices.refresh(index=name))
+
+    async def close(self):
+        await self._es.close()
