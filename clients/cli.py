@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 import time
@@ -186,6 +187,88 @@ def cmd_index(args) -> int:
     return 1 if report.failed and not report.written else 0
 
 
+def cmd_ingest_worker(args) -> int:
+    import redis.asyncio as redis
+    from prometheus_client import start_http_server
+
+    from gateway.embedder import TritonEmbedder
+    from gateway.indexer import Indexer, resolve_space
+    from gateway.ingest.fetch import FetchPolicy
+    from gateway.ingest.worker import IngestWorker, WorkerSettings
+    from gateway.observability import setup_logging
+    from gateway.server import open_index
+
+    s = _settings()
+    setup_logging(args.log_level)
+
+    async def run():
+        client = redis.from_url(s.redis_url, socket_timeout=10, socket_connect_timeout=3)
+        embedder = TritonEmbedder(s.triton_url)
+        index = open_index(s)
+        try:
+            space = await index.space() or await resolve_space(embedder, s.embedding_model, None)
+
+            async def remember(product_id: str, attrs: dict) -> None:
+                await client.hset(f"looksync:attrs:{product_id}", mapping=attrs)
+
+            indexer = Indexer(
+                embedder, index, space, batch_size=s.ingest_batch_size, attributes=remember, source="ingest"
+            )
+            policy = FetchPolicy(
+                max_bytes=s.fetch_max_bytes,
+                timeout_s=s.fetch_timeout_s,
+                allowed_hosts=tuple(h.strip().lower() for h in s.fetch_allowed_hosts.split(",") if h.strip()),
+                allow_private=s.fetch_allow_private,
+                allow_loopback=s.fetch_allow_loopback,
+            )
+            worker = IngestWorker(
+                client,
+                indexer,
+                index,
+                space,
+                policy,
+                WorkerSettings(
+                    batch_size=s.ingest_batch_size,
+                    claim_idle_ms=s.ingest_claim_idle_ms,
+                    max_tries=s.ingest_max_tries,
+                ),
+                consumer=args.consumer,
+            )
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await worker.run(stop)
+        finally:
+            await embedder.close()
+            await index.close()
+            await client.aclose()
+
+    if s.worker_metrics_port:
+        start_http_server(s.worker_metrics_port)
+    asyncio.run(run())
+    return 0
+
+
+def cmd_publish(args) -> int:
+    import redis
+
+    from gateway.ingest.events import STREAM, upsert_event
+
+    client = redis.Redis.from_url(_settings().redis_url, socket_timeout=10)
+    count = 0
+    with open(args.file, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            doc = json.loads(line)
+            event = upsert_event(doc) if args.as_upserts else doc
+            client.xadd(STREAM, {"event": json.dumps(event)})
+            count += 1
+    print(f"published {count} events to {STREAM}")
+    return 0
+
+
 def cmd_sample_catalog(args) -> int:
     from clients.sample_catalog import generate
 
@@ -237,6 +320,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("image")
     _add_filters(p)
     p.set_defaults(func=cmd_search_look)
+
+    p = sub.add_parser("ingest-worker", help="consume catalog events from Redis Streams into the index")
+    p.add_argument("--consumer", help="consumer name (default host-pid)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_ingest_worker)
+
+    p = sub.add_parser("publish", help="publish catalog events (JSON Lines) to the catalog-updates stream")
+    p.add_argument("file")
+    p.add_argument(
+        "--as-upserts",
+        action="store_true",
+        help="the file holds catalog records: wrap each in product.upsert",
+    )
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("sample-catalog", help="generate the synthetic sample catalog")
     p.add_argument("out")

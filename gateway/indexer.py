@@ -1,10 +1,10 @@
-"""Bulk indexing: catalog records -> images -> Triton embeddings (batched) -> index upsert.
+"""The write path shared by bulk indexing (`looksync index`) and the ingest worker:
 
-reader (validate records) -> mapper (load images, skip unchanged ones, embed) -> writer (upsert)
+    record -> enrich (vendor vocabulary) -> skip unchanged images -> embed (Triton, batched)
+           -> zero-shot what the vendor left unknown -> validate -> upsert (ordered by event)
 
-Re-running over the same catalog is cheap and safe: a product whose image bytes hash to what
-the index already holds keeps its stored vector and only has its metadata rewritten, so an
-interrupted run resumes without re-embedding what it finished.
+A product whose image bytes hash to what the index already holds keeps its stored vector, so
+re-running over a catalog, or replaying events, never re-embeds finished work.
 """
 
 from __future__ import annotations
@@ -18,19 +18,23 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gateway.catalog import (
-    Product,
-    RecordError,
-    content_hash,
-    load_local_image,
-    parse_record,
-    read_jsonl,
-)
+from gateway.catalog import RecordError, content_hash, load_local_image, parse_record, read_jsonl
 from gateway.embedder import TritonEmbedder
 from gateway.errors import FailedPrecondition, InvalidArgument
 from gateway.index.base import CatalogIndex, EmbeddingSpace
+from gateway.ingest.enrich import standardise, zero_shot_fill
+from gateway.look.querygen import ZeroShot
+from gateway.observability import INDEXED
 
 MAX_IMAGE_BYTES = 20 << 20
+
+
+@dataclass
+class IngestItem:
+    raw: dict  # a catalog record; vendor vocabulary allowed
+    image: bytes
+    event_seq: int | None = None
+    ref: str = ""  # where it came from (line number, stream id), for reports
 
 
 @dataclass
@@ -48,8 +52,8 @@ class IndexReport:
 
 
 def fetch_image(url: str, base: Path, timeout_s: float = 10.0) -> bytes:
-    """Operator-run bulk indexing reads local files and plain HTTP(S); the hardened fetcher for
-    untrusted vendor feeds is the ingest worker's."""
+    """Operator-run bulk indexing reads local files and plain HTTP(S); untrusted vendor feeds
+    go through the ingest worker's hardened fetcher (gateway/ingest/fetch.py)."""
     if url.startswith(("http://", "https://")):
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:
             data = resp.read(MAX_IMAGE_BYTES + 1)
@@ -81,27 +85,33 @@ class Indexer:
         batch_size: int = 32,
         in_flight: int = 2,
         timeout_s: float = 60.0,
+        attributes=None,
+        source: str = "bulk",
     ):
         self.embedder = embedder
         self.index = index
         self.space = space
         self.batch_size = batch_size
         self.timeout_s = timeout_s
+        self.zero_shot = ZeroShot(embedder)
+        self.attributes = attributes  # optional async callable(product_id, dict): the attribute cache
+        self.source = source
         self._slots = asyncio.Semaphore(in_flight)
 
-    async def _embed(self, images: list[bytes], report: IndexReport, ids: list[str]) -> list:
-        """Vectors for the images; a bad image fails alone (the batch is retried one by one)."""
+    async def _embed(self, items: list[IngestItem]) -> list[np.ndarray | str]:
+        """A vector per image, or the reason it was refused; one bad image fails alone."""
+        images = [i.image for i in items]
         try:
             return list(
                 await self.embedder.embed_images(self.space.model, self.space.version, images, self.timeout_s)
             )
-        except InvalidArgument:
-            if len(images) == 1:
-                raise
-        vectors = []
-        for pid, image in zip(ids, images):
+        except InvalidArgument as exc:
+            if len(items) == 1:
+                return [str(exc)]
+        out = []
+        for image in images:
             try:
-                vectors.append(
+                out.append(
                     (
                         await self.embedder.embed_images(
                             self.space.model, self.space.version, [image], self.timeout_s
@@ -109,38 +119,78 @@ class Indexer:
                     )[0]
                 )
             except InvalidArgument as exc:
-                report.failed.append((pid, str(exc)))
-                vectors.append(None)
-        return vectors
+                out.append(str(exc))
+        return out
 
-    async def write_batch(self, batch: list[tuple[Product, bytes]], report: IndexReport) -> None:
+    async def write_batch(self, items: list[IngestItem], report: IndexReport) -> dict[str, str | None]:
+        """Write a batch; returns ref -> None (written) or the reason it cannot be.
+
+        Raises on infrastructure failures (Triton or the index unavailable): nothing of the
+        batch may then be treated as done.
+        """
         async with self._slots:
             t0 = time.perf_counter()
-            stored = await self.index.get(self.space, [p.id for p, _ in batch])
-            items, todo = [], []
-            for product, image in batch:
-                digest = content_hash(image)
-                old = stored.get(product.id)
-                if old is not None and old.image_hash == digest:
-                    items.append((product, digest, old.vector))
+            outcome: dict[str, str | None] = {}
+            enriched = [standardise(item.raw) for item in items]
+            ids = [str(item.raw.get("id", "")).strip() for item in items]
+            stored = await self.index.get(self.space, [i for i in ids if i])
+            vectors: list = [None] * len(items)
+            todo = []
+            for n, (item, pid) in enumerate(zip(items, ids)):
+                old = stored.get(pid)
+                if old is not None and old.image_hash == content_hash(item.image):
+                    vectors[n] = old.vector
                 else:
-                    todo.append((product, digest, image))
+                    todo.append(n)
             t1 = time.perf_counter()
             if todo:
-                vectors = await self._embed([i for _, _, i in todo], report, [p.id for p, _, _ in todo])
-                for (product, digest, _), vec in zip(todo, vectors):
-                    if vec is not None:
-                        items.append((product, digest, np.asarray(vec, dtype=np.float32)))
+                for n, vec in zip(todo, await self._embed([items[n] for n in todo])):
+                    vectors[n] = vec
+            prompts = None
+            if any("missing" in sources.values() for _, sources in enriched):
+                prompts = await self.zero_shot.prompts(self.space, self.timeout_s)
             t2 = time.perf_counter()
-            await self.index.upsert(self.space, items)
+            rows = []
+            for n, (item, (record, sources)) in enumerate(zip(items, enriched)):
+                if isinstance(vectors[n], str):
+                    outcome[item.ref] = vectors[n]
+                    continue
+                if prompts is not None:
+                    zero_shot_fill(record, sources, vectors[n], prompts)
+                try:
+                    product = parse_record(record)
+                except RecordError as exc:
+                    outcome[item.ref] = str(exc)
+                    continue
+                rows.append(
+                    (product, content_hash(item.image), np.asarray(vectors[n], np.float32), item.event_seq)
+                )
+                outcome[item.ref] = None
+                if self.attributes is not None:
+                    await self.attributes(
+                        product.id,
+                        {
+                            "category": product.category,
+                            "gender": product.gender,
+                            **{f"{k}_source": v for k, v in sources.items()},
+                        },
+                    )
+            await self.index.upsert(self.space, rows)
             t3 = time.perf_counter()
             report.stage_s["read"] += t1 - t0
             report.stage_s["embed"] += t2 - t1
             report.stage_s["write"] += t3 - t2
-            report.embedded += sum(
-                1 for p, d, _ in items if stored.get(p.id) is None or stored[p.id].image_hash != d
-            )
-            report.unchanged += sum(1 for p, d, _ in items if p.id in stored and stored[p.id].image_hash == d)
+            fresh = {items[n].ref for n in todo}
+            for item in items:
+                if outcome.get(item.ref) is None and item.ref in outcome:
+                    if item.ref in fresh:
+                        report.embedded += 1
+                    else:
+                        report.unchanged += 1
+                elif item.ref in outcome:
+                    report.failed.append((item.ref, outcome[item.ref]))
+            INDEXED.labels(self.source).inc(len(rows))
+            return outcome
 
 
 async def index_catalog(path: Path, indexer: Indexer, progress: bool = True) -> IndexReport:
@@ -151,7 +201,7 @@ async def index_catalog(path: Path, indexer: Indexer, progress: bool = True) -> 
         lines = sum(1 for line in fh if line.strip())
     bar = tqdm(total=lines, unit="product", desc="indexing", disable=not progress)
     tasks: list[asyncio.Task] = []
-    batch: list[tuple[Product, bytes]] = []
+    batch: list[IngestItem] = []
     seen: set[str] = set()
 
     async def flush():
@@ -170,21 +220,23 @@ async def index_catalog(path: Path, indexer: Indexer, progress: bool = True) -> 
                     raise t.exception()
 
     for number, raw, error in read_jsonl(path):
-        if error:
-            report.failed.append((f"line {number}", error))
-            bar.update(1)
-            continue
+        where = f"line {number}"
         try:
-            product = parse_record(raw)
-            if product.id in seen:
-                raise RecordError(f"id: {product.id!r} appears more than once (first one kept)")
-            seen.add(product.id)
-            image = await asyncio.to_thread(fetch_image, product.image_url, base)
+            if error:
+                raise RecordError(error)
+            if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"].strip():
+                raise RecordError("id: missing")
+            if raw["id"] in seen:
+                raise RecordError(f"id: {raw['id']!r} appears more than once (first one kept)")
+            seen.add(raw["id"])
+            if not isinstance(raw.get("image_url"), str) or not raw["image_url"]:
+                raise RecordError("image_url: missing")
+            image = await asyncio.to_thread(fetch_image, raw["image_url"], base)
         except (RecordError, OSError) as exc:
-            report.failed.append((f"line {number}", str(exc)))
+            report.failed.append((where, str(exc)))
             bar.update(1)
             continue
-        batch.append((product, image))
+        batch.append(IngestItem(raw, image, ref=where))
         if len(batch) >= indexer.batch_size:
             await flush()
     await flush()

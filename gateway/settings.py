@@ -64,6 +64,15 @@ class Settings(BaseSettings):
 
     # Ingestion
     index_batch_size: int = 32
+    ingest_batch_size: int = 64
+    ingest_claim_idle_ms: int = Field(30_000, description="pending this long: taken from its consumer")
+    ingest_max_tries: int = Field(5, description="deliveries before a failing event is dead-lettered")
+    worker_metrics_port: int = 9465
+    fetch_max_bytes: int = 10 << 20
+    fetch_timeout_s: float = 10.0
+    fetch_allowed_hosts: str = Field("", description="comma-separated; empty = any public host")
+    fetch_allow_private: bool = False
+    fetch_allow_loopback: bool = False
 
     @property
     def embedded_dir(self) -> Path:

@@ -48,7 +48,8 @@ def test_every_hit_satisfies_every_filter(client, catalog, products, filters):
         client.search_text("a garment", k=50, filters=filters),
         client.search_image(_image_bytes(catalog, products[3]), k=50, filters=filters),
     ):
-        assert len(resp.hits) == min(50, len(expected))
+        # >=: other tests add products to the shared index; none may be missing.
+        assert len(resp.hits) >= min(50, len(expected))
         for hit in resp.hits:
             assert reference.matches(hit.product), hit.product
 

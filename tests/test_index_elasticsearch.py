@@ -690,8 +690,11 @@ class IndexContract:
     def test_update_fields_keeps_the_vector_and_delete_removes(self, env):
         extra = Product("extra", "extra", "Kumo", "shirt", "men", "US", 12.5, "USD", ["M"], True, "")
         env.run(env.index.upsert(env.space, [(extra, "he", env.vectors[3])]))
-        assert env.run(env.index.update_fields(env.space, "extra", {"price": 20.0, "in_stock": False}))
-        assert not env.run(env.index.update_fields(env.space, "nobody", {"price": 1.0}))
+        assert (
+            env.run(env.index.update_fields(env.space, "extra", {"price": 20.0, "in_stock": False}))
+            == "applied"
+        )
+        assert env.run(env.index.update_fields(env.space, "nobody", {"price": 1.0})) == "missing"
         got = env.run(env.index.get(env.space, ["extra"]))["extra"]
         assert (got.product.price, got.product.in_stock, got.image_hash) == (20.0, False, "he")
         np.testing.assert_allclose(got.vector, env.vectors[3])

@@ -146,7 +146,7 @@ asyncio.run(EmbeddedIndex({str(tmp_path)!r}).upsert(EmbeddingSpace("clip", 1, 16
 
 def test_where_clause_quotes_every_value():
     clause = where_clause(build_filters(brands=["O'Neil", "x') OR 1=1 --"]))
-    assert clause == "brand IN ('O''Neil', 'x'') OR 1=1 --')"
+    assert clause == "deleted = false AND brand IN ('O''Neil', 'x'') OR 1=1 --')"
 
 
 def test_all_filter_combinations_build():
@@ -163,4 +163,34 @@ def test_all_filter_combinations_build():
     for r in range(len(keys) + 1):
         for combo in itertools.combinations(keys, r):
             clause = where_clause(build_filters(**{k: values[k] for k in combo}))
-            assert (clause is None) == (r == 0)
+            assert clause.startswith("deleted = false") and clause.count(" AND ") == r
+
+
+def test_events_apply_in_order_whatever_order_they_arrive_in(filled):
+    from gateway.index.embedded import wall_clock_seq
+
+    index, products, vectors = filled
+    p = products[0]
+    t0 = wall_clock_seq() + 10**9  # after the fixture's own (wall-clock ordered) writes
+
+    async def scenario():
+        await index.upsert(SPACE, [(p, "h", vectors[0], t0 + 100)])
+        assert await index.update_fields(SPACE, p.id, {"price": 7.0}, t0 + 300) == "applied"
+        assert await index.update_fields(SPACE, p.id, {"price": 5.0}, t0 + 200) == "stale"  # late, older
+        await index.upsert(
+            SPACE, [(Product(**{**p.to_dict(), "price": 1.0}), "h", vectors[0], t0 + 250)]
+        )  # older
+        assert (await index.get(SPACE, [p.id]))[p.id].product.price == 7.0
+        await index.delete(SPACE, [p.id], t0 + 400)
+        await index.upsert(
+            SPACE, [(p, "h", vectors[0], t0 + 350)]
+        )  # a replayed upsert from before the delete
+        assert await index.get(SPACE, [p.id]) == {}
+        assert await index.update_fields(SPACE, p.id, {"price": 9.0}, t0 + 500) == "missing"
+        _, hits = await index.search(vectors[0], SPACE, build_filters(), 5)
+        assert p.id not in [h.product.id for h in hits]
+        assert await index.count(SPACE) == 119
+        await index.upsert(SPACE, [(p, "h", vectors[0], t0 + 600)])  # re-listed later: back again
+        assert p.id in await index.get(SPACE, [p.id])
+
+    asyncio.run(scenario())

@@ -76,8 +76,35 @@ class CatalogIndex(ABC):
         """Create the physical index for a space if missing; return its name."""
 
     @abstractmethod
-    async def upsert(self, space: EmbeddingSpace, items: list[tuple[Product, str, np.ndarray]]) -> None:
-        """Insert or replace products (product, image content hash, vector) by id."""
+    async def upsert(self, space: EmbeddingSpace, items: list[tuple]) -> None:
+        """Insert or replace by id: items are (product, image content hash, vector[, event_seq]).
+        event_seq orders writes of one product (see gateway/ingest/events.py); a write older
+        than the stored one is skipped."""
+
+    @abstractmethod
+    async def update_fields(
+        self, space: EmbeddingSpace, product_id: str, fields: dict, event_seq: int | None = None
+    ) -> str:
+        """Metadata-only change (no vector sent): "applied", "missing" or "stale" (a newer
+        event already wrote this product)."""
+
+    @abstractmethod
+    async def delete(self, space: EmbeddingSpace, ids: list[str], event_seq: int | None = None) -> None:
+        """Remove products; an event older than the stored state changes nothing."""
+
+    async def apply_events(
+        self, space: EmbeddingSpace, events: list[tuple[str, str, int, dict]]
+    ) -> list[str]:
+        """Metadata updates and deletes as one write where the backend can: (kind, product id,
+        event_seq, fields) with kind "update" | "delete"; returns each one's outcome."""
+        out = []
+        for kind, pid, seq, fields in events:
+            if kind == "delete":
+                await self.delete(space, [pid], seq)
+                out.append("applied")
+            else:
+                out.append(await self.update_fields(space, pid, fields, seq))
+        return out
 
     @abstractmethod
     async def get(self, space: EmbeddingSpace, ids: list[str]) -> dict[str, StoredProduct]:

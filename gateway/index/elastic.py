@@ -49,7 +49,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 from elastic_transport import ConnectionError as TransportConnectionError
 from elastic_transport import ConnectionTimeout, TransportError
-from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, NotFoundError
+from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, ConflictError, NotFoundError
 from elasticsearch.helpers import async_streaming_bulk
 
 from gateway.catalog import Product
@@ -229,16 +229,34 @@ def product_source(product: Product, image_hash: str, vector: np.ndarray) -> dic
     }
 
 
-def bulk_actions(index: str, items: Iterable[tuple[Product, str, np.ndarray]]) -> list[dict]:
-    """`index` actions (insert or replace by id) for the bulk helper."""
+def _versioned(action: dict, event_seq: int | None) -> dict:
+    """Catalog events carry an order (event_seq): Elasticsearch's external versioning then
+    refuses a write older than the stored document, as the embedded backend's event_seq does.
+    `external_gte` keeps replays of the same event idempotent."""
+    if event_seq is not None:
+        action.update(version=int(event_seq), version_type="external_gte")
+    return action
+
+
+def bulk_actions(index: str, items: Iterable[tuple]) -> list[dict]:
+    """`index` actions (insert or replace by id) for the bulk helper; items are
+    (product, image_hash, vector[, event_seq])."""
     return [
-        {"_op_type": "index", "_index": index, "_id": product.id, "_source": product_source(product, h, v)}
-        for product, h, v in items
+        _versioned(
+            {
+                "_op_type": "index",
+                "_index": index,
+                "_id": item[0].id,
+                "_source": product_source(item[0], item[1], item[2]),
+            },
+            item[3] if len(item) > 3 else None,
+        )
+        for item in items
     ]
 
 
-def delete_actions(index: str, ids: Iterable[str]) -> list[dict]:
-    return [{"_op_type": "delete", "_index": index, "_id": pid} for pid in ids]
+def delete_actions(index: str, ids: Iterable[str], event_seq: int | None = None) -> list[dict]:
+    return [_versioned({"_op_type": "delete", "_index": index, "_id": pid}, event_seq) for pid in ids]
 
 
 UPDATABLE = frozenset(_FIELDS) - {"id"} | {"image_hash"}
@@ -559,34 +577,65 @@ class ElasticIndex(CatalogIndex):
             return
         name = await self.ensure(space)
         prepared = []
-        for product, image_hash, vector in items:
+        for item in items:
+            product, image_hash, vector = item[:3]
             if vector.shape != (space.dim,):
                 raise FailedPrecondition(f"vector for {product.id} is not {space.dim}-d")
-            prepared.append((product, image_hash, unit(vector)))
+            prepared.append((product, image_hash, unit(vector), *item[3:4]))
         try:
-            await self._bulk(f"index into {name}", bulk_actions(name, prepared))
+            # 409: a newer event already wrote that product (external versioning).
+            await self._bulk(f"index into {name}", bulk_actions(name, prepared), ok_statuses=(409,))
         except Unavailable:
             self._forget(name)
             raise
 
-    async def update_fields(self, space: EmbeddingSpace, product_id: str, fields: dict) -> bool:
-        """Change some fields of one stored product; False when it is not there."""
+    async def update_fields(
+        self, space: EmbeddingSpace, product_id: str, fields: dict, event_seq: int | None = None
+    ) -> str:
+        """Change some fields of one stored product: "applied", "missing" or "stale"."""
         body = update_body(fields)
         name = await self.ensure(space, make_current_if_none=False)
+        if event_seq is None:
+            try:
+                await self._call(
+                    f"update {product_id} in {name}",
+                    self._client().update(index=name, id=product_id, doc=body["doc"], retry_on_conflict=3),
+                )
+            except NotFoundError:
+                return "missing"
+            return "applied"
+        # Ordered update: _update cannot take an external version, so read, merge and write
+        # the whole document back under the event's version (the vector is only re-sent, never
+        # recomputed).
+        try:
+            doc = await self._call(
+                f"read {product_id} from {name}", self._client().get(index=name, id=product_id)
+            )
+        except NotFoundError:
+            return "missing"
+        if int(doc["_version"]) > int(event_seq):
+            return "stale"
+        source = {**doc["_source"], **body["doc"]}
         try:
             await self._call(
                 f"update {product_id} in {name}",
-                self._client().update(index=name, id=product_id, doc=body["doc"], retry_on_conflict=3),
+                self._client().index(
+                    index=name,
+                    id=product_id,
+                    document=source,
+                    version=int(event_seq),
+                    version_type="external_gte",
+                ),
             )
-        except NotFoundError:
-            return False
-        return True
+        except ConflictError:
+            return "stale"
+        return "applied"
 
-    async def delete(self, space: EmbeddingSpace, ids: list[str]) -> None:
+    async def delete(self, space: EmbeddingSpace, ids: list[str], event_seq: int | None = None) -> None:
         if not ids:
             return
         name = await self.ensure(space, make_current_if_none=False)
-        await self._bulk(f"delete from {name}", delete_actions(name, ids), ok_statuses=(404,))
+        await self._bulk(f"delete from {name}", delete_actions(name, ids, event_seq), ok_statuses=(404, 409))
 
     async def get(self, space, ids):
         if not ids:

@@ -36,8 +36,17 @@ from gateway.index.base import (
     StoredProduct,
     check_query,
 )
+from gateway.index.lww import Op
+from gateway.index.lww import apply as lww_apply
 
 MANIFEST = "manifest.json"
+
+
+def wall_clock_seq() -> int:
+    """An event_seq for writes that do not come from the queue, comparable with stream ids."""
+    return int(time.time() * 1000) * 1_000_000
+
+
 _FIELDS = [f for f in Product.__dataclass_fields__]
 
 
@@ -56,6 +65,17 @@ def _schema(dim: int) -> pa.Schema:
             ("in_stock", pa.bool_()),
             ("image_url", pa.string()),
             ("image_hash", pa.string()),
+            # Event ordering (gateway/index/lww.py): the seq of the event that set each field,
+            # so replays and out-of-order deliveries cannot regress a product.
+            ("field_seqs", pa.string()),
+            ("event_seq", pa.int64()),
+            # Deletes leave a tombstone so a late, older upsert cannot bring a product back;
+            # searches never see tombstones.
+            ("deleted", pa.bool_()),
+            ("deleted_seq", pa.int64()),
+            # Optimistic concurrency between writer processes: a write applies only on top of
+            # the row version it was computed from, else it is recomputed.
+            ("row_version", pa.int64()),
             ("vector", pa.list_(pa.float32(), dim)),
         ]
     )
@@ -65,9 +85,9 @@ def _quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def where_clause(f: SearchFilters) -> str | None:
+def where_clause(f: SearchFilters) -> str:
     """The filters as a LanceDB (DataFusion SQL) predicate, every value quoted."""
-    parts = []
+    parts = ["deleted = false"]
     if f.categories:
         parts.append(f"category IN ({', '.join(map(_quote, f.categories))})")
     if f.genders():
@@ -84,7 +104,7 @@ def where_clause(f: SearchFilters) -> str | None:
         parts.append(f"price <= {f.max_price!r}")
     if f.in_stock_only:
         parts.append("in_stock = true")
-    return " AND ".join(parts) or None
+    return " AND ".join(parts)
 
 
 def _row_product(row: dict) -> Product:
@@ -185,11 +205,12 @@ class EmbeddedIndex(CatalogIndex):
         check_query(vector, space, index_space)
         table = await self._table(target)
         query = (
-            table.query().nearest_to(np.asarray(vector, dtype=np.float32)).distance_type("cosine").limit(k)
+            table.query()
+            .nearest_to(np.asarray(vector, dtype=np.float32))
+            .distance_type("cosine")
+            .where(where_clause(filters))
+            .limit(k)
         )
-        where = where_clause(filters)
-        if where:
-            query = query.where(where)
         rows = (await query.to_arrow()).to_pylist()
         hits = []
         for row in rows:
@@ -224,46 +245,112 @@ class EmbeddedIndex(CatalogIndex):
         return name
 
     async def upsert(self, space, items):
-        if not items:
-            return
-        table = await self._table(await self.ensure(space))
-        columns: dict[str, list] = {f: [] for f in _FIELDS}
-        hashes, vectors = [], []
-        for product, image_hash, vector in items:
-            for f in _FIELDS:
-                columns[f].append(getattr(product, f))
-            hashes.append(image_hash)
+        """items: (product, image_hash, vector[, event_seq]); without an event_seq the write
+        is ordered by wall-clock time (bulk indexing)."""
+        ops = []
+        for item in items:
+            product, image_hash, vector = item[:3]
             if vector.shape != (space.dim,):
                 raise FailedPrecondition(f"vector for {product.id} is not {space.dim}-d")
-            vectors.append(vector.astype(np.float32))
-        flat = pa.array(np.concatenate(vectors), type=pa.float32())
-        columns["image_hash"] = hashes
-        columns["vector"] = pa.FixedSizeListArray.from_arrays(flat, space.dim)
-        batch = pa.table(columns, schema=_schema(space.dim))
-        await table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(batch)
+            seq = item[3] if len(item) > 3 and item[3] is not None else wall_clock_seq()
+            fields = {**product.to_dict(), "image_hash": image_hash, "vector": np.asarray(vector, np.float32)}
+            fields.pop("id")
+            ops.append(Op("upsert", product.id, seq, fields))
+        await self.apply_ops(space, ops)
 
-    async def get(self, space, ids):
-        if not ids:
-            return {}
+    async def delete(self, space: EmbeddingSpace, ids: list[str], event_seq: int | None = None) -> None:
+        seq = wall_clock_seq() if event_seq is None else event_seq
+        await self.apply_ops(space, [Op("delete", pid, seq) for pid in ids])
+
+    async def update_fields(
+        self, space: EmbeddingSpace, product_id: str, fields: dict, event_seq: int | None = None
+    ) -> str:
+        """Metadata-only change, never touching the vector: "applied", "missing" or "stale"."""
+        seq = wall_clock_seq() if event_seq is None else event_seq
+        return (await self.apply_ops(space, [Op("update", product_id, seq, dict(fields))]))[0]
+
+    async def apply_events(self, space, events):
+        return await self.apply_ops(
+            space, [Op(kind, pid, seq, dict(fields or {})) for kind, pid, seq, fields in events]
+        )
+
+    async def apply_ops(self, space: EmbeddingSpace, ops: list[Op], attempts: int = 8) -> list[str]:
+        """Apply operations (several per product allowed) in one write; returns the outcome of
+        each op. Concurrent writers: a row changed underneath is re-read and the ops
+        re-applied, which is safe because they are idempotent and order-free."""
+        if not ops:
+            return []
+        table = await self._table(await self.ensure(space))
+        ids = list(dict.fromkeys(op.product_id for op in ops))
+        for _ in range(attempts):
+            stored = await self._rows(space, ids)
+            rows: dict[str, dict] = {}
+            outcomes: list[str] = []
+            for op in ops:
+                current = rows.get(op.product_id, stored.get(op.product_id))
+                new, outcome = lww_apply(current, op)
+                outcomes.append(outcome)
+                if new is not None:
+                    rows[op.product_id] = new
+            if not rows:
+                return outcomes
+            batch = self._batch(
+                space,
+                [
+                    {**r, "row_version": (stored[r["id"]]["row_version"] + 1) if r["id"] in stored else 1}
+                    for r in rows.values()
+                ],
+            )
+            result = await (
+                table.merge_insert("id")
+                .when_matched_update_all(where="target.row_version = source.row_version - 1")
+                .when_not_matched_insert_all()
+                .execute(batch)
+            )
+            if result.num_updated_rows + result.num_inserted_rows == len(rows):
+                return outcomes
+        raise Unavailable(f"index {space.index_name}: too many concurrent writers for the same products")
+
+    def _batch(self, space: EmbeddingSpace, rows: list[dict]) -> pa.Table:
+        blank = {f: "" for f in _FIELDS} | {"price": 0.0, "sizes": [], "in_stock": False, "image_hash": ""}
+        full = []
+        for r in rows:
+            row = {**blank, **r}
+            row["field_seqs"] = json.dumps(r.get("field_seqs", {}), sort_keys=True)
+            if row.get("vector") is None or isinstance(row.get("vector"), str):
+                row["vector"] = np.zeros(space.dim, np.float32)
+            full.append(row)
+        schema = _schema(space.dim)
+        columns = {name: [r[name] for r in full] for name in schema.names if name != "vector"}
+        flat = pa.array(
+            np.concatenate([np.asarray(r["vector"], np.float32) for r in full]), type=pa.float32()
+        )
+        columns["vector"] = pa.FixedSizeListArray.from_arrays(flat, space.dim)
+        return pa.table(columns, schema=schema)
+
+    async def _rows(self, space: EmbeddingSpace, ids: list[str]) -> dict[str, dict]:
         table = await self._table(await self.ensure(space, make_current_if_none=False))
         found = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            rows = await (
-                table.query()
-                .where(f"id IN ({', '.join(map(_quote, chunk))})")
-                .select([*_FIELDS, "image_hash", "vector"])
-                .to_arrow()
-            )
+            rows = await table.query().where(f"id IN ({', '.join(map(_quote, chunk))})").to_arrow()
             for row in rows.to_pylist():
-                found[row["id"]] = StoredProduct(
-                    _row_product(row), row["image_hash"], np.asarray(row["vector"], dtype=np.float32)
-                )
+                row["vector"] = np.asarray(row["vector"], dtype=np.float32)
+                row["field_seqs"] = json.loads(row["field_seqs"] or "{}")
+                found[row["id"]] = row
         return found
+
+    async def get(self, space, ids):
+        rows = await self._rows(space, ids) if ids else {}
+        return {
+            pid: StoredProduct(_row_product(row), row["image_hash"], row["vector"])
+            for pid, row in rows.items()
+            if not row["deleted"]
+        }
 
     async def count(self, space):
         table = await self._table(await self.ensure(space, make_current_if_none=False))
-        return await table.count_rows()
+        return await table.count_rows("deleted = false")
 
     async def close(self):
         self._tables.clear()

@@ -102,10 +102,15 @@ class ZeroShot:
                 "category": sorted(CATEGORIES),
                 "colour": list(COLOURS),
                 "pattern": list(PATTERNS),
+                "gender": ["women", "men", "unisex"],
             }
             texts = [f"a photo of a {c}" for c in groups["category"]]
             texts += [f"a photo of a {c} garment" for c in groups["colour"]]
             texts += [f"a photo of a {p} garment" for p in groups["pattern"]]
+            texts += [
+                f"a photo of {g}'s clothing" if g != "unisex" else "a photo of unisex clothing"
+                for g in groups["gender"]
+            ]
             emb, _ = await self.embedder.embed_texts(space.model, space.version, texts, timeout_s)
             out, start = {}, 0
             for name, labels in groups.items():

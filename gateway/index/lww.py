@@ -1,0 +1,85 @@
+"""Per-field last-writer-wins for catalog events, so that the order events arrive in never
+matters: each stored field remembers the position (event_seq) of the event that set it.
+
+- upsert(seq):  sets every field whose stored seq is older; a tombstone newer than the upsert
+                wins; an upsert newer than the tombstone brings the product back, fresh.
+- update(seq):  sets the given fields where their stored seq is older; a product that is not
+                there (or deleted) is "missing".
+- delete(seq):  applies when no upsert newer than it has been seen; leaves a tombstone.
+
+Replaying any event gives the same state (idempotent); any interleaving of the same events
+gives the same final state (commutative) — which is what at-least-once delivery and several
+workers need. Pure functions on plain dicts; the index backends store the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IMAGE = "image"  # the image hash and vector travel together, under one seq
+
+
+@dataclass
+class Op:
+    kind: str  # "upsert" | "update" | "delete"
+    product_id: str
+    seq: int
+    fields: dict = field(default_factory=dict)  # upsert: every field, + image_hash, vector
+
+
+def apply(row: dict | None, op: Op) -> tuple[dict | None, str]:
+    """The new row (None: unchanged) and the outcome: applied | stale | missing."""
+    seqs = dict(row["field_seqs"]) if row else {}
+    if op.kind == "upsert":
+        if row is not None and row["deleted"]:
+            if row["deleted_seq"] >= op.seq:
+                return None, "stale"
+            row, seqs = None, {}  # re-listed after a delete: start over
+        new = dict(row) if row else {"id": op.product_id, "deleted": False, "deleted_seq": 0}
+        changed = False
+        for name, value in op.fields.items():
+            key = IMAGE if name in ("image_hash", "vector") else name
+            if seqs.get(key, -1) < op.seq:
+                new[name] = value
+                changed = True
+        for name in op.fields:
+            key = IMAGE if name in ("image_hash", "vector") else name
+            seqs[key] = max(seqs.get(key, -1), op.seq)
+        if not changed and row is not None:
+            return None, "stale"
+        new["field_seqs"] = seqs
+        new["event_seq"] = max(seqs.values())
+        return new, "applied"
+    if row is None or row["deleted"]:
+        if op.kind == "delete":
+            tomb = {
+                "id": op.product_id,
+                "deleted": True,
+                "deleted_seq": op.seq,
+                "field_seqs": {},
+                "event_seq": op.seq,
+            }
+            if row is not None and row["deleted_seq"] >= op.seq:
+                return None, "stale"
+            return tomb, "applied"
+        return None, "missing"
+    if op.kind == "delete":
+        if seqs.get(IMAGE, -1) > op.seq:
+            return None, "stale"  # re-listed by an upsert after this delete
+        return {
+            **row,
+            "deleted": True,
+            "deleted_seq": op.seq,
+            "event_seq": max(row["event_seq"], op.seq),
+        }, "applied"
+    new, changed = dict(row), False
+    for name, value in op.fields.items():
+        if seqs.get(name, -1) < op.seq:
+            new[name] = value
+            seqs[name] = op.seq
+            changed = True
+    if not changed:
+        return None, "stale"
+    new["field_seqs"] = seqs
+    new["event_seq"] = max(seqs.values())
+    return new, "applied"

@@ -1,0 +1,1 @@
+"""Catalog ingestion: Redis Streams events -> enrich -> embed (Triton) -> index (worker.py)."""

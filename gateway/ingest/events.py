@@ -1,0 +1,124 @@
+"""Catalog events (DESIGN.md "Catalog events"): parsing, validation and ordering.
+
+Each Redis stream id ("<ms>-<seq>") becomes an integer `event_seq` that orders writes of one
+product in the index, so a replayed or late event never overwrites a newer state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from gateway.taxonomy import GENDERS, is_market
+
+STREAM = "catalog-updates"
+DEAD_LETTERS = "catalog-updates:dead"
+GROUP = "looksync-ingest"
+SCHEMA = 1
+TYPES = ("product.upsert", "product.update", "product.delete")
+# Fields a metadata-only update may change. A new image is a product.upsert.
+UPDATABLE = ("title", "brand", "category", "gender", "market", "price", "currency", "sizes", "in_stock")
+
+
+class PoisonEvent(ValueError):
+    """An event that can never be applied; it goes to the dead-letter stream with this reason."""
+
+
+@dataclass
+class Event:
+    stream_id: str
+    seq: int
+    type: str
+    product_id: str
+    record: dict | None = None  # product.upsert
+    fields: dict | None = None  # product.update
+
+
+def stream_seq(stream_id: str) -> int:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms) * 1_000_000 + int(seq or 0)
+
+
+def _check_field(name: str, value):
+    if name == "price":
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise PoisonEvent(f"fields.price: {value!r} is not a non-negative number")
+        return float(value)
+    if name == "in_stock":
+        if not isinstance(value, bool):
+            raise PoisonEvent(f"fields.in_stock: expected true or false, got {value!r}")
+        return value
+    if name == "sizes":
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise PoisonEvent("fields.sizes: expected a list of strings")
+        return [s.strip() for s in value if s.strip()]
+    if not isinstance(value, str) or not value.strip():
+        raise PoisonEvent(f"fields.{name}: expected a non-empty string")
+    value = value.strip()
+    if name == "gender" and value.lower() not in GENDERS:
+        raise PoisonEvent(f"fields.gender: {value!r} is not one of {', '.join(GENDERS)}")
+    if name == "market" and not is_market(value.upper()):
+        raise PoisonEvent(f"fields.market: {value!r} is not an ISO 3166 alpha-2 code")
+    return value.lower() if name == "gender" else value.upper() if name in ("market", "currency") else value
+
+
+def parse_event(stream_id: str, entry: dict) -> Event:
+    """Validate one stream entry ({"event": "<json>"}); raises PoisonEvent with the reason."""
+    raw = entry.get("event") if isinstance(entry, dict) else None
+    if raw is None:
+        raise PoisonEvent("entry has no 'event' field")
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PoisonEvent(f"event is not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise PoisonEvent("event is not a JSON object")
+    if doc.get("schema") != SCHEMA:
+        raise PoisonEvent(f"schema: {doc.get('schema')!r} is not supported (expected {SCHEMA})")
+    kind = doc.get("type")
+    if kind not in TYPES:
+        raise PoisonEvent(f"type: {kind!r} is not one of {', '.join(TYPES)}")
+    seq = stream_seq(stream_id)
+    if kind == "product.upsert":
+        record = doc.get("product")
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str) or not record["id"].strip():
+            raise PoisonEvent("product: missing, or without an id")
+        if not isinstance(record.get("image_url"), str) or not record["image_url"].strip():
+            raise PoisonEvent("product.image_url: missing")
+        return Event(stream_id, seq, kind, record["id"].strip(), record=record)
+    pid = doc.get("id")
+    if not isinstance(pid, str) or not pid.strip():
+        raise PoisonEvent("id: missing")
+    if kind == "product.delete":
+        return Event(stream_id, seq, kind, pid.strip())
+    fields = doc.get("fields")
+    if not isinstance(fields, dict) or not fields:
+        raise PoisonEvent("fields: missing or empty")
+    unknown = sorted(set(fields) - set(UPDATABLE))
+    if unknown:
+        raise PoisonEvent(f"fields: {', '.join(unknown)} cannot be updated (a new image is a product.upsert)")
+    return Event(stream_id, seq, kind, pid.strip(), fields={k: _check_field(k, v) for k, v in fields.items()})
+
+
+def upsert_event(record: dict) -> dict:
+    return {"schema": SCHEMA, "type": "product.upsert", "product": record}
+
+
+def update_event(product_id: str, fields: dict) -> dict:
+    return {"schema": SCHEMA, "type": "product.update", "id": product_id, "fields": fields}
+
+
+def delete_event(product_id: str) -> dict:
+    return {"schema": SCHEMA, "type": "product.delete", "id": product_id}
+
+
+async def publish(redis, event: dict, stream: str = STREAM) -> str:
+    """The producer library: append one event; returns its stream id."""
+    stream_id = await redis.xadd(stream, {"event": json.dumps(event)})
+    return stream_id.decode() if isinstance(stream_id, bytes) else stream_id

@@ -1,0 +1,571 @@
+"""Catalog ingestion against a real Redis, a real Triton and the on-disk index."""
+
+import asyncio
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis as redis_sync
+
+from gateway.index.base import EmbeddingSpace
+from gateway.index.embedded import EmbeddedIndex
+from gateway.index.lww import Op
+from gateway.index.lww import apply as lww_apply
+from gateway.ingest.enrich import standardise, vendor_category, vendor_gender, zero_shot_fill
+from gateway.ingest.events import DEAD_LETTERS, GROUP, STREAM, PoisonEvent, parse_event
+from gateway.ingest.fetch import FetchError, FetchPolicy, fetch_sync
+from tests.conftest import REPO, free_port, looksync_env
+
+SPACE = EmbeddingSpace("clip", 1, 64)
+
+
+# --- pure parts -----------------------------------------------------------------------------
+
+
+def test_any_arrival_order_of_events_gives_the_same_state():
+    vec = np.ones(2, np.float32)
+    base = {"title": "t", "price": 1.0, "in_stock": True, "image_hash": "h1", "vector": vec}
+    events = [
+        Op("upsert", "p", 10, dict(base)),
+        Op("update", "p", 20, {"price": 2.0}),
+        Op("upsert", "p", 30, {**base, "title": "t2", "image_hash": "h2"}),
+        Op("update", "p", 40, {"in_stock": False}),
+        Op("delete", "p", 50),
+        Op("upsert", "p", 60, {**base, "title": "t3"}),
+        Op("update", "p", 70, {"price": 7.0}),
+    ]
+
+    def final(order):
+        row = None
+        for op in order:
+            new, _ = lww_apply(row, op)
+            row = new if new is not None else row
+        return row
+
+    for cut in range(1, len(events) + 1):
+        prefix = events[:cut]
+        expected = final(prefix)
+        for order in itertools.permutations(prefix):
+            got = final(list(order) + list(order))  # replays too
+            if expected is None or expected["deleted"]:
+                assert got is None or got["deleted"], (cut, order)
+            else:
+                keys = ("title", "price", "in_stock", "image_hash", "deleted")
+                assert {k: got[k] for k in keys} == {k: expected[k] for k in keys}, (cut, order)
+
+
+@pytest.mark.parametrize(
+    "word, standard",
+    [
+        ("T-Shirts", "t-shirt"),
+        ("  KLEID ", "dress"),
+        ("Jupe", "skirt"),
+        ("Sac à dos", "backpack"),
+        ("sac a dos", "backpack"),
+        ("Zapatillas", "sneakers"),
+        ("trench coat", "coat"),
+        ("jeans", "jeans"),
+    ],
+)
+def test_vendor_categories_map_case_and_accent_insensitively(word, standard):
+    assert vendor_category(word) == standard
+
+
+def test_vendor_genders_and_unknown_values():
+    assert [vendor_gender(w) for w in ("Damen", "HOMMES", "Unisex", "ladies", "robots", "", None)] == [
+        "women",
+        "men",
+        "unisex",
+        "women",
+        None,
+        None,
+        None,
+    ]
+    record, sources = standardise({"category": "Spacesuit", "gender": "Herren"})
+    assert record["gender"] == "men" and sources == {"category": "missing", "gender": "vendor"}
+
+
+def test_zero_shot_decides_what_the_vendor_left_unknown():
+    record, sources = standardise({"category": "mystery", "gender": ""})
+    labels = ["dress", "jeans"]
+    prompts = {
+        "category": (labels, np.eye(2, dtype=np.float32)),
+        "gender": (["women", "men", "unisex"], np.eye(3, 2, dtype=np.float32)),
+    }
+    zero_shot_fill(record, sources, np.array([0.1, 0.9], np.float32), prompts)
+    assert (record["category"], record["gender"]) == ("jeans", "men")
+    assert sources == {"category": "zero_shot", "gender": "zero_shot"}
+
+
+@pytest.mark.parametrize(
+    "entry, reason",
+    [
+        ({}, "no 'event' field"),
+        ({"event": "{nope"}, "not JSON"),
+        ({"event": json.dumps({"schema": 2, "type": "product.delete", "id": "x"})}, "schema: 2"),
+        (
+            {"event": json.dumps({"schema": 1, "type": "product.explode", "id": "x"})},
+            "type: 'product.explode'",
+        ),
+        (
+            {
+                "event": json.dumps(
+                    {"schema": 1, "type": "product.update", "id": "x", "fields": {"price": -3}}
+                )
+            },
+            "fields.price",
+        ),
+        (
+            {
+                "event": json.dumps(
+                    {"schema": 1, "type": "product.update", "id": "x", "fields": {"image_url": "y"}}
+                )
+            },
+            "image_url cannot be updated",
+        ),
+        (
+            {"event": json.dumps({"schema": 1, "type": "product.upsert", "product": {"title": "no id"}})},
+            "without an id",
+        ),
+    ],
+)
+def test_invalid_events_are_poison_with_a_reason(entry, reason):
+    with pytest.raises(PoisonEvent, match=reason):
+        parse_event("1-0", entry)
+
+
+# --- the fetcher ----------------------------------------------------------------------------
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/redirect-private":
+            self.send_response(302)
+            self.send_header("Location", "http://10.1.2.3/internal.jpg")
+            self.end_headers()
+        elif self.path == "/redirect-metadata":
+            self.send_response(301)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+        elif self.path == "/huge.jpg":
+            body = b"\xff" * (3 << 20)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path == "/page.jpg":
+            self._send(b"<html>hi</html>", "text/html")
+        elif self.path == "/garbage.jpg":
+            self._send(b"\x00\x01" * 500, "image/jpeg")
+        else:
+            super().do_GET()
+
+    def _send(self, body, ctype):
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def image_server(catalog):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(catalog.parent)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+LOCAL = FetchPolicy(allow_loopback=True, max_bytes=1 << 20, timeout_s=5)
+
+
+def test_fetcher_reads_a_real_image(image_server):
+    assert fetch_sync(f"{image_server}/images/p00001.jpg", LOCAL)[:2] == b"\xff\xd8"
+
+
+@pytest.mark.parametrize(
+    "url, policy, reason",
+    [
+        ("file:///etc/passwd", LOCAL, "forbidden_scheme"),
+        ("ftp://example.com/a.jpg", LOCAL, "forbidden_scheme"),
+        ("http://169.254.169.254/latest/meta-data/", LOCAL, "forbidden_address"),
+        ("http://10.0.0.8/a.jpg", LOCAL, "forbidden_address"),
+        ("http://[::1]:1/a.jpg", FetchPolicy(), "forbidden_address"),
+        ("{server}/images/p00001.jpg", FetchPolicy(), "forbidden_address"),  # loopback not allowed by default
+        ("{server}/redirect-private", LOCAL, "forbidden_address"),
+        ("{server}/redirect-metadata", LOCAL, "forbidden_address"),
+        ("{server}/huge.jpg", LOCAL, "too_large"),
+        ("{server}/page.jpg", LOCAL, "not_image"),
+        ("{server}/garbage.jpg", LOCAL, "not_image"),
+        (
+            "{server}/images/p00001.jpg",
+            FetchPolicy(allow_loopback=True, allowed_hosts=("cdn.example.com",)),
+            "forbidden_host",
+        ),
+    ],
+)
+def test_fetcher_refuses_what_a_vendor_feed_must_not_reach(image_server, url, policy, reason):
+    with pytest.raises(FetchError) as err:
+        fetch_sync(url.format(server=image_server), policy)
+    assert err.value.reason == reason
+
+
+# --- the worker -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis_sync.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis_sync.ConnectionError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture()
+def stream(redis_url):
+    client = redis_sync.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+def _worker(env, log: Path, name: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "clients.cli", "ingest-worker", "--consumer", name],
+        env=env,
+        cwd=REPO,
+        stdout=open(log, "a"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _drained(client) -> bool:
+    if not client.exists(STREAM):
+        return False
+    groups = client.xinfo_groups(STREAM)
+    return bool(groups) and groups[0]["lag"] == 0 and groups[0]["pending"] == 0
+
+
+def _wait_drained(client, timeout_s=120):
+    deadline = time.monotonic() + timeout_s
+    while not _drained(client):
+        assert time.monotonic() < deadline, (
+            client.xinfo_groups(STREAM) if client.exists(STREAM) else "no stream"
+        )
+        time.sleep(0.2)
+
+
+def _publish(client, events):
+    for event in events:
+        client.xadd(STREAM, {"event": json.dumps(event)})
+
+
+def _index_state(data_dir: Path, ids) -> dict:
+    async def read():
+        index = EmbeddedIndex(data_dir / "index", refresh_s=0)
+        return await index.get(SPACE, sorted(ids))
+
+    return {pid: s.product for pid, s in asyncio.run(read()).items()}
+
+
+def _record(catalog, products, n, image_server, **changes):
+    p = products[n]
+    rec = {**p.to_dict(), "image_url": f"{image_server}/{p.image_url}"}
+    rec.update(changes)
+    return rec
+
+
+def _env(triton, tmp_path, redis_url, **extra):
+    return looksync_env(
+        triton,
+        tmp_path / "data",
+        LOOKSYNC_REDIS_URL=redis_url,
+        LOOKSYNC_FETCH_ALLOW_LOOPBACK="true",
+        LOOKSYNC_INGEST_CLAIM_IDLE_MS="300",
+        LOOKSYNC_WORKER_METRICS_PORT="0",
+        **extra,
+    )
+
+
+def _fold(events):
+    """The expected index: events applied one by one, in stream order."""
+    state = {}
+    for e in events:
+        if e["type"] == "product.upsert":
+            state[e["product"]["id"]] = dict(e["product"])
+        elif e["type"] == "product.update" and e["id"] in state:
+            state[e["id"]].update(e["fields"])
+        elif e["type"] == "product.delete":
+            state.pop(e["id"], None)
+    return state
+
+
+def _assert_matches(got: dict, expected: dict):
+    assert sorted(got) == sorted(expected)
+    for pid, rec in expected.items():
+        p = got[pid]
+        assert (p.title, p.price, p.in_stock, p.brand) == (
+            rec["title"],
+            rec["price"],
+            rec["in_stock"],
+            rec["brand"],
+        ), pid
+
+
+def test_mixed_stream_yields_the_expected_index(
+    triton, catalog, products, image_server, stream, redis_url, tmp_path
+):
+    def up(n, **c):
+        return {
+            "schema": 1,
+            "type": "product.upsert",
+            "product": _record(catalog, products, n, image_server, **c),
+        }
+
+    events = [up(n) for n in range(12)]
+    events[3]["product"]["category"] = "Kleid"  # vendor vocabulary: standardised to dress
+    events[3]["product"]["gender"] = "Damen"
+    events += [
+        {"schema": 1, "type": "product.update", "id": "p00001", "fields": {"price": 11.5, "in_stock": False}},
+        {"schema": 1, "type": "product.delete", "id": "p00002"},
+        up(4, title="Renamed item", price=99.0),
+        {"schema": 1, "type": "product.update", "id": "p00004", "fields": {"title": "Renamed again"}},
+        {"schema": 1, "type": "product.delete", "id": "p00005"},
+        up(5, title="Back again"),
+    ]
+    _publish(stream, events)
+    worker = _worker(_env(triton, tmp_path, redis_url), tmp_path / "worker.log", "w1")
+    try:
+        _wait_drained(stream)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+    expected = _fold(events)
+    got = _index_state(tmp_path / "data", {f"p{n:05d}" for n in range(12)})
+    _assert_matches(got, expected)
+    assert got["p00003"].category == "dress" and got["p00003"].gender == "women"
+    assert stream.hgetall("looksync:attrs:p00003")[b"category_source"] == b"vendor"
+    assert stream.xlen(DEAD_LETTERS) == 0
+
+
+def test_metadata_updates_never_call_the_image_model(
+    triton, catalog, products, image_server, stream, redis_url, tmp_path
+):
+    import tritonclient.grpc as grpcclient
+
+    tc = grpcclient.InferenceServerClient(f"127.0.0.1:{triton.grpc_port}")
+
+    def image_inferences():
+        return int(
+            tc.get_inference_statistics("clip_image", as_json=True)["model_stats"][0].get(
+                "inference_count", 0
+            )
+        )
+
+    env = _env(triton, tmp_path, redis_url)
+    worker = _worker(env, tmp_path / "worker.log", "w-meta")
+    try:
+        _publish(
+            stream,
+            [
+                {
+                    "schema": 1,
+                    "type": "product.upsert",
+                    "product": _record(catalog, products, n, image_server),
+                }
+                for n in range(20, 26)
+            ],
+        )
+        _wait_drained(stream)
+        before = image_inferences()
+        _publish(
+            stream,
+            [
+                {"schema": 1, "type": "product.update", "id": f"p{n:05d}", "fields": {"price": 1.0 + n}}
+                for n in range(20, 26)
+            ],
+        )
+        # An upsert whose image is unchanged is metadata-only too.
+        _publish(
+            stream,
+            [
+                {
+                    "schema": 1,
+                    "type": "product.upsert",
+                    "product": _record(catalog, products, 20, image_server, title="New title"),
+                }
+            ],
+        )
+        _wait_drained(stream)
+        assert image_inferences() == before
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+    got = _index_state(tmp_path / "data", {f"p{n:05d}" for n in range(20, 26)})
+    assert got["p00021"].price == 22.0 and got["p00020"].title == "New title"
+
+
+def test_poison_messages_are_dead_lettered_and_the_stream_keeps_flowing(
+    triton, catalog, products, image_server, stream, redis_url, tmp_path
+):
+    stream.xadd(STREAM, {"event": "{not json"})
+    stream.xadd(STREAM, {"wrong": "field"})
+    _publish(
+        stream,
+        [
+            {"schema": 9, "type": "product.delete", "id": "x"},
+            {
+                "schema": 1,
+                "type": "product.upsert",
+                "product": _record(
+                    catalog, products, 30, image_server, image_url=f"{image_server}/missing.jpg", id="broken"
+                ),
+            },
+            {
+                "schema": 1,
+                "type": "product.upsert",
+                "product": _record(
+                    catalog, products, 31, image_server, image_url=f"{image_server}/page.jpg", id="html"
+                ),
+            },
+            {
+                "schema": 1,
+                "type": "product.upsert",
+                "product": _record(catalog, products, 32, image_server, price="free"),
+            },
+            {"schema": 1, "type": "product.update", "id": "never-existed", "fields": {"price": 3.0}},
+            {"schema": 1, "type": "product.upsert", "product": _record(catalog, products, 33, image_server)},
+        ],
+    )
+    worker = _worker(
+        _env(triton, tmp_path, redis_url, LOOKSYNC_INGEST_MAX_TRIES="2"), tmp_path / "worker.log", "w-poison"
+    )
+    try:
+        _wait_drained(stream)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+    dead = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in stream.xrange(DEAD_LETTERS)]
+    reasons = " | ".join(d["reason"] for d in dead)
+    assert len(dead) == 7, reasons
+    for needle in (
+        "not JSON",
+        "no 'event' field",
+        "schema: 9",
+        "HTTP 404",
+        "content type 'text/html'",
+        "price: 'free'",
+        "'never-existed' is not in the index",
+    ):
+        assert needle in reasons, needle
+    assert set(_index_state(tmp_path / "data", {"p00033", "broken", "html", "p00032"})) == {"p00033"}
+
+
+def test_worker_killed_at_random_points_loses_and_duplicates_nothing(
+    triton, catalog, products, image_server, stream, redis_url, tmp_path
+):
+    rng = random.Random(1234)
+    ids = list(range(60, 200))
+    state: dict[str, dict] = {}
+    events = []
+    for n in ids[:100]:
+        events.append(
+            {"schema": 1, "type": "product.upsert", "product": _record(catalog, products, n, image_server)}
+        )
+        state[f"p{n:05d}"] = events[-1]["product"]
+    while len(events) < 2100:
+        roll = rng.random()
+        if roll < 0.75 and state:
+            pid = rng.choice(sorted(state))
+            fields = rng.choice(
+                [
+                    {"price": round(rng.uniform(1, 500), 2)},
+                    {"in_stock": rng.random() < 0.5},
+                    {"title": f"Title {len(events)}"},
+                    {"price": 5.0, "in_stock": True},
+                ]
+            )
+            events.append({"schema": 1, "type": "product.update", "id": pid, "fields": fields})
+        elif roll < 0.85 and state:
+            pid = rng.choice(sorted(state))
+            events.append({"schema": 1, "type": "product.delete", "id": pid})
+            state.pop(pid)
+        else:
+            n = rng.choice(ids)
+            events.append(
+                {
+                    "schema": 1,
+                    "type": "product.upsert",
+                    "product": _record(catalog, products, n, image_server, title=f"Upsert {len(events)}"),
+                }
+            )
+            state[f"p{n:05d}"] = events[-1]["product"]
+    _publish(stream, events)
+    env = _env(triton, tmp_path, redis_url, LOOKSYNC_INGEST_MAX_TRIES="1000", LOOKSYNC_INGEST_BATCH_SIZE="50")
+    kills = 0
+    for round_ in range(6):
+        worker = _worker(env, tmp_path / "worker.log", f"crashy-{round_}")
+        if round_ < 5:
+            time.sleep(rng.uniform(1.5, 3.0))  # start-up is ~1 s: kills land mid-stream
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.wait()
+            kills += 1
+        else:
+            try:
+                _wait_drained(stream, timeout_s=180)
+            finally:
+                worker.send_signal(signal.SIGTERM)
+                worker.wait(30)
+    assert kills == 5
+    expected = _fold(events)
+    got = _index_state(tmp_path / "data", {f"p{n:05d}" for n in ids})
+    _assert_matches(got, expected)
+    assert stream.xlen(DEAD_LETTERS) == 0
+
+    async def count():
+        return await EmbeddedIndex(tmp_path / "data" / "index", refresh_s=0).count(SPACE)
+
+    assert asyncio.run(count()) == len(expected)  # nothing duplicated
+    assert stream.xinfo_groups(STREAM)[0]["name"].decode() == GROUP
