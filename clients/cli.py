@@ -211,9 +211,16 @@ def cmd_ingest_worker(args) -> int:
             async def remember(product_id: str, attrs: dict) -> None:
                 await client.hset(f"looksync:attrs:{product_id}", mapping=attrs)
 
-            indexer = Indexer(
-                embedder, index, space, batch_size=s.ingest_batch_size, attributes=remember, source="ingest"
-            )
+            def make_indexer(target):
+                return Indexer(
+                    embedder,
+                    index,
+                    target,
+                    batch_size=s.ingest_batch_size,
+                    attributes=remember,
+                    source="ingest",
+                )
+
             policy = FetchPolicy(
                 max_bytes=s.fetch_max_bytes,
                 timeout_s=s.fetch_timeout_s,
@@ -223,7 +230,7 @@ def cmd_ingest_worker(args) -> int:
             )
             worker = IngestWorker(
                 client,
-                indexer,
+                make_indexer,
                 index,
                 space,
                 policy,
@@ -266,6 +273,56 @@ def cmd_publish(args) -> int:
             client.xadd(STREAM, {"event": json.dumps(event)})
             count += 1
     print(f"published {count} events to {STREAM}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from gateway.embedder import TritonEmbedder
+    from gateway.models import Swap, TritonModels, rollback
+    from gateway.server import open_index
+
+    s = _settings()
+
+    async def run():
+        index = open_index(s)
+        embedder = TritonEmbedder(s.triton_url)
+        models = TritonModels(s.triton_url, s.model_repository, args.model)
+        try:
+            if args.action == "status":
+                loaded = await models.loaded()
+                print(f"model {args.model}: exported versions {models.on_disk()} in {s.model_repository}")
+                for name, versions in loaded.items():
+                    print(f"  Triton {name:24s} loaded {versions}")
+                target = await index.alias_target()
+                print(f"alias {index.alias} -> {target} (previous: {await index.previous_target()})")
+                writes = [w.index_name for w in await index.write_targets()]
+                for name, space in (await index.indexes()).items():
+                    mark = "*" if name == target else ("+" if name in writes else " ")
+                    print(f"  {mark} {name:28s} {space}  {await index.count(space)} products")
+                print("  (* serving, + also written by live ingestion)")
+            elif args.action == "activate":
+                if args.version is None or not args.catalog:
+                    raise SystemExit("activate needs --version and --catalog")
+                swap = Swap(index, embedder, models, args.version, progress=not args.quiet)
+                await swap.prepare()
+                await swap.reindex(Path(args.catalog))
+                await swap.validate(Path(args.catalog), args.min_overlap, args.force)
+                await swap.switch(args.grace_s)
+                r = swap.report
+                print(
+                    f"activated {r.new}: reindex {r.reindex_s:.1f}s, counts {r.counts}, "
+                    f"overlap {r.overlap if r.overlap is None else round(r.overlap, 3)}; "
+                    f"total {r.steps[-1][1]:.1f}s"
+                )
+            else:
+                space = await rollback(index, models)
+                print(f"rolled back: alias {index.alias} -> {space.index_name}")
+        finally:
+            await models.close()
+            await embedder.close()
+            await index.close()
+
+    asyncio.run(run())
     return 0
 
 
@@ -334,6 +391,17 @@ def main(argv: list[str] | None = None) -> int:
         help="the file holds catalog records: wrap each in product.upsert",
     )
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("models", help="model versions: status | activate | rollback")
+    p.add_argument("action", choices=["status", "activate", "rollback"])
+    p.add_argument("--model", default=_settings().embedding_model)
+    p.add_argument("--version", type=int, help="activate: the new version (exported already)")
+    p.add_argument("--catalog", help="activate: the catalog (JSON Lines) to re-embed")
+    p.add_argument("--grace-s", type=float, default=60.0, help="keep the old version loaded this long")
+    p.add_argument("--min-overlap", type=float, default=0.5, help="golden-query overlap@10 required")
+    p.add_argument("--force", action="store_true", help="swap even if validation fails")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("sample-catalog", help="generate the synthetic sample catalog")
     p.add_argument("out")

@@ -7,14 +7,19 @@ most tests; tests that break a server (stop Triton, ...) start their own.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import redis
 
 from gateway.tritonserver import TritonServer
 
@@ -169,3 +174,80 @@ def products(catalog):
 
     with open(catalog) as fh:
         return [parse_record(json.loads(line)) for line in fh]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/redirect-private":
+            self.send_response(302)
+            self.send_header("Location", "http://10.1.2.3/internal.jpg")
+            self.end_headers()
+        elif self.path == "/redirect-metadata":
+            self.send_response(301)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+        elif self.path == "/huge.jpg":
+            body = b"\xff" * (3 << 20)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path == "/page.jpg":
+            self._send(b"<html>hi</html>", "text/html")
+        elif self.path == "/garbage.jpg":
+            self._send(b"\x00\x01" * 500, "image/jpeg")
+        else:
+            super().do_GET()
+
+    def _send(self, body, ctype):
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="session")
+def image_server(catalog):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(catalog.parent)))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()

@@ -743,8 +743,12 @@ class IndexContract:
         try:
             env.run(env.index.set_current(v2))
             assert env.run(env.index.space()) == v2
+            # A v1 vector may not search the v2 index the alias now names...
             with pytest.raises(FailedPrecondition):
-                env.run(env.index.search(env.vectors[0], env.space, build_filters(), 5))
+                env.run(env.index.search(env.vectors[0], env.space, build_filters(), 5, index=v2.index_name))
+            # ...but a request that resolved v1 before the move still finishes on the v1 index.
+            _, still = env.run(env.index.search(env.vectors[0], env.space, build_filters(), 5))
+            assert len(still) == 5
             _, hits = env.run(env.index.search(env.vectors[0], v2, build_filters(), 5))
             assert hits == []
         finally:
@@ -755,8 +759,9 @@ class IndexContract:
         lonely = ElasticIndex(env.es_url, alias=f"looksync-test-none-{uuid.uuid4().hex[:8]}")
         try:
             assert env.run(lonely.space()) is None
+            nowhere = EmbeddingSpace("never-exported", 1, 16)
             with pytest.raises(FailedPrecondition):
-                env.run(lonely.search(env.vectors[0], env.space, build_filters(), 5))
+                env.run(lonely.search(env.vectors[0], nowhere, build_filters(), 5))
         finally:
             env.run(lonely.close())
 

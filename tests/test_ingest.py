@@ -5,14 +5,10 @@ import itertools
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +22,7 @@ from gateway.index.lww import apply as lww_apply
 from gateway.ingest.enrich import standardise, vendor_category, vendor_gender, zero_shot_fill
 from gateway.ingest.events import DEAD_LETTERS, GROUP, STREAM, PoisonEvent, parse_event
 from gateway.ingest.fetch import FetchError, FetchPolicy, fetch_sync
-from tests.conftest import REPO, free_port, looksync_env
+from tests.conftest import REPO, looksync_env
 
 SPACE = EmbeddingSpace("clip", 1, 64)
 
@@ -149,50 +145,6 @@ def test_invalid_events_are_poison_with_a_reason(entry, reason):
 # --- the fetcher ----------------------------------------------------------------------------
 
 
-class _Handler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        if self.path == "/redirect-private":
-            self.send_response(302)
-            self.send_header("Location", "http://10.1.2.3/internal.jpg")
-            self.end_headers()
-        elif self.path == "/redirect-metadata":
-            self.send_response(301)
-            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
-            self.end_headers()
-        elif self.path == "/huge.jpg":
-            body = b"\xff" * (3 << 20)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.end_headers()
-            self.wfile.write(body)
-        elif self.path == "/page.jpg":
-            self._send(b"<html>hi</html>", "text/html")
-        elif self.path == "/garbage.jpg":
-            self._send(b"\x00\x01" * 500, "image/jpeg")
-        else:
-            super().do_GET()
-
-    def _send(self, body, ctype):
-        self.send_response(200)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-@pytest.fixture(scope="module")
-def image_server(catalog):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(catalog.parent)))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-
-
 LOCAL = FetchPolicy(allow_loopback=True, max_bytes=1 << 20, timeout_s=5)
 
 
@@ -228,39 +180,6 @@ def test_fetcher_refuses_what_a_vendor_feed_must_not_reach(image_server, url, po
 
 
 # --- the worker -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis_sync.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis_sync.ConnectionError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture()

@@ -450,21 +450,32 @@ class ElasticIndex(CatalogIndex):
     async def space(self) -> EmbeddingSpace | None:
         return (await self._resolve())[1]
 
-    async def search(self, vector, space, filters, k, with_vectors=False):
-        for attempt in range(2):
-            target, index_space = await self._resolve(force=attempt > 0)
-            if target is None:
-                raise FailedPrecondition(f"no index behind alias {self.alias!r}: run `looksync index` first")
+    async def _space_of_index(self, name: str) -> EmbeddingSpace:
+        known = self._ensured.get(name)
+        if known is not None:
+            return known
+        mappings = await self._mapping(name)
+        if not mappings or list(mappings) != [name]:
+            raise FailedPrecondition(f"no index {name!r} on the cluster")
+        space = space_from_meta(name, mappings[name].get("_meta"))
+        self._ensured[name] = space
+        return space
+
+    async def search(self, vector, space, filters, k, with_vectors=False, index=None):
+        # The index of the query's own space (or the one named), never "whatever the alias
+        # names now": a request that resolved its space before an alias move stays consistent.
+        target = index or space.index_name
+        for _ in range(2):
+            index_space = await self._space_of_index(target)
             check_query(vector, space, index_space)
             query = unit(vector).tolist()
             body = knn_body(
                 query, k, filters, self.num_candidates_factor, with_vectors, self.rescore_oversample
             )
             try:
-                # The concrete index, not the alias: it is the one whose space was checked.
                 resp = await self._call(f"search {target}", self._client().search(index=target, body=body))
             except NotFoundError:
-                self._forget(target)  # the alias moved and the old index is gone: re-resolve once
+                self._forget(target)  # deleted meanwhile: look it up once more
                 continue
             hits = []
             for hit in resp["hits"]["hits"]:
@@ -472,7 +483,7 @@ class ElasticIndex(CatalogIndex):
                 vec = np.asarray(source["vector"], dtype=np.float32) if with_vectors else None
                 hits.append(ScoredProduct(product_from_source(source), score_to_cosine(hit["_score"]), vec))
             return index_space, hits
-        raise Unavailable(f"the index behind alias {self.alias!r} disappeared during the search")
+        raise FailedPrecondition(f"index {target!r} disappeared during the search")
 
     async def ensure(self, space: EmbeddingSpace, make_current_if_none: bool = True) -> str:
         name = space.index_name

@@ -197,10 +197,14 @@ class EmbeddedIndex(CatalogIndex):
         target = self._manifest()["aliases"].get(self.alias)
         return None if target is None else self._space_of(target)
 
-    async def search(self, vector, space, filters, k, with_vectors=False):
-        target = self._manifest()["aliases"].get(self.alias)
-        if target is None:
-            raise FailedPrecondition(f"no index behind alias {self.alias!r}: run `looksync index` first")
+    async def search(self, vector, space, filters, k, with_vectors=False, index=None):
+        # The index of the query's own space (or the one named), never "whatever the alias
+        # names now": a request that resolved its space before an alias move stays consistent.
+        target = index or space.index_name
+        if target not in self._manifest()["indexes"]:
+            self._manifest_checked = 0.0
+            if target not in self._manifest()["indexes"]:
+                raise FailedPrecondition(f"no index {target!r} for query space {space}")
         index_space = self._space_of(target)
         check_query(vector, space, index_space)
         table = await self._table(target)
@@ -243,6 +247,52 @@ class EmbeddedIndex(CatalogIndex):
                     data["aliases"].setdefault(self.alias, name)
             self._manifest_checked = 0.0
         return name
+
+    async def indexes(self) -> dict[str, EmbeddingSpace]:
+        self._manifest_checked = 0.0
+        return {name: self._space_of(name) for name in self._manifest()["indexes"]}
+
+    async def alias_target(self) -> str | None:
+        self._manifest_checked = 0.0
+        return self._manifest()["aliases"].get(self.alias)
+
+    async def set_current(self, space: EmbeddingSpace) -> str:
+        """Point the alias at the index of `space`, atomically (one manifest rename); the
+        previous target is remembered for rollback."""
+        name = await self.ensure(space, make_current_if_none=False)
+        with self.manifest.edit() as data:
+            previous = data["aliases"].get(self.alias)
+            data["aliases"][self.alias] = name
+            if previous and previous != name:
+                data.setdefault("previous", {})[self.alias] = previous
+        self._manifest_checked = 0.0
+        return name
+
+    async def previous_target(self) -> str | None:
+        self._manifest_checked = 0.0
+        return self._manifest().get("previous", {}).get(self.alias)
+
+    async def write_targets(self) -> list[EmbeddingSpace]:
+        """Indexes that live ingestion writes besides the alias target (a reindex in progress)."""
+        data = self._manifest()
+        return [self._space_of(n) for n in data.get("write_also", []) if n in data["indexes"]]
+
+    async def set_write_targets(self, spaces: list[EmbeddingSpace]) -> None:
+        with self.manifest.edit() as data:
+            data["write_also"] = [s.index_name for s in spaces]
+        self._manifest_checked = 0.0
+
+    async def drop(self, space: EmbeddingSpace) -> None:
+        """Delete a physical index that no alias names (after a swap's grace period)."""
+        name = space.index_name
+        with self.manifest.edit() as data:
+            if name in data["aliases"].values():
+                raise FailedPrecondition(f"{name} is still behind an alias")
+            data["indexes"].pop(name, None)
+            data["write_also"] = [n for n in data.get("write_also", []) if n != name]
+        db = await self._connect()
+        await db.drop_table(name, ignore_missing=True)
+        self._tables.pop(name, None)
 
     async def upsert(self, space, items):
         """items: (product, image_hash, vector[, event_seq]); without an event_seq the write

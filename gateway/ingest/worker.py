@@ -53,7 +53,7 @@ class IngestWorker:
     def __init__(
         self,
         redis,
-        indexer: Indexer,
+        make_indexer,
         index: CatalogIndex,
         space: EmbeddingSpace,
         fetch_policy: FetchPolicy,
@@ -62,7 +62,8 @@ class IngestWorker:
         stream: str = STREAM,
     ):
         self.redis = redis
-        self.indexer = indexer
+        self.make_indexer = make_indexer  # space -> Indexer
+        self._indexers: dict[EmbeddingSpace, Indexer] = {}
         self.index = index
         self.space = space
         self.fetch_policy = fetch_policy
@@ -116,6 +117,18 @@ class IngestWorker:
                 backoff = min(backoff * 2, 10.0)
         await self.drain()
 
+    async def targets(self) -> list[EmbeddingSpace]:
+        """Where writes go: the alias's index first (it decides acks), then any index being
+        rebuilt for a model swap, so that it misses nothing written during the rebuild."""
+        primary = await self.index.space() or self.space
+        extra = await self.index.write_targets() if hasattr(self.index, "write_targets") else []
+        return [primary] + [s for s in extra if s != primary]
+
+    def indexer(self, space: EmbeddingSpace) -> Indexer:
+        if space not in self._indexers:
+            self._indexers[space] = self.make_indexer(space)
+        return self._indexers[space]
+
     async def step(self) -> int:
         """One round: reclaim stuck messages, read new ones, start processing them."""
         _, claimed, _ = await self.redis.xautoclaim(
@@ -135,6 +148,8 @@ class IngestWorker:
             messages.extend(entries)
         if messages:
             await self.process(messages)
+        else:
+            self._reap()
         await self._update_gauges()
         return len(messages)
 
@@ -171,13 +186,17 @@ class IngestWorker:
         # up to a bound, so a slow Triton applies back-pressure instead of growing memory.
         await asyncio.sleep(0)
         while True:
-            for task in [t for t in self._inflight if t.done()]:
-                self._inflight.discard(task)
-                if task.exception():
-                    raise task.exception()
+            self._reap()
             if len(self._inflight) <= self.settings.embed_batches_in_flight * 4:
                 break
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+
+    def _reap(self) -> None:
+        """Forget finished operations; re-raise the first failure (its messages stay pending)."""
+        for task in [t for t in self._inflight if t.done()]:
+            self._inflight.discard(task)
+            if task.exception():
+                raise task.exception()
 
     def _chain(self, product_ids: list[str], work) -> None:
         """Run `work` after every earlier operation on these products has finished."""
@@ -231,7 +250,10 @@ class IngestWorker:
                 items.append(IngestItem(event.record, image, event.seq, ref=event.stream_id))
                 by_ref[event.stream_id] = event
             if items:
-                outcome = await self.indexer.write_batch(items, self.report)
+                primary, *others = await self.targets()
+                outcome = await self.indexer(primary).write_batch(items, self.report)
+                for space in others:
+                    await self.indexer(space).write_batch(items, IndexReport(space=space))
                 for ref, error in outcome.items():
                     if error is None:
                         await self._ack(ref, "product.upsert", "applied")

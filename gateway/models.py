@@ -1,0 +1,228 @@
+"""Model versions and swaps (DESIGN.md "Model versions and swaps").
+
+    activate N+1:  load N+1 in Triton (N stays) -> create products-<model>-v<N+1> and have live
+                   ingestion write to it too -> re-embed the catalog into it (bulk path,
+                   resumable) -> validate (document counts; golden-query overlap) -> move the
+                   read alias atomically -> after a grace period unload N in Triton
+    rollback:      load N again if needed -> move the alias back
+
+Requests resolve their embedding space once, at their start, and search that space's own
+index, so a request in flight during the move finishes on the old pair (still loaded during
+the grace period) and no request ever mixes spaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tritonclient.grpc.aio as triton
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+from tritonclient.utils import InferenceServerException
+
+from gateway.embedder import TritonEmbedder
+from gateway.errors import FailedPrecondition, Unavailable
+from gateway.filters import build_filters
+from gateway.index.base import EmbeddingSpace
+from gateway.indexer import Indexer, index_catalog, resolve_space
+
+TOWERS = ("image_encoder", "text_encoder", "image", "text")  # encoders first: wrappers call them
+
+
+class TritonModels:
+    """Which versions of one model family Triton serves, through its repository API."""
+
+    def __init__(self, url: str, repository: Path, model: str):
+        self.client = triton.InferenceServerClient(url)
+        self.repository = Path(repository)
+        self.model = model
+        self.names = [f"{model}_{t}" for t in TOWERS]
+
+    def on_disk(self) -> list[int]:
+        """Versions exported for all four Triton models of the family."""
+        sets = []
+        for name in self.names:
+            folder = self.repository / name
+            sets.append(
+                {int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()}
+                if folder.is_dir()
+                else set()
+            )
+        return sorted(set.intersection(*sets)) if sets else []
+
+    async def loaded(self) -> dict[str, list[int]]:
+        try:
+            index = await self.client.get_model_repository_index(as_json=True, client_timeout=10)
+        except InferenceServerException as exc:
+            raise Unavailable(f"Triton: {exc.message()}") from None
+        out: dict[str, list[int]] = {name: [] for name in self.names}
+        for m in index.get("models", []):
+            if m.get("name") in out and m.get("state") == "READY" and m.get("version"):
+                out[m["name"]].append(int(m["version"]))
+        return {k: sorted(v) for k, v in out.items()}
+
+    async def serve_versions(self, versions: list[int], timeout_s: float = 300) -> None:
+        """Load exactly these versions of every model of the family (explicit model control:
+        the repository's config with its version policy replaced for this load)."""
+        missing = sorted(set(versions) - set(self.on_disk()))
+        if missing:
+            raise FailedPrecondition(f"{self.model} versions {missing} are not exported in {self.repository}")
+        for name in self.names:
+            config = text_format.Parse(
+                (self.repository / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+            )
+            config.version_policy.Clear()
+            config.version_policy.specific.versions.extend(sorted(versions))
+            body = json_format.MessageToJson(config, preserving_proto_field_name=True)
+            try:
+                await self.client.load_model(name, config=body, client_timeout=timeout_s)
+            except InferenceServerException as exc:
+                raise Unavailable(f"Triton could not load {name} {versions}: {exc.message()}") from None
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+@dataclass
+class SwapReport:
+    old: EmbeddingSpace | None
+    new: EmbeddingSpace
+    reindex_s: float = 0.0
+    counts: tuple[int, int] = (0, 0)
+    overlap: float | None = None
+    steps: list[tuple[str, float]] = field(default_factory=list)
+
+
+async def golden_overlap(
+    index, embedder: TritonEmbedder, old: EmbeddingSpace, new: EmbeddingSpace, queries: list[str], k: int = 10
+) -> float:
+    """Mean overlap@k of the two indexes' answers to the same text queries, each embedded
+    by its own model version: a swap should not change what users see beyond reason."""
+    if not queries:
+        return 1.0
+    old_vecs, _ = await embedder.embed_texts(old.model, old.version, queries, 30)
+    new_vecs, _ = await embedder.embed_texts(new.model, new.version, queries, 30)
+    total = 0.0
+    for a, b in zip(old_vecs, new_vecs):
+        _, hits_a = await index.search(a, old, build_filters(), k)
+        _, hits_b = await index.search(b, new, build_filters(), k)
+        ids_a, ids_b = {h.product.id for h in hits_a}, {h.product.id for h in hits_b}
+        total += len(ids_a & ids_b) / max(1, min(len(ids_a), len(ids_b)))
+    return total / len(queries)
+
+
+def golden_queries(catalog: Path, n: int = 20) -> list[str]:
+    titles = []
+    with open(catalog, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                titles.append(json.loads(line).get("title", ""))
+    step = max(1, len(titles) // n)
+    return [t for t in titles[::step] if t][:n]
+
+
+class Swap:
+    """The activation steps, callable one by one (tests publish events between them)."""
+
+    def __init__(
+        self,
+        index,
+        embedder: TritonEmbedder,
+        models: TritonModels,
+        version: int,
+        batch_size: int = 32,
+        progress: bool = True,
+    ):
+        self.index = index
+        self.embedder = embedder
+        self.models = models
+        self.version = version
+        self.batch_size = batch_size
+        self.progress = progress
+        self.report: SwapReport | None = None
+        self._t0 = time.perf_counter()
+
+    def _step(self, name: str) -> None:
+        self.report.steps.append((name, time.perf_counter() - self._t0))
+        if self.progress:
+            print(f"[swap {time.perf_counter() - self._t0:6.1f}s] {name}", flush=True)
+
+    async def prepare(self) -> SwapReport:
+        old = await self.index.space()
+        loaded = (await self.models.loaded())[f"{self.models.model}_image"]
+        await self.models.serve_versions(sorted(set(loaded) | {self.version}))
+        new = await resolve_space(self.embedder, self.models.model, self.version)
+        if old is not None and new == old:
+            raise FailedPrecondition(f"{new} is already the serving space")
+        self.report = SwapReport(old, new)
+        self._step(f"Triton serves {self.models.model} versions {sorted(set(loaded) | {self.version})}")
+        await self.index.ensure(new, make_current_if_none=False)
+        await self.index.set_write_targets([new])
+        self._step(f"created {new.index_name}; live ingestion now writes to it too")
+        return self.report
+
+    async def reindex(self, catalog: Path) -> None:
+        start = time.perf_counter()
+        indexer = Indexer(self.embedder, self.index, self.report.new, batch_size=self.batch_size)
+        result = await index_catalog(catalog, indexer, progress=self.progress)
+        self.report.reindex_s = time.perf_counter() - start
+        self._step(
+            f"re-embedded {result.written} products ({result.embedded} embedded, "
+            f"{result.unchanged} already done, {len(result.failed)} failed)"
+        )
+
+    async def validate(self, catalog: Path, min_overlap: float, force: bool) -> None:
+        old, new = self.report.old, self.report.new
+        counts = (await self.index.count(old) if old else 0, await self.index.count(new))
+        self.report.counts = counts
+        problems = []
+        if old is not None and counts[0] != counts[1]:
+            problems.append(
+                f"document counts differ: {old.index_name} {counts[0]}, {new.index_name} {counts[1]}"
+            )
+        if old is not None:
+            self.report.overlap = await golden_overlap(
+                self.index, self.embedder, old, new, golden_queries(catalog)
+            )
+            if self.report.overlap < min_overlap:
+                problems.append(f"golden-query overlap@10 {self.report.overlap:.2f} < {min_overlap}")
+        if problems and not force:
+            raise FailedPrecondition("validation failed: " + "; ".join(problems) + " (--force to override)")
+        self._step(
+            "validated"
+            + (
+                f" (overridden: {'; '.join(problems)})"
+                if problems
+                else f": counts {counts}, overlap {self.report.overlap}"
+            )
+        )
+
+    async def switch(self, grace_s: float) -> None:
+        await self.index.set_current(self.report.new)
+        # Keep the old index current too while a rollback is still cheap.
+        await self.index.set_write_targets([self.report.old] if self.report.old else [])
+        self._step(f"alias {self.index.alias} -> {self.report.new.index_name}")
+        if self.report.old is not None and self.report.old.version != self.version:
+            await asyncio.sleep(grace_s)
+            await self.models.serve_versions([self.version])
+            self._step(
+                f"grace period over: Triton unloaded {self.report.old.model} v{self.report.old.version}"
+            )
+
+
+async def rollback(index, models: TritonModels) -> EmbeddingSpace:
+    previous = await index.previous_target()
+    if previous is None:
+        raise FailedPrecondition("nothing to roll back to: the alias has not moved")
+    space = (await index.indexes())[previous]
+    loaded = (await models.loaded())[f"{models.model}_image"]
+    if space.version not in loaded:
+        await models.serve_versions(sorted(set(loaded) | {space.version}))
+    current = await index.space()
+    await index.set_current(space)
+    await index.set_write_targets([current] if current else [])
+    return space

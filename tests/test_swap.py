@@ -1,0 +1,181 @@
+"""Swapping model versions on the embedded backend, under load and with live ingestion."""
+
+import asyncio
+import json
+import shutil
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+import redis as redis_sync
+
+from export.clip import ExportRequest, export_clip
+from gateway.embedder import TritonEmbedder
+from gateway.errors import FailedPrecondition
+from gateway.filters import build_filters
+from gateway.index.base import EmbeddingSpace
+from gateway.index.embedded import EmbeddedIndex
+from gateway.ingest.events import STREAM
+from gateway.models import Swap, TritonModels
+from tests.conftest import looksync, looksync_env, start_gateway, start_triton
+from tests.test_ingest import _drained, _worker
+
+V1, V2 = EmbeddingSpace("clip", 1, 64), EmbeddingSpace("clip", 2, 64)
+
+
+@pytest.fixture(scope="module")
+def swap_repo(tiny_repo, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("swap_repo")
+    shutil.copytree(tiny_repo, repo, dirs_exist_ok=True)
+    # Other weights than version 1: a query embedded by one version finds nothing sensible in
+    # the other's index, so any mixing of spaces would show in the results.
+    export_clip(ExportRequest(arch="looksync-tiny", version=2, repository=repo, seed=1))
+    return repo
+
+
+class Load(threading.Thread):
+    """Searches without pause; records each response's space, and whether a product's own image
+    still finds it first (it does only when query and index share a space)."""
+
+    def __init__(self, client, image, product_id):
+        super().__init__(daemon=True)
+        self.client, self.image, self.product_id = client, image, product_id
+        self.stop = threading.Event()
+        self.results: list[tuple[float, int, bool]] = []
+        self.errors: list[str] = []
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                resp = self.client.search_image(self.image, k=3, timeout_s=5)
+                self.results.append(
+                    (time.monotonic(), resp.space.version, resp.hits[0].product.id == self.product_id)
+                )
+                text = self.client.search_text("striped shirt", k=3, timeout_s=5)
+                self.results.append((time.monotonic(), text.space.version, True))
+            except grpc.RpcError as exc:
+                self.errors.append(f"{exc.code().name}: {exc.details()}")
+
+
+def test_swap_under_load_with_live_ingestion_then_rollback(
+    swap_repo, catalog, products, redis_url, image_server, tmp_path
+):
+    server = start_triton(swap_repo, tmp_path / "triton")
+    data = tmp_path / "data"
+    env = looksync_env(
+        server,
+        data,
+        LOOKSYNC_REDIS_URL=redis_url,
+        LOOKSYNC_INGEST_CLAIM_IDLE_MS="300",
+        LOOKSYNC_WORKER_METRICS_PORT="0",
+        LOOKSYNC_FETCH_ALLOW_LOOPBACK="true",
+    )
+    r = redis_sync.Redis.from_url(redis_url)
+    r.flushdb()
+    gw = worker = None
+    try:
+        url = f"127.0.0.1:{server.grpc_port}"
+        asyncio.run(_serve_only(url, swap_repo, [1]))
+        assert looksync("index", str(catalog), "--quiet", "--version", "1", env=env).returncode == 0
+        gw = start_gateway(env, tmp_path / "gateway.log")
+        worker = _worker(env, tmp_path / "worker.log", "swap-worker")
+        probe = products[7]
+        with gw.client() as client:
+            load = Load(client, (catalog.parent / probe.image_url).read_bytes(), probe.id)
+            load.start()
+            time.sleep(0.5)
+            switched_at = asyncio.run(_activate(server, swap_repo, data, catalog, products, r, image_server))
+            time.sleep(1.5)
+            load.stop.set()
+            load.join(10)
+
+            assert load.errors == []
+            assert all(ok for _, _, ok in load.results), "a query met an index of another space"
+            versions = {v for _, v, _ in load.results}
+            assert versions == {1, 2}
+            late = [v for t, v, _ in load.results if t > switched_at + 1.0]
+            assert late and set(late) == {2}
+
+            # Live products written during the reindex are in the new index.
+            async def live_in_v2():
+                index = EmbeddedIndex(data / "index", refresh_s=0)
+                return set(await index.get(V2, ["live-1", "live-2", "live-3"]))
+
+            assert asyncio.run(live_in_v2()) == {"live-1", "live-2", "live-3"}
+
+            # The grace period is over: Triton serves v2 only.
+            loaded = asyncio.run(_loaded(url, swap_repo))
+            assert loaded["clip_image"] == [2] and loaded["clip_text_encoder"] == [2]
+
+            rolled = looksync("models", "rollback", env=env)
+            assert rolled.returncode == 0, rolled.stderr
+            deadline = time.monotonic() + 10
+            while client.search_text("dress", k=1).space.version != 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            resp = client.search_image((catalog.parent / probe.image_url).read_bytes(), k=1)
+            assert resp.space.version == 1 and resp.hits[0].product.id == probe.id
+            status = looksync("models", "status", env=env)
+            assert "alias products -> products-clip-v1" in status.stdout, status.stdout
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(30)
+        if gw is not None:
+            gw.stop()
+        server.stop()
+
+
+async def _serve_only(url, repo, versions):
+    models = TritonModels(url, repo, "clip")
+    await models.serve_versions(versions)
+    await models.close()
+
+
+async def _loaded(url, repo):
+    models = TritonModels(url, repo, "clip")
+    try:
+        return await models.loaded()
+    finally:
+        await models.close()
+
+
+async def _activate(server, repo, data, catalog, products, r, image_server) -> float:
+    url = f"127.0.0.1:{server.grpc_port}"
+    index = EmbeddedIndex(data / "index", refresh_s=0.2)
+    embedder = TritonEmbedder(url)
+    models = TritonModels(url, repo, "clip")
+    try:
+        swap = Swap(index, embedder, models, 2, progress=False)
+        report = await swap.prepare()
+        assert (report.old, report.new) == (V1, V2)
+        # Events published after the new index exists but before the switch: the worker must
+        # write them to both indexes.
+        for n in (1, 2, 3):
+            rec = {
+                **products[40 + n].to_dict(),
+                "id": f"live-{n}",
+                "image_url": f"{image_server}/{products[40 + n].image_url}",
+            }
+            r.xadd(STREAM, {"event": json.dumps({"schema": 1, "type": "product.upsert", "product": rec})})
+        await swap.reindex(catalog)
+        deadline = time.monotonic() + 30
+        while not await asyncio.to_thread(_drained, r):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        with pytest.raises(FailedPrecondition, match="overlap"):
+            await swap.validate(catalog, min_overlap=0.999, force=False)
+        await swap.validate(catalog, min_overlap=0.999, force=True)
+        assert report.counts[0] == report.counts[1] == 203
+        # A v1 query vector is refused by the v2 index.
+        vec, _ = await embedder.embed_texts("clip", 1, ["shirt"], 10)
+        with pytest.raises(FailedPrecondition):
+            await index.search(vec[0], V1, build_filters(), 3, index=V2.index_name)
+        switched_at = time.monotonic()
+        await swap.switch(grace_s=1.0)
+        return switched_at
+    finally:
+        await embedder.close()
+        await models.close()
