@@ -340,6 +340,12 @@ def cmd_demo(args) -> int:
     return run_demo(keep_running=args.keep_running)
 
 
+def cmd_loadtest(args) -> int:
+    from clients.loadtest import run_cli
+
+    return run_cli(args, address=args.gateway or _settings().gateway_url, filters=_filters(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="looksync", description="LookSync: match looks to products")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -412,6 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="export, serve, index and search the sample catalog end to end")
     p.add_argument("--keep-running", action="store_true", help="leave Triton and the gateway up")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("loadtest", help="drive the gateway at a concurrency or rate; latency percentiles")
+    _add_filters(p)  # filters, -k, --gateway, and --json (print the report as JSON)
+    from clients.loadtest import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_loadtest)
 
     args = parser.parse_args(argv)
     try:

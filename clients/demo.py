@@ -129,6 +129,9 @@ def run_demo(keep_running: bool = False) -> int:
 
         _step("4/5 gateway: gRPC on " + settings.gateway_url)
         env = dict(os.environ)
+        # The random-weight tiny model puts every image within cosine ~0.99 of every other, so
+        # the production near-duplicate threshold (0.97, for real CLIP) would merge everything.
+        env.setdefault("LOOKSYNC_DEDUP_THRESHOLD", "0.9999")
         gateway = subprocess.Popen(
             [sys.executable, "-m", "clients.cli", "serve"],
             env=env,
@@ -158,8 +161,30 @@ def run_demo(keep_running: bool = False) -> int:
         )
         _show(f'search-image {query.name} --text "in red" --gender women', r4)
 
+        from clients.looks import compose_look
+
+        look_path = data / "demo-look.jpg"
+        look_path.write_bytes(
+            compose_look(
+                {
+                    "upper": images / "p00000.jpg",
+                    "lower": images / "p00003.jpg",
+                    "feet": images / "p00010.jpg",
+                }
+            )
+        )
+        r5 = client.search_look(look_path.read_bytes(), k_per_layer=5)
+        print(f"\nsearch-look {look_path.name} (top: p00000, bottom: p00003, shoes: p00010)")
+        for layer in r5.layers:
+            ids = ", ".join(h.product.id for h in layer.hits)
+            print(
+                f'  [{layer.layer}] "{layer.query}" ({layer.query_source} query, {layer.rerank_source} rerank): {ids}'
+            )
+        print("  timings: " + ", ".join(f"{t.stage} {t.ms:.1f} ms" for t in r5.timings))
+
         sheet = data / "demo-contact-sheet.png"
         rows = [(query, [images / f"{h.product.id}.jpg" for h in r.hits]) for r in (r3, r4)]
+        rows += [(look_path, [images / f"{h.product.id}.jpg" for h in layer.hits]) for layer in r5.layers]
         _contact_sheet(rows, sheet)
         print(f"\ncontact sheet (query | top 5): {sheet}")
         print(
