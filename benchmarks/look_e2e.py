@@ -1,0 +1,213 @@
+"""Look search end to end at a fixed rate, and text search's gateway overhead.
+
+    python -m benchmarks.look_e2e [--quick] [--rate 2] [--llm-latency-ms 400]
+
+Starts Triton (tiny CLIP), indexes the sample catalog, then for each setting starts a gateway
+and drives it open-loop (fixed schedule) with distinct looks composed from catalog garments:
+  - no LLM (fallback query generation and embedding rerank)
+  - a scripted OpenAI-compatible LLM answering after a fixed latency (tests/llm_stub.py)
+and SearchText at a fixed rate for the gateway overhead (end to end minus the stages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import append_results, markdown_table, write_json
+from clients.loadtest import LoadConfig, run_load
+from clients.looks import compose_look
+from clients.sample_catalog import generate
+from tests.conftest import free_port, start_gateway
+from tests.llm_stub import Reply, ScriptedLLM, candidate_ids
+
+REPO = Path(__file__).resolve().parent.parent
+ZONES = {
+    "upper": ("t-shirt", "shirt", "sweater", "jacket"),
+    "lower": ("trousers", "jeans", "skirt", "shorts"),
+    "feet": ("sneakers", "boots"),
+}
+
+
+def looks_from(catalog: Path, n: int) -> list[bytes]:
+    records = [json.loads(line) for line in catalog.read_text().splitlines()]
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        garments = {
+            z: catalog.parent / rng.choice([r for r in records if r["category"] in cats])["image_url"]
+            for z, cats in ZONES.items()
+        }
+        out.append(compose_look(garments))
+    return out
+
+
+def llm_script(latency_s: float):
+    answer = {
+        "garments": [
+            {
+                "layer": "topwear",
+                "category": "t-shirt",
+                "gender": "unisex",
+                "query": "navy striped cotton t-shirt",
+            },
+            {
+                "layer": "bottomwear",
+                "category": "jeans",
+                "gender": "unisex",
+                "query": "straight blue denim jeans",
+            },
+            {
+                "layer": "footwear",
+                "category": "sneakers",
+                "gender": "unisex",
+                "query": "white leather sneakers",
+            },
+        ]
+    }
+
+    def script(kind, body):
+        if kind == "QueryAnswer":
+            return Reply(answer, delay_s=latency_s)
+        return Reply({"ranking": list(reversed(candidate_ids(body)))}, delay_s=latency_s)
+
+    return script
+
+
+def measure(address: str, rate: float, duration: float, **payloads) -> dict:
+    config = LoadConfig(
+        address=address,
+        rate=rate,
+        schedule="fixed",
+        duration_s=duration,
+        warmup_s=2.0,
+        timeout_s=5.0,
+        server_timings=True,
+        **payloads,
+    )
+    return asyncio.run(run_load(config)).to_dict()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rate", type=float, default=2.0, help="looks per second")
+    parser.add_argument("--text-rate", type=float, default=20.0)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--llm-latency-ms", type=float, default=400.0)
+    parser.add_argument("--quick", action="store_true", help="10 s per setting")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    duration = 10.0 if args.quick else args.duration
+    work = Path(tempfile.mkdtemp(prefix="looksync-bench-look-"))
+    from export.clip import ExportRequest, export_clip
+    from gateway.tritonserver import TritonServer
+
+    stub = ScriptedLLM(script=llm_script(args.llm_latency_ms / 1000)).start()
+    triton = None
+    try:
+        export_clip(ExportRequest(arch="looksync-tiny", version=1, repository=work / "repo"))
+        catalog = generate(work / "catalog", n=300, seed=7)
+        triton = TritonServer(work / "repo", free_port(), free_port(), free_port(), work_dir=work / "triton")
+        triton.start(log_file=open(work / "triton.log", "w"))
+        env = {
+            "LOOKSYNC_TRITON_URL": f"127.0.0.1:{triton.grpc_port}",
+            "LOOKSYNC_DATA_DIR": str(work / "data"),
+            "LOOKSYNC_DEDUP_THRESHOLD": "0.9999",
+            "LOOKSYNC_CACHE": "off",
+            "LOOKSYNC_REQUEST_TIMEOUT_S": "5",
+        }
+        import os
+
+        env = {**os.environ, **env}
+        subprocess.run(
+            [sys.executable, "-m", "clients.cli", "index", str(catalog), "--quiet"],
+            env=env,
+            cwd=REPO,
+            check=True,
+        )
+        looks = looks_from(catalog, int(args.rate * (duration + 3)) + 5)  # distinct: no cache hits
+        texts = [json.loads(line)["title"] for line in catalog.read_text().splitlines()]
+        rows, figures = [], {}
+        settings = [
+            ("no LLM (fallbacks)", {}),
+            (
+                f"LLM stub, {args.llm_latency_ms:.0f} ms per call",
+                {"LOOKSYNC_LLM_BASE_URL": stub.base_url, "LOOKSYNC_LLM_MODEL": "stub"},
+            ),
+        ]
+        for label, extra in settings:
+            gw = start_gateway({**env, **extra}, work / "gateway.log")
+            try:
+                report = measure(gw.address, args.rate, duration, looks=looks, mix={"look": 1.0})
+            finally:
+                gw.stop()
+            look = report["rpcs"]["SearchLook"]
+            stages = look["server_timings"]["stages_mean_ms"] if look["server_timings"] else {}
+            rows.append(
+                [
+                    label,
+                    f"{args.rate:g}/s",
+                    look["ok"],
+                    sum(look["errors"].values()),
+                    f"{look['latency_ms']['p50']:.0f}",
+                    f"{look['latency_ms']['p99']:.0f}",
+                    ", ".join(f"{k} {v:.0f}" for k, v in stages.items()),
+                ]
+            )
+            key = "llm" if extra else "fallback"
+            figures[f"look_{key}_p50_ms"] = round(look["latency_ms"]["p50"], 1)
+            figures[f"look_{key}_p99_ms"] = round(look["latency_ms"]["p99"], 1)
+            print(
+                f"[bench] {label}: p50 {look['latency_ms']['p50']:.0f} ms, p99 {look['latency_ms']['p99']:.0f} ms",
+                flush=True,
+            )
+        gw = start_gateway(env, work / "gateway.log")
+        try:
+            text = measure(gw.address, args.text_rate, duration, texts=texts, mix={"text": 1.0})
+        finally:
+            gw.stop()
+        st = text["rpcs"]["SearchText"]["server_timings"]
+        overhead = st["gateway_overhead_mean_ms"]
+        figures["text_gateway_overhead_ms"] = round(overhead, 2)
+        figures["text_p50_ms"] = round(text["latency_ms"]["p50"], 1)
+        rows.append(
+            [
+                f"SearchText (overhead {overhead:.1f} ms = end to end {st['end_to_end_mean_ms']:.1f} − stages)",
+                f"{args.text_rate:g}/s",
+                text["ok"],
+                sum(text["errors"].values()),
+                f"{text['latency_ms']['p50']:.0f}",
+                f"{text['latency_ms']['p99']:.0f}",
+                ", ".join(f"{k} {v:.1f}" for k, v in st["stages_mean_ms"].items()),
+            ]
+        )
+        table = markdown_table(
+            ["setting", "rate", "ok", "errors", "p50 ms", "p99 ms", "mean ms per stage"], rows
+        )
+        print(table)
+        write_json("look_e2e" + ("_quick" if args.quick else ""), figures)
+        if not args.no_record:
+            append_results(
+                "Look search end to end at a fixed rate (tiny CLIP, CPU Triton, embedded index)",
+                table,
+                "Open loop on a fixed schedule; latency from the scheduled send time. Every look is distinct "
+                "(the result cache is off). The LLM stub answers query generation and each layer's rerank after "
+                "the stated delay (reranks run concurrently). Gateway overhead = client-measured time minus the "
+                "stages the gateway reports (gRPC, serialisation, servicer glue).",
+            )
+    finally:
+        stub.stop()
+        if triton is not None:
+            triton.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
