@@ -9,6 +9,7 @@ import time
 import uuid
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -137,11 +138,46 @@ def _response(result: SearchResult, request_id: str) -> pb.SearchResponse:
     )
 
 
+class Undecodable:
+    """A request whose bytes are not a valid message (e.g. invalid UTF-8 in a string field)."""
+
+    def __init__(self, kind: str, error: str):
+        self.kind, self.error = kind, error
+
+
+def _lenient(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(cls.__name__, str(exc))
+
+    return parse
+
+
+def add_look_search(servicer, server) -> None:
+    """Like the generated add_LookSearchServicer_to_server, but a request that does not decode
+    reaches the servicer (and gets INVALID_ARGUMENT) instead of grpcio's generic INTERNAL."""
+    methods = {
+        "SearchText": (pb.SearchTextRequest, servicer.SearchText),
+        "SearchImage": (pb.SearchImageRequest, servicer.SearchImage),
+        "SearchLook": (pb.SearchLookRequest, servicer.SearchLook),
+    }
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            method, request_deserializer=_lenient(cls), response_serializer=lambda m: m.SerializeToString()
+        )
+        for name, (cls, method) in methods.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
 class LookSearchServicer(pb_grpc.LookSearchServicer):
     def __init__(self, searcher: Searcher, look_searcher: LookSearcher, settings: Settings):
         self.searcher = searcher
         self.look_searcher = look_searcher
         self.settings = settings
+        self.in_flight = 0
 
     def _deadline(self, context) -> Deadline:
         remaining = context.time_remaining()
@@ -151,11 +187,24 @@ class LookSearchServicer(pb_grpc.LookSearchServicer):
         # Keep a little of the client's deadline for building and sending the answer.
         return Deadline.after(min(remaining - RESPONSE_MARGIN_S, default * 10))
 
-    async def _run(self, rpc: str, context, handler, respond=None):
+    async def _run(self, rpc: str, context, handler, respond=None, request=None):
         metadata = dict(context.invocation_metadata() or ())
         request_id = metadata.get("x-request-id") or uuid.uuid4().hex
         request_id_var.set(request_id)
         await context.send_initial_metadata((("x-request-id", request_id),))
+        if self.in_flight >= self.settings.max_in_flight:
+            # Shed load at once: queueing past the limit would only turn into deadline errors.
+            RPC_ERRORS.labels(rpc, "RESOURCE_EXHAUSTED").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.in_flight} requests in flight, the limit is {self.settings.max_in_flight}; retry later",
+            )
+        if isinstance(request, Undecodable):
+            RPC_ERRORS.labels(rpc, "INVALID_ARGUMENT").inc()
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {request.kind} ({request.error})"
+            )
+        self.in_flight += 1
         start = time.perf_counter()
         code = "OK"
         try:
@@ -175,6 +224,7 @@ class LookSearchServicer(pb_grpc.LookSearchServicer):
             logger.exception("unexpected error in %s", rpc)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
         finally:
+            self.in_flight -= 1
             elapsed = time.perf_counter() - start
             RPC_SECONDS.labels(rpc).observe(elapsed)
             if code != "OK":
@@ -193,7 +243,7 @@ class LookSearchServicer(pb_grpc.LookSearchServicer):
                 _space_from_proto(request.space),
             )
 
-        return await self._run("SearchText", context, handle)
+        return await self._run("SearchText", context, handle, request=request)
 
     async def SearchImage(self, request, context):
         s = self.settings
@@ -209,7 +259,7 @@ class LookSearchServicer(pb_grpc.LookSearchServicer):
                 _space_from_proto(request.space),
             )
 
-        return await self._run("SearchImage", context, handle)
+        return await self._run("SearchImage", context, handle, request=request)
 
     async def SearchLook(self, request, context):
         s = self.settings
@@ -222,7 +272,7 @@ class LookSearchServicer(pb_grpc.LookSearchServicer):
                 deadline,
             )
 
-        return await self._run("SearchLook", context, handle, _look_response)
+        return await self._run("SearchLook", context, handle, _look_response, request=request)
 
 
 async def _watch_health(
@@ -256,12 +306,27 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         ]
     )
     look_searcher = build_look_searcher(settings, embedder, index)
-    pb_grpc.add_LookSearchServicer_to_server(LookSearchServicer(searcher, look_searcher, settings), server)
+    add_look_search(LookSearchServicer(searcher, look_searcher, settings), server)
+    from gateway.admin import AdminServicer
+
+    pb_grpc.add_AdminServicer_to_server(AdminServicer(settings, index, embedder), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    admin_service = pb.DESCRIPTOR.services_by_name["Admin"].full_name
+    reflection.enable_server_reflection(
+        (SERVICE, admin_service, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     address = f"{settings.grpc_host}:{settings.grpc_port}"
-    if server.add_insecure_port(address) == 0:
+    if settings.tls_cert_file and settings.tls_key_file:
+        credentials = grpc.ssl_server_credentials(
+            [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())]
+        )
+        bound = server.add_secure_port(address, credentials)
+    elif settings.tls_cert_file or settings.tls_key_file:
+        raise SystemExit("TLS needs both LOOKSYNC_TLS_CERT_FILE and LOOKSYNC_TLS_KEY_FILE")
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
         raise SystemExit(f"cannot listen on {address}")
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="0.0.0.0")

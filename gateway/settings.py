@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     grpc_port: int = 50051
     metrics_port: int = 9464
     request_timeout_s: float = Field(5.0, description="deadline when the client sets none")
+    max_in_flight: int = Field(64, description="search RPCs served at once; beyond: RESOURCE_EXHAUSTED")
+    tls_cert_file: Path | None = Field(None, description="PEM certificate: serve gRPC over TLS")
+    tls_key_file: Path | None = Field(None, description="PEM private key for tls_cert_file")
     max_request_bytes: int = 16 << 20
     max_image_pixels: int = 40_000_000
     max_k: int = 200

@@ -24,35 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agateway/api/looksync.proto\x12\x0blooksync.v1\"\xbf\x01\n\x07\x46ilters\x12\x12\n\ncategories\x18\x01 \x03(\t\x12\x0e\n\x06gender\x18\x02 \x01(\t\x12\x0e\n\x06market\x18\x03 \x01(\t\x12\x0e\n\x06\x62rands\x18\x04 \x03(\t\x12\r\n\x05sizes\x18\x05 \x03(\t\x12\x16\n\tmin_price\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tmax_price\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rin_stock_only\x18\x08 \x01(\x08\x42\x0c\n\n_min_priceB\x0c\n\n_max_price\"\xba\x01\n\x07Product\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\r\n\x05\x62rand\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x0e\n\x06gender\x18\x05 \x01(\t\x12\x0e\n\x06market\x18\x06 \x01(\t\x12\r\n\x05price\x18\x07 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x08 \x01(\t\x12\r\n\x05sizes\x18\t \x03(\t\x12\x10\n\x08in_stock\x18\n \x01(\x08\x12\x11\n\timage_url\x18\x0b \x01(\t\"O\n\x03Hit\x12%\n\x07product\x18\x01 \x01(\x0b\x32\x14.looksync.v1.Product\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x12\n\nduplicates\x18\x03 \x01(\x05\"=\n\x0e\x45mbeddingSpace\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\"(\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\n\n\x02ms\x18\x02 \x01(\x01\"\x7f\n\x11SearchTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12%\n\x07\x66ilters\x18\x02 \x01(\x0b\x32\x14.looksync.v1.Filters\x12\t\n\x01k\x18\x03 \x01(\x05\x12*\n\x05space\x18\x04 \x01(\x0b\x32\x1b.looksync.v1.EmbeddingSpace\"\xad\x01\n\x12SearchImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x15\n\rtext_modifier\x18\x02 \x01(\t\x12\x13\n\x0btext_weight\x18\x03 \x01(\x02\x12%\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x14.looksync.v1.Filters\x12\t\n\x01k\x18\x05 \x01(\x05\x12*\n\x05space\x18\x06 \x01(\x0b\x32\x1b.looksync.v1.EmbeddingSpace\"\xb3\x01\n\x0eSearchResponse\x12\x1e\n\x04hits\x18\x01 \x03(\x0b\x32\x10.looksync.v1.Hit\x12*\n\x05space\x18\x02 \x01(\x0b\x32\x1b.looksync.v1.EmbeddingSpace\x12)\n\x07timings\x18\x03 \x03(\x0b\x32\x18.looksync.v1.StageTiming\x12\x16\n\x0etext_truncated\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"^\n\x11SearchLookRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12%\n\x07\x66ilters\x18\x02 \x01(\x0b\x32\x14.looksync.v1.Filters\x12\x13\n\x0bk_per_layer\x18\x03 \x01(\x05\"x\n\x0bLayerResult\x12\r\n\x05layer\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x14\n\x0cquery_source\x18\x03 \x01(\t\x12\x15\n\rrerank_source\x18\x04 \x01(\t\x12\x1e\n\x04hits\x18\x05 \x03(\x0b\x32\x10.looksync.v1.Hit\"\xb9\x01\n\x12SearchLookResponse\x12(\n\x06layers\x18\x01 \x03(\x0b\x32\x18.looksync.v1.LayerResult\x12*\n\x05space\x18\x02 \x01(\x0b\x32\x1b.looksync.v1.EmbeddingSpace\x12)\n\x07timings\x18\x03 \x03(\x0b\x32\x18.looksync.v1.StageTiming\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x32\xf3\x01\n\nLookSearch\x12M\n\nSearchLook\x12\x1e.looksync.v1.SearchLookRequest\x1a\x1f.looksync.v1.SearchLookResponse\x12I\n\nSearchText\x12\x1e.looksync.v1.SearchTextRequest\x1a\x1b.looksync.v1.SearchResponse\x12K\n\x0bSearchImage\x12\x1f.looksync.v1.SearchImageRequest\x1a\x1b.looksync.v1.SearchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agateway/api/looksync.proto\x12\x0blooksync.v1\"#\n\x12ModelStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"y\n\tIndexInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x05space\x18\x02 \x01(\x0b\x32\x1b.looksync.v1.EmbeddingSpace\x12\x10\n\x08products\x18\x03 \x01(\x03\x12\x0f\n\x07serving\x18\x04 \x01(\x08\x12\x0f\n\x07written\x18\x05 \x01(\x08\"\xbf\x01\n\x13ModelStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x19\n\x11\x65xported_versions\x18\x02 \x03(\x05\x12\x17\n\x0floaded_versions\x18\x03 \x03(\x05\x12\r\n\x05\x61lias\x18\x04 \x01(\t\x12\x14\n\x0c\x61lias_target\x18\x05 \x01(\t\x12\x17\n\x0fprevious_target\x18\x06 \x01(\t\x12\'\n\x07indexes\x18\x07 \x03(\x0b\x32\x16.looksync.v1.IndexInfo\"\x81\x01\n\x14\x41\x63tivateModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x14\n\x0c\x63\x61talog_path\x18\x03 \x01(\t\x12\x0f\n\x07grace_s\x18\x04 \x01(\x01\x12\x13\n\x0bmin_overlap\x18\x05 \x01(\x01\x12\r\n\x05\x66orce\x18\x06 \x01(\x08\"y\n\x15\x41\x63tivateModelResponse\x12*\n\x05space\x18\x01 \x01(\x0b\x32\x1b.looksync.v1.EmbeddingSpace\x12\x11\n\treindex_s\x18\x02 \x01(\x01\x12\x0f\n\x07overlap\x18\x03 \x01(\x01\x12\x10\n\x08products\x18\x04 \x01(\x03\"%\n\x14RollbackModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"C\n\x15RollbackModelResponse\x12*\n\x05space\x18\x01 \x01(\x0b\x32\x1b.looksync.v1.EmbeddingSpace\"\xbf\x01\n\x07\x46ilters\x12\x12\n\ncategories\x18\x01 \x03(\t\x12\x0e\n\x06gender\x18\x02 \x01(\t\x12\x0e\n\x06market\x18\x03 \x01(\t\x12\x0e\n\x06\x62rands\x18\x04 \x03(\t\x12\r\n\x05sizes\x18\x05 \x03(\t\x12\x16\n\tmin_price\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tmax_price\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rin_stock_only\x18\x08 \x01(\x08\x42\x0c\n\n_min_priceB\x0c\n\n_max_price\"\xba\x01\n\x07Product\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\r\n\x05\x62rand\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x0e\n\x06gender\x18\x05 \x01(\t\x12\x0e\n\x06market\x18\x06 \x01(\t\x12\r\n\x05price\x18\x07 \x01(\x01\x12\x10\n\x08\x63urrency\x18\x08 \x01(\t\x12\r\n\x05sizes\x18\t \x03(\t\x12\x10\n\x08in_stock\x18\n \x01(\x08\x12\x11\n\timage_url\x18\x0b \x01(\t\"O\n\x03Hit\x12%\n\x07product\x18\x01 \x01(\x0b\x32\x14.looksync.v1.Product\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x12\n\nduplicates\x18\x03 \x01(\x05\"=\n\x0e\x45mbeddingSpace\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\"(\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\n\n\x02ms\x18\x02 \x01(\x01\"\x7f\n\x11SearchTextRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12%\n\x07\x66ilters\x18\x02 \x01(\x0b\x32\x14.looksync.v1.Filters\x12\t\n\x01k\x18\x03 \x01(\x05\x12*\n\x05space\x18\x04 \x01(\x0b\x32\x1b.looksync.v1.EmbeddingSpace\"\xad\x01\n\x12SearchImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x15\n\rtext_modifier\x18\x02 \x01(\t\x12\x13\n\x0btext_weight\x18\x03 \x01(\x02\x12%\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x14.looksync.v1.Filters\x12\t\n\x01k\x18\x05 \x01(\x05\x12*\n\x05space\x18\x06 \x01(\x0b\x32\x1b.looksync.v1.EmbeddingSpace\"\xb3\x01\n\x0eSearchResponse\x12\x1e\n\x04hits\x18\x01 \x03(\x0b\x32\x10.looksync.v1.Hit\x12*\n\x05space\x18\x02 \x01(\x0b\x32\x1b.looksync.v1.EmbeddingSpace\x12)\n\x07timings\x18\x03 \x03(\x0b\x32\x18.looksync.v1.StageTiming\x12\x16\n\x0etext_truncated\x18\x04 \x01(\x08\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"^\n\x11SearchLookRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12%\n\x07\x66ilters\x18\x02 \x01(\x0b\x32\x14.looksync.v1.Filters\x12\x13\n\x0bk_per_layer\x18\x03 \x01(\x05\"x\n\x0bLayerResult\x12\r\n\x05layer\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x14\n\x0cquery_source\x18\x03 \x01(\t\x12\x15\n\rrerank_source\x18\x04 \x01(\t\x12\x1e\n\x04hits\x18\x05 \x03(\x0b\x32\x10.looksync.v1.Hit\"\xb9\x01\n\x12SearchLookResponse\x12(\n\x06layers\x18\x01 \x03(\x0b\x32\x18.looksync.v1.LayerResult\x12*\n\x05space\x18\x02 \x01(\x0b\x32\x1b.looksync.v1.EmbeddingSpace\x12)\n\x07timings\x18\x03 \x03(\x0b\x32\x18.looksync.v1.StageTiming\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x32\xf3\x01\n\nLookSearch\x12M\n\nSearchLook\x12\x1e.looksync.v1.SearchLookRequest\x1a\x1f.looksync.v1.SearchLookResponse\x12I\n\nSearchText\x12\x1e.looksync.v1.SearchTextRequest\x1a\x1b.looksync.v1.SearchResponse\x12K\n\x0bSearchImage\x12\x1f.looksync.v1.SearchImageRequest\x1a\x1b.looksync.v1.SearchResponse2\x89\x02\n\x05\x41\x64min\x12P\n\x0bModelStatus\x12\x1f.looksync.v1.ModelStatusRequest\x1a .looksync.v1.ModelStatusResponse\x12V\n\rActivateModel\x12!.looksync.v1.ActivateModelRequest\x1a\".looksync.v1.ActivateModelResponse\x12V\n\rRollbackModel\x12!.looksync.v1.RollbackModelRequest\x1a\".looksync.v1.RollbackModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gateway.api.looksync_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FILTERS']._serialized_start=44
-  _globals['_FILTERS']._serialized_end=235
-  _globals['_PRODUCT']._serialized_start=238
-  _globals['_PRODUCT']._serialized_end=424
-  _globals['_HIT']._serialized_start=426
-  _globals['_HIT']._serialized_end=505
-  _globals['_EMBEDDINGSPACE']._serialized_start=507
-  _globals['_EMBEDDINGSPACE']._serialized_end=568
-  _globals['_STAGETIMING']._serialized_start=570
-  _globals['_STAGETIMING']._serialized_end=610
-  _globals['_SEARCHTEXTREQUEST']._serialized_start=612
-  _globals['_SEARCHTEXTREQUEST']._serialized_end=739
-  _globals['_SEARCHIMAGEREQUEST']._serialized_start=742
-  _globals['_SEARCHIMAGEREQUEST']._serialized_end=915
-  _globals['_SEARCHRESPONSE']._serialized_start=918
-  _globals['_SEARCHRESPONSE']._serialized_end=1097
-  _globals['_SEARCHLOOKREQUEST']._serialized_start=1099
-  _globals['_SEARCHLOOKREQUEST']._serialized_end=1193
-  _globals['_LAYERRESULT']._serialized_start=1195
-  _globals['_LAYERRESULT']._serialized_end=1315
-  _globals['_SEARCHLOOKRESPONSE']._serialized_start=1318
-  _globals['_SEARCHLOOKRESPONSE']._serialized_end=1503
-  _globals['_LOOKSEARCH']._serialized_start=1506
-  _globals['_LOOKSEARCH']._serialized_end=1749
+  _globals['_MODELSTATUSREQUEST']._serialized_start=43
+  _globals['_MODELSTATUSREQUEST']._serialized_end=78
+  _globals['_INDEXINFO']._serialized_start=80
+  _globals['_INDEXINFO']._serialized_end=201
+  _globals['_MODELSTATUSRESPONSE']._serialized_start=204
+  _globals['_MODELSTATUSRESPONSE']._serialized_end=395
+  _globals['_ACTIVATEMODELREQUEST']._serialized_start=398
+  _globals['_ACTIVATEMODELREQUEST']._serialized_end=527
+  _globals['_ACTIVATEMODELRESPONSE']._serialized_start=529
+  _globals['_ACTIVATEMODELRESPONSE']._serialized_end=650
+  _globals['_ROLLBACKMODELREQUEST']._serialized_start=652
+  _globals['_ROLLBACKMODELREQUEST']._serialized_end=689
+  _globals['_ROLLBACKMODELRESPONSE']._serialized_start=691
+  _globals['_ROLLBACKMODELRESPONSE']._serialized_end=758
+  _globals['_FILTERS']._serialized_start=761
+  _globals['_FILTERS']._serialized_end=952
+  _globals['_PRODUCT']._serialized_start=955
+  _globals['_PRODUCT']._serialized_end=1141
+  _globals['_HIT']._serialized_start=1143
+  _globals['_HIT']._serialized_end=1222
+  _globals['_EMBEDDINGSPACE']._serialized_start=1224
+  _globals['_EMBEDDINGSPACE']._serialized_end=1285
+  _globals['_STAGETIMING']._serialized_start=1287
+  _globals['_STAGETIMING']._serialized_end=1327
+  _globals['_SEARCHTEXTREQUEST']._serialized_start=1329
+  _globals['_SEARCHTEXTREQUEST']._serialized_end=1456
+  _globals['_SEARCHIMAGEREQUEST']._serialized_start=1459
+  _globals['_SEARCHIMAGEREQUEST']._serialized_end=1632
+  _globals['_SEARCHRESPONSE']._serialized_start=1635
+  _globals['_SEARCHRESPONSE']._serialized_end=1814
+  _globals['_SEARCHLOOKREQUEST']._serialized_start=1816
+  _globals['_SEARCHLOOKREQUEST']._serialized_end=1910
+  _globals['_LAYERRESULT']._serialized_start=1912
+  _globals['_LAYERRESULT']._serialized_end=2032
+  _globals['_SEARCHLOOKRESPONSE']._serialized_start=2035
+  _globals['_SEARCHLOOKRESPONSE']._serialized_end=2220
+  _globals['_LOOKSEARCH']._serialized_start=2223
+  _globals['_LOOKSEARCH']._serialized_end=2466
+  _globals['_ADMIN']._serialized_start=2469
+  _globals['_ADMIN']._serialized_end=2734
 # @@protoc_insertion_point(module_scope)

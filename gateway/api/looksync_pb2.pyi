@@ -6,6 +6,84 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ModelStatusRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class IndexInfo(_message.Message):
+    __slots__ = ("name", "space", "products", "serving", "written")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    space: EmbeddingSpace
+    products: int
+    serving: bool
+    written: bool
+    def __init__(self, name: _Optional[str] = ..., space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., products: _Optional[int] = ..., serving: _Optional[bool] = ..., written: _Optional[bool] = ...) -> None: ...
+
+class ModelStatusResponse(_message.Message):
+    __slots__ = ("model", "exported_versions", "loaded_versions", "alias", "alias_target", "previous_target", "indexes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    ALIAS_TARGET_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_TARGET_FIELD_NUMBER: _ClassVar[int]
+    INDEXES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    exported_versions: _containers.RepeatedScalarFieldContainer[int]
+    loaded_versions: _containers.RepeatedScalarFieldContainer[int]
+    alias: str
+    alias_target: str
+    previous_target: str
+    indexes: _containers.RepeatedCompositeFieldContainer[IndexInfo]
+    def __init__(self, model: _Optional[str] = ..., exported_versions: _Optional[_Iterable[int]] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., alias: _Optional[str] = ..., alias_target: _Optional[str] = ..., previous_target: _Optional[str] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ...) -> None: ...
+
+class ActivateModelRequest(_message.Message):
+    __slots__ = ("model", "version", "catalog_path", "grace_s", "min_overlap", "force")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_PATH_FIELD_NUMBER: _ClassVar[int]
+    GRACE_S_FIELD_NUMBER: _ClassVar[int]
+    MIN_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    catalog_path: str
+    grace_s: float
+    min_overlap: float
+    force: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., catalog_path: _Optional[str] = ..., grace_s: _Optional[float] = ..., min_overlap: _Optional[float] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class ActivateModelResponse(_message.Message):
+    __slots__ = ("space", "reindex_s", "overlap", "products")
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    REINDEX_S_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    space: EmbeddingSpace
+    reindex_s: float
+    overlap: float
+    products: int
+    def __init__(self, space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., reindex_s: _Optional[float] = ..., overlap: _Optional[float] = ..., products: _Optional[int] = ...) -> None: ...
+
+class RollbackModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class RollbackModelResponse(_message.Message):
+    __slots__ = ("space",)
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    space: EmbeddingSpace
+    def __init__(self, space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ...) -> None: ...
+
 class Filters(_message.Message):
     __slots__ = ("categories", "gender", "market", "brands", "sizes", "min_price", "max_price", "in_stock_only")
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]

@@ -181,3 +181,170 @@ class LookSearch:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class AdminStub:
+    """Operators' service. Every call needs `authorization: Bearer <LOOKSYNC_ADMIN_TOKEN>` metadata:
+    none -> UNAUTHENTICATED, a wrong one -> PERMISSION_DENIED; with no token configured the
+    service refuses everything.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ModelStatus = channel.unary_unary(
+                '/looksync.v1.Admin/ModelStatus',
+                request_serializer=gateway_dot_api_dot_looksync__pb2.ModelStatusRequest.SerializeToString,
+                response_deserializer=gateway_dot_api_dot_looksync__pb2.ModelStatusResponse.FromString,
+                _registered_method=True)
+        self.ActivateModel = channel.unary_unary(
+                '/looksync.v1.Admin/ActivateModel',
+                request_serializer=gateway_dot_api_dot_looksync__pb2.ActivateModelRequest.SerializeToString,
+                response_deserializer=gateway_dot_api_dot_looksync__pb2.ActivateModelResponse.FromString,
+                _registered_method=True)
+        self.RollbackModel = channel.unary_unary(
+                '/looksync.v1.Admin/RollbackModel',
+                request_serializer=gateway_dot_api_dot_looksync__pb2.RollbackModelRequest.SerializeToString,
+                response_deserializer=gateway_dot_api_dot_looksync__pb2.RollbackModelResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Operators' service. Every call needs `authorization: Bearer <LOOKSYNC_ADMIN_TOKEN>` metadata:
+    none -> UNAUTHENTICATED, a wrong one -> PERMISSION_DENIED; with no token configured the
+    service refuses everything.
+    """
+
+    def ModelStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ActivateModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackModel(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ModelStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelStatus,
+                    request_deserializer=gateway_dot_api_dot_looksync__pb2.ModelStatusRequest.FromString,
+                    response_serializer=gateway_dot_api_dot_looksync__pb2.ModelStatusResponse.SerializeToString,
+            ),
+            'ActivateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ActivateModel,
+                    request_deserializer=gateway_dot_api_dot_looksync__pb2.ActivateModelRequest.FromString,
+                    response_serializer=gateway_dot_api_dot_looksync__pb2.ActivateModelResponse.SerializeToString,
+            ),
+            'RollbackModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackModel,
+                    request_deserializer=gateway_dot_api_dot_looksync__pb2.RollbackModelRequest.FromString,
+                    response_serializer=gateway_dot_api_dot_looksync__pb2.RollbackModelResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'looksync.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('looksync.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Operators' service. Every call needs `authorization: Bearer <LOOKSYNC_ADMIN_TOKEN>` metadata:
+    none -> UNAUTHENTICATED, a wrong one -> PERMISSION_DENIED; with no token configured the
+    service refuses everything.
+    """
+
+    @staticmethod
+    def ModelStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/looksync.v1.Admin/ModelStatus',
+            gateway_dot_api_dot_looksync__pb2.ModelStatusRequest.SerializeToString,
+            gateway_dot_api_dot_looksync__pb2.ModelStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActivateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/looksync.v1.Admin/ActivateModel',
+            gateway_dot_api_dot_looksync__pb2.ActivateModelRequest.SerializeToString,
+            gateway_dot_api_dot_looksync__pb2.ActivateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/looksync.v1.Admin/RollbackModel',
+            gateway_dot_api_dot_looksync__pb2.RollbackModelRequest.SerializeToString,
+            gateway_dot_api_dot_looksync__pb2.RollbackModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
