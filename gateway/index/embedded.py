@@ -154,20 +154,24 @@ class EmbeddedIndex(CatalogIndex):
         self.alias = alias
         self.refresh_s = refresh_s
         self.manifest = Manifest(self.root)
-        self._db = None
-        self._tables: dict[str, object] = {}
+        self._db = self._strong_db = None
+        self._tables: dict[tuple[str, bool], object] = {}
         self._manifest_checked = 0.0
         self._lock = asyncio.Lock()
 
-    async def _connect(self):
+    async def _connect(self, strong: bool = False):
+        """Searches may lag other processes' commits by refresh_s (cheap); read-modify-write
+        goes through a second, strongly consistent connection: computing a write from a stale
+        snapshot would let an old event overwrite a newer one."""
         if self._db is None:
             self.root.mkdir(parents=True, exist_ok=True)
-            # Other processes (the indexer, ingest workers) write the same tables; this is how
-            # long a reader may serve a version older than their last commit.
             self._db = await lancedb.connect_async(
                 str(self.root), read_consistency_interval=timedelta(seconds=self.refresh_s)
             )
-        return self._db
+            self._strong_db = await lancedb.connect_async(
+                str(self.root), read_consistency_interval=timedelta(0)
+            )
+        return self._strong_db if strong else self._db
 
     def _manifest(self) -> dict:
         now = time.monotonic()
@@ -176,15 +180,15 @@ class EmbeddedIndex(CatalogIndex):
             return self.manifest.read()  # a stat(); re-parsed only when the file changed
         return self.manifest._data
 
-    async def _table(self, name: str):
-        table = self._tables.get(name)
+    async def _table(self, name: str, strong: bool = False):
+        table = self._tables.get((name, strong))
         if table is None:
-            db = await self._connect()
+            db = await self._connect(strong)
             try:
                 table = await db.open_table(name)
             except (ValueError, FileNotFoundError) as exc:
                 raise Unavailable(f"index {name!r} cannot be opened: {exc}") from None
-            self._tables[name] = table
+            self._tables[(name, strong)] = table
         return table
 
     def _space_of(self, name: str) -> EmbeddingSpace:
@@ -292,7 +296,8 @@ class EmbeddedIndex(CatalogIndex):
             data["write_also"] = [n for n in data.get("write_also", []) if n != name]
         db = await self._connect()
         await db.drop_table(name, ignore_missing=True)
-        self._tables.pop(name, None)
+        self._tables.pop((name, False), None)
+        self._tables.pop((name, True), None)
 
     async def upsert(self, space, items):
         """items: (product, image_hash, vector[, event_seq]); without an event_seq the write
@@ -330,7 +335,7 @@ class EmbeddedIndex(CatalogIndex):
         re-applied, which is safe because they are idempotent and order-free."""
         if not ops:
             return []
-        table = await self._table(await self.ensure(space))
+        table = await self._table(await self.ensure(space), strong=True)
         ids = list(dict.fromkeys(op.product_id for op in ops))
         for _ in range(attempts):
             stored = await self._rows(space, ids)
@@ -379,7 +384,7 @@ class EmbeddedIndex(CatalogIndex):
         return pa.table(columns, schema=schema)
 
     async def _rows(self, space: EmbeddingSpace, ids: list[str]) -> dict[str, dict]:
-        table = await self._table(await self.ensure(space, make_current_if_none=False))
+        table = await self._table(await self.ensure(space, make_current_if_none=False), strong=True)
         found = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]

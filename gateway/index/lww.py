@@ -2,9 +2,11 @@
 matters: each stored field remembers the position (event_seq) of the event that set it.
 
 - upsert(seq):  sets every field whose stored seq is older; a tombstone newer than the upsert
-                wins; an upsert newer than the tombstone brings the product back, fresh.
-- update(seq):  sets the given fields where their stored seq is older; a product that is not
-                there (or deleted) is "missing".
+                wins; an upsert newer than the tombstone brings the product back (fields set
+                by even newer events keep their values).
+- update(seq):  sets the given fields where their stored seq is older; older than a delete it
+                is "stale"; a product that is not there (or deleted before it) is "missing"
+                (its upsert may still be on its way).
 - delete(seq):  applies when no upsert newer than it has been seen; leaves a tombstone.
 
 Replaying any event gives the same state (idempotent); any interleaving of the same events
@@ -31,11 +33,12 @@ def apply(row: dict | None, op: Op) -> tuple[dict | None, str]:
     """The new row (None: unchanged) and the outcome: applied | stale | missing."""
     seqs = dict(row["field_seqs"]) if row else {}
     if op.kind == "upsert":
-        if row is not None and row["deleted"]:
-            if row["deleted_seq"] >= op.seq:
-                return None, "stale"
-            row, seqs = None, {}  # re-listed after a delete: start over
-        new = dict(row) if row else {"id": op.product_id, "deleted": False, "deleted_seq": 0}
+        if row is not None and row["deleted"] and row["deleted_seq"] >= op.seq:
+            return None, "stale"
+        # A re-listing after a delete starts from the tombstone: fields written by events newer
+        # than this upsert (updates that arrived before it) must survive it.
+        new = dict(row) if row else {"id": op.product_id, "deleted_seq": 0}
+        new["deleted"] = False
         changed = False
         for name, value in op.fields.items():
             key = IMAGE if name in ("image_hash", "vector") else name
@@ -45,11 +48,13 @@ def apply(row: dict | None, op: Op) -> tuple[dict | None, str]:
         for name in op.fields:
             key = IMAGE if name in ("image_hash", "vector") else name
             seqs[key] = max(seqs.get(key, -1), op.seq)
-        if not changed and row is not None:
+        if not changed and row is not None and not row["deleted"]:
             return None, "stale"
         new["field_seqs"] = seqs
         new["event_seq"] = max(seqs.values())
         return new, "applied"
+    if row is not None and row["deleted"] and op.kind == "update" and row["deleted_seq"] >= op.seq:
+        return None, "stale"  # the product was deleted after this update: nothing to do
     if row is None or row["deleted"]:
         if op.kind == "delete":
             tomb = {
