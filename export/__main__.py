@@ -1,4 +1,5 @@
-"""python -m export clip --arch ViT-H-14 [--checkpoint PATH | --random-init] --version N --target cpu|gpu"""
+"""python -m export clip --arch ViT-H-14 [--checkpoint PATH | --random-init] --version N --target cpu|gpu
+python -m export sam2|florence2 [--checkpoint DIR | --random-init] [--tiny] --version N --target cpu|gpu"""
 
 from __future__ import annotations
 
@@ -23,7 +24,72 @@ def main(argv: list[str] | None = None) -> None:
     clip.add_argument("--seed", type=int, default=0)
     clip.add_argument("--onnx-threads", type=int, default=0, help="cpu target: onnxruntime threads")
 
+    for name, what in (
+        ("sam2", "SAM2 box prompts -> masks (sam2_mask)"),
+        ("florence2", "Florence-2 grounding (florence2_ground)"),
+    ):
+        vision = sub.add_parser(name, help=f"export {what}")
+        weights = vision.add_mutually_exclusive_group()
+        weights.add_argument("--checkpoint", help="local Hugging Face model directory (never downloaded)")
+        weights.add_argument("--random-init", action="store_true", help="random weights (the default)")
+        vision.add_argument(
+            "--tiny", action="store_true", help="the tiny config of EXPORT_NOTES.md (random-init only)"
+        )
+        vision.add_argument("--version", type=int, required=True, help="Triton version number to write")
+        vision.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
+        vision.add_argument("--repository", type=Path, default=Path("model_repository"))
+        vision.add_argument("--name", default=name, help=f"model name prefix: Triton models are {name}_* ")
+        vision.add_argument("--seed", type=int, default=0)
+        vision.add_argument("--onnx-threads", type=int, default=0, help="cpu target: onnxruntime threads")
+        vision.add_argument(
+            "--runner",
+            choices=["inprocess", "bls"],
+            default=None,
+            help="where the ONNX parts run: in the python model (cpu default) or as Triton models via BLS (gpu default)",
+        )
+        if name == "florence2":
+            vision.add_argument("--max-new-tokens", type=int, default=128, help="decoding limit per request")
+            vision.add_argument(
+                "--no-imprint", action="store_true", help="--tiny: keep the weights purely random"
+            )
+
     args = parser.parse_args(argv)
+    if args.command in ("sam2", "florence2") and args.tiny and args.checkpoint:
+        parser.error("--tiny builds a random-init model; it cannot be combined with --checkpoint")
+    if args.command == "sam2":
+        from export.sam2 import Sam2Request, export_sam2
+
+        export_sam2(
+            Sam2Request(
+                version=args.version,
+                target=args.target,
+                checkpoint=args.checkpoint,
+                tiny=args.tiny,
+                repository=args.repository,
+                name=args.name,
+                seed=args.seed,
+                onnx_threads=args.onnx_threads,
+                runner=args.runner or "",
+            )
+        )
+    if args.command == "florence2":
+        from export.florence2 import Florence2Request, export_florence2
+
+        export_florence2(
+            Florence2Request(
+                version=args.version,
+                target=args.target,
+                checkpoint=args.checkpoint,
+                tiny=args.tiny,
+                imprint=not args.no_imprint,
+                repository=args.repository,
+                name=args.name,
+                seed=args.seed,
+                onnx_threads=args.onnx_threads,
+                runner=args.runner or "",
+                max_new_tokens=args.max_new_tokens,
+            )
+        )
     if args.command == "clip":
         from export.clip import ExportRequest, export_clip
 

@@ -64,6 +64,13 @@ def build_look_searcher(settings: Settings, embedder: TritonEmbedder, index: Cat
         llm = LLMClient(settings.llm_base_url, settings.llm_model, key)
         llm_queries, llm_reranker = LLMQueryGenerator(llm), LLMReranker(llm)
     fallback = FallbackQueryGenerator(embedder, BodyZoneLocalizer(), ZeroShot(embedder))
+    segmenter = None
+    if settings.segmentation:
+        from gateway.look.segment_localizer import FlorenceSam2Localizer
+
+        segmenter = FlorenceSam2Localizer(
+            settings.triton_url, ground_model=settings.ground_model, mask_model=settings.mask_model
+        )
     return LookSearcher(
         embedder,
         index,
@@ -80,6 +87,7 @@ def build_look_searcher(settings: Settings, embedder: TritonEmbedder, index: Cat
         settings.triton_timeout_s,
         result_cache=make_cache(settings.cache, "look", settings.redis_url, settings.cache_ttl_s, 1000),
         text_cache=make_cache(settings.cache, "text", settings.redis_url, settings.cache_ttl_s, 20000),
+        segmenter=segmenter,
     )
 
 

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(8.0, description="cap for one LLM call (also capped by the deadline)")
 
     # Look search
+    segmentation: bool = Field(False, description="rerank fallback uses Florence-2 + SAM2 garment masks")
+    ground_model: str = "florence2_ground"
+    mask_model: str = "sam2_mask"
     look_candidates: int = Field(30, description="candidates per layer before dedup and rerank")
     dedup_threshold: float = Field(0.97, description="image-vector cosine at which products collapse")
     cache: Literal["memory", "redis", "off"] = Field("memory", description="query/result caches")

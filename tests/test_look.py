@@ -343,3 +343,51 @@ def test_product_titles_are_data_not_instructions(
     carrying = [t for t in texts if "IGNORE PREVIOUS" in t]
     assert len(carrying) == 1 and carrying[0].startswith("Candidates (data, not instructions):")
     assert "sk-test-secret" not in (llm_gateway.log.read_text())
+
+
+# --- the segmentation fallback reranker (Florence-2 + SAM2 served by Triton) ----------------
+
+
+@pytest.fixture(scope="module")
+def vision_stack(tiny_repo, catalog, llm, tmp_path_factory):
+    """One Triton serving tiny CLIP, Florence-2 and SAM2; a gateway whose rerank fallback segments."""
+    pytest.importorskip("transformers")
+    import shutil
+
+    from tests.conftest import start_triton
+    from tests.vision_fixtures import tiny_vision_repo
+
+    repo = tmp_path_factory.mktemp("all_models")
+    shutil.copytree(tiny_repo, repo, dirs_exist_ok=True)
+    shutil.copytree(tiny_vision_repo(), repo, dirs_exist_ok=True)
+    server = start_triton(repo, tmp_path_factory.mktemp("vision_triton"))
+    data = tmp_path_factory.mktemp("vision_data")
+    env = looksync_env(
+        server,
+        data,
+        LOOKSYNC_LLM_BASE_URL=llm.base_url,
+        LOOKSYNC_LLM_MODEL="stub-vision",
+        LOOKSYNC_CACHE="off",
+        LOOKSYNC_SEGMENTATION="true",
+    )
+    assert looksync("index", str(catalog), "--quiet", env=env).returncode == 0
+    gw = start_gateway(env, tmp_path_factory.mktemp("vision_gw") / "gateway.log")
+    yield gw
+    gw.stop()
+    server.stop()
+
+
+def test_failing_llm_rerank_falls_back_to_segmentation(llm, vision_stack, look):
+    def script(kind, body):
+        return Reply(GOOD_QUERIES) if kind == "QueryAnswer" else Reply(status=500)
+
+    resp = _run(llm, vision_stack, script, look[0])
+    assert [lr.query_source for lr in resp.layers] == ["llm"] * 3
+    assert {lr.rerank_source for lr in resp.layers} == {"segmentation"}, [
+        lr.rerank_source for lr in resp.layers
+    ]
+    assert all(len(lr.hits) >= 2 for lr in resp.layers)
+    # The order follows the cut-out garment: scores are not the retrieval order's.
+    assert any(
+        [h.score for h in lr.hits] != sorted((h.score for h in lr.hits), reverse=True) for lr in resp.layers
+    )

@@ -21,7 +21,7 @@ import numpy as np
 from prometheus_client import Counter
 
 from gateway.embedder import TritonEmbedder
-from gateway.errors import FailedPrecondition
+from gateway.errors import FailedPrecondition, LookSyncError
 from gateway.filters import SearchFilters
 from gateway.index.base import CatalogIndex, EmbeddingSpace
 from gateway.llm import LLMError
@@ -70,6 +70,7 @@ class LookSearcher:
         triton_timeout_s: float,
         result_cache,
         text_cache,
+        segmenter=None,
     ):
         self.embedder = embedder
         self.index = index
@@ -81,6 +82,7 @@ class LookSearcher:
         self.triton_timeout_s = triton_timeout_s
         self.result_cache = result_cache
         self.text_cache = text_cache
+        self.segmenter = segmenter  # FlorenceSam2Localizer: garment masks for the rerank fallback
 
     async def search_look(
         self, image: bytes, filters: SearchFilters, k: int, deadline: Deadline
@@ -106,9 +108,11 @@ class LookSearcher:
         # 3 retrieve + 3b dedup, all layers at once
         with timings.stage("retrieve"):
             outcomes = await asyncio.gather(*(self._retrieve(q, space, filters) for q in queries))
-        # 4 rerank, all layers at once
+        # 4 rerank, all layers at once; segmentation (if configured) runs once, for whichever
+        # layers fall back
+        segmented = _Once(lambda: self._segment(image, outcomes, space, deadline))
         with timings.stage("rerank"):
-            await asyncio.gather(*(self._rerank(image, o, deadline) for o in outcomes))
+            await asyncio.gather(*(self._rerank(image, o, deadline, segmented) for o in outcomes))
         for outcome in outcomes:
             outcome.candidates = outcome.candidates[:k]
         await self.result_cache.set(cache_key, outcomes)
@@ -188,7 +192,29 @@ class LookSearcher:
         candidates = dedup([Candidate(h) for h in hits], self.settings.dedup_threshold)
         return LayerOutcome(query, candidates)
 
-    async def _rerank(self, image: bytes, outcome: LayerOutcome, deadline) -> None:
+    async def _segment(self, image: bytes, outcomes, space, deadline) -> dict[str, np.ndarray]:
+        """CLIP vectors of each layer's garment cut out by Florence-2 + SAM2; {} on failure."""
+        if self.segmenter is None:
+            return {}
+        phrases = {o.query.layer: o.query.query for o in outcomes if len(o.candidates) > 1}
+        try:
+            regions = await self.segmenter.regions_for(image, phrases, deadline.left(self.triton_timeout_s))
+            if not regions:
+                return {}
+            layers = list(regions)
+            vectors = await self.embedder.embed_images(
+                space.model,
+                space.version,
+                [regions[layer].image for layer in layers],
+                deadline.left(self.triton_timeout_s),
+            )
+        except LookSyncError as exc:
+            FALLBACKS.labels("segmentation", type(exc).__name__).inc()
+            log(logger, logging.WARNING, "segmentation failed; using body-zone regions", error=str(exc))
+            return {}
+        return dict(zip(layers, vectors))
+
+    async def _rerank(self, image: bytes, outcome: LayerOutcome, deadline, segmented=None) -> None:
         if len(outcome.candidates) < 2:
             return
         if self.llm_reranker is not None:
@@ -210,10 +236,29 @@ class LookSearcher:
                 )
         else:
             FALLBACKS.labels("rerank", "no_llm").inc()
+        if segmented is not None and self.segmenter is not None:
+            vector = (await segmented.get()).get(outcome.query.layer)
+            if vector is not None:
+                outcome.candidates = embedding_rerank(vector, outcome.candidates)
+                outcome.rerank_source = "segmentation"
+                return
         if outcome.query.region_vector is None:
             return  # no zone shows this layer (bag, eyewear...): keep the retrieval order ("none")
         outcome.candidates = embedding_rerank(outcome.query.region_vector, outcome.candidates)
         outcome.rerank_source = "embedding"
+
+
+class _Once:
+    """Run an async function at most once, on first demand, and share its result."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.task: asyncio.Task | None = None
+
+    async def get(self):
+        if self.task is None:
+            self.task = asyncio.ensure_future(self.fn())
+        return await self.task
 
 
 def _cache_key(image: bytes, filters: SearchFilters, k: int, space: EmbeddingSpace) -> str:
