@@ -25,6 +25,9 @@ def _step(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
 
 
+DEMO_WEIGHTS = Path(__file__).resolve().parent.parent / "export" / "weights" / "looksync-demo.pt"
+
+
 def _ensure_model(settings: Settings) -> None:
     repo = settings.model_repository
     if f"{settings.embedding_model}_image" in models_in(repo):
@@ -32,9 +35,16 @@ def _ensure_model(settings: Settings) -> None:
         return
     from export.clip import ExportRequest, export_clip
 
-    print("no exported model yet: exporting the tiny CLIP config (random weights)")
+    if DEMO_WEIGHTS.exists():
+        print(f"exporting the demo CLIP trained on the synthetic world ({DEMO_WEIGHTS.name})")
+        arch, checkpoint = "looksync-demo", str(DEMO_WEIGHTS)
+    else:
+        print("no demo weights: exporting the tiny CLIP config (random weights)")
+        arch, checkpoint = "looksync-tiny", None
     export_clip(
-        ExportRequest(arch="looksync-tiny", version=1, name=settings.embedding_model, repository=repo)
+        ExportRequest(
+            arch=arch, version=1, name=settings.embedding_model, checkpoint=checkpoint, repository=repo
+        )
     )
 
 
@@ -121,17 +131,20 @@ def run_demo(keep_running: bool = False) -> int:
 
     gateway = None
     try:
-        _step("3/5 catalog: the synthetic sample catalog, embedded and indexed (LanceDB)")
-        from clients.sample_catalog import generate
+        _step("3/5 catalog: the synthetic fashion world, embedded and indexed (LanceDB)")
+        from clients.world import write_world
 
-        catalog = generate(data / "sample", n=300)
+        world = data / "world"
+        manifest = write_world(world, products=400, looks=12, seed=2001)  # not the training seed
+        catalog = world / "catalog.jsonl"
         _index(settings, catalog)
 
         _step("4/5 gateway: gRPC on " + settings.gateway_url)
         env = dict(os.environ)
-        # The random-weight tiny model puts every image within cosine ~0.99 of every other, so
-        # the production near-duplicate threshold (0.97, for real CLIP) would merge everything.
-        env.setdefault("LOOKSYNC_DEDUP_THRESHOLD", "0.9999")
+        if not DEMO_WEIGHTS.exists():
+            # The random-weight tiny model puts every image within cosine ~0.99 of every other, so
+            # the production near-duplicate threshold (0.97, for real CLIP) would merge everything.
+            env.setdefault("LOOKSYNC_DEDUP_THRESHOLD", "0.9999")
         gateway = subprocess.Popen(
             [sys.executable, "-m", "clients.cli", "serve"],
             env=env,
@@ -142,55 +155,39 @@ def run_demo(keep_running: bool = False) -> int:
         _wait_serving(client, gateway)
 
         _step("5/5 searches over gRPC")
-        images = data / "sample" / "images"
-        r1 = client.search_text("red striped t-shirt", k=5)
-        _show('search-text "red striped t-shirt"', r1)
+        r1 = client.search_text("a red striped short-sleeve t-shirt", k=5)
+        _show('search-text "a red striped short-sleeve t-shirt"', r1)
         r2 = client.search_text(
-            "dress", k=5, filters=FilterArgs(categories=("dress",), max_price=120, in_stock_only=True)
+            "a blue midi dress",
+            k=5,
+            filters=FilterArgs(categories=("dress",), max_price=150, in_stock_only=True),
         )
-        _show('search-text "dress" --category dress --max-price 120 --in-stock', r2)
-        query = images / "p00007.jpg"
+        _show('search-text "a blue midi dress" --category dress --max-price 150 --in-stock', r2)
+        query = world / "images" / "w00007.png"
         r3 = client.search_image(query.read_bytes(), k=5)
         _show(f"search-image {query.name} (a catalog product's own image: it should come first)", r3)
-        r4 = client.search_image(
-            query.read_bytes(),
-            k=5,
-            text_modifier="in red",
-            text_weight=0.3,
-            filters=FilterArgs(gender="women"),
-        )
-        _show(f'search-image {query.name} --text "in red" --gender women', r4)
 
-        from clients.looks import compose_look
-
-        look_path = data / "demo-look.jpg"
-        look_path.write_bytes(
-            compose_look(
-                {
-                    "upper": images / "p00000.jpg",
-                    "lower": images / "p00003.jpg",
-                    "feet": images / "p00010.jpg",
-                }
-            )
-        )
-        r5 = client.search_look(look_path.read_bytes(), k_per_layer=5)
-        print(f"\nsearch-look {look_path.name} (top: p00000, bottom: p00003, shoes: p00010)")
-        for layer in r5.layers:
-            ids = ", ".join(h.product.id for h in layer.hits)
-            print(
-                f'  [{layer.layer}] "{layer.query}" ({layer.query_source} query, {layer.rerank_source} rerank): {ids}'
-            )
-        print("  timings: " + ", ".join(f"{t.stage} {t.ms:.1f} ms" for t in r5.timings))
-
+        rows = [(query, [world / "images" / f"{h.product.id}.png" for h in r3.hits])]
+        found = total = 0
+        for look in manifest["looks"][:3]:
+            path = world / look["image"]
+            resp = client.search_look(path.read_bytes(), k_per_layer=5)
+            truth = set(look["garments"].values())
+            print(f"\nsearch-look {look['image']} (worn variations of {', '.join(sorted(truth))})")
+            for layer in resp.layers:
+                ids = [h.product.id for h in layer.hits]
+                marks = ", ".join(f"{i}{'*' if i in truth else ''}" for i in ids)
+                print(
+                    f'  [{layer.layer}] "{layer.query}" ({layer.query_source}, {layer.rerank_source}): {marks}'
+                )
+                rows.append((path, [world / "images" / f"{i}.png" for i in ids]))
+            found += len(truth & {h.product.id for layer in resp.layers for h in layer.hits})
+            total += len(truth)
+            print("  timings: " + ", ".join(f"{t.stage} {t.ms:.1f} ms" for t in resp.timings))
+        print(f"\nsource garments found in the top 5 of their layer: {found}/{total} (* marks them)")
         sheet = data / "demo-contact-sheet.png"
-        rows = [(query, [images / f"{h.product.id}.jpg" for h in r.hits]) for r in (r3, r4)]
-        rows += [(look_path, [images / f"{h.product.id}.jpg" for h in layer.hits]) for layer in r5.layers]
         _contact_sheet(rows, sheet)
-        print(f"\ncontact sheet (query | top 5): {sheet}")
-        print(
-            "note: the tiny model has random weights, so text matches are arbitrary; image search "
-            "of a catalog image finds that product. Real weights: see README, 'Models'."
-        )
+        print(f"contact sheet (query | top 5): {sheet}")
         if keep_running:
             print("\nTriton and the gateway keep running; try: .venv/bin/looksync search-text 'blue jeans'")
             gateway = None

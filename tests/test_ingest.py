@@ -240,6 +240,17 @@ def _worker(env, log: Path, name: str) -> subprocess.Popen:
     )
 
 
+def _stop(worker: subprocess.Popen) -> None:
+    """SIGTERM, and SIGKILL if it has not stopped in 30 s: a test must never leave it running."""
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+        raise
+
+
 def _drained(client) -> bool:
     if not client.exists(STREAM):
         return False
@@ -339,8 +350,7 @@ def test_mixed_stream_yields_the_expected_index(
     try:
         _wait_drained(stream)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(30)
+        _stop(worker)
     expected = _fold(events)
     got = _index_state(tmp_path / "data", {f"p{n:05d}" for n in range(12)})
     _assert_matches(got, expected)
@@ -400,8 +410,7 @@ def test_metadata_updates_never_call_the_image_model(
         _wait_drained(stream)
         assert image_inferences() == before
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(30)
+        _stop(worker)
     got = _index_state(tmp_path / "data", {f"p{n:05d}" for n in range(20, 26)})
     assert got["p00021"].price == 22.0 and got["p00020"].title == "New title"
 
@@ -444,8 +453,7 @@ def test_poison_messages_are_dead_lettered_and_the_stream_keeps_flowing(
     try:
         _wait_drained(stream)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(30)
+        _stop(worker)
     dead = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in stream.xrange(DEAD_LETTERS)]
     reasons = " | ".join(d["reason"] for d in dead)
     assert len(dead) == 7, reasons
@@ -515,8 +523,7 @@ def test_worker_killed_at_random_points_loses_and_duplicates_nothing(
             try:
                 _wait_drained(stream, timeout_s=180)
             finally:
-                worker.send_signal(signal.SIGTERM)
-                worker.wait(30)
+                _stop(worker)
     assert kills == 5
     expected = _fold(events)
     got = _index_state(tmp_path / "data", {f"p{n:05d}" for n in ids})

@@ -3,7 +3,6 @@
 import asyncio
 import json
 import shutil
-import signal
 import threading
 import time
 
@@ -20,7 +19,7 @@ from gateway.index.embedded import EmbeddedIndex
 from gateway.ingest.events import STREAM
 from gateway.models import Swap, TritonModels
 from tests.conftest import looksync, looksync_env, start_gateway, start_triton
-from tests.test_ingest import _drained, _worker
+from tests.test_ingest import _drained, _stop, _worker
 
 V1, V2 = EmbeddingSpace("clip", 1, 64), EmbeddingSpace("clip", 2, 64)
 
@@ -121,8 +120,7 @@ def test_swap_under_load_with_live_ingestion_then_rollback(
             assert "alias products -> products-clip-v1" in status.stdout, status.stdout
     finally:
         if worker is not None:
-            worker.send_signal(signal.SIGTERM)
-            worker.wait(30)
+            _stop(worker)
         if gw is not None:
             gw.stop()
         server.stop()

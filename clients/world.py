@@ -1,0 +1,371 @@
+"""A synthetic fashion world: a catalog of rendered garments and looks that wear *variations*
+of them, with ground truth. Deterministic for a seed; no downloads.
+
+- Products: 8 garment kinds (with sleeve/length variants), 10 colours, 5 patterns, vendor-style
+  metadata (brands, prices, sizes, markets, genders, messy vendor category words).
+- Looks: a full-length figure wearing a top + bottom + shoes, or a dress + shoes. Each garment
+  re-renders a catalog item with a shifted hue, another pattern scale, a slightly different
+  shape, background and lighting, so an exact match never exists (like an AI-generated look).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageEnhance
+
+from gateway.look.localizer import BODY_ZONES, zone_box
+
+COLOURS = {
+    "red": (200, 30, 40),
+    "blue": (40, 80, 200),
+    "green": (40, 140, 60),
+    "black": (25, 25, 25),
+    "white": (238, 238, 232),
+    "yellow": (235, 200, 40),
+    "pink": (236, 130, 175),
+    "beige": (212, 188, 148),
+    "grey": (128, 128, 128),
+    "brown": (110, 70, 40),
+}
+PATTERNS = ("solid", "striped", "checked", "dotted", "floral")
+# kind -> (zone, variants, genders, price range, vendor words)
+KINDS = {
+    "t-shirt": (
+        "upper",
+        ("short-sleeve",),
+        ("women", "men", "unisex"),
+        (9, 40),
+        ("Tee", "T-Shirts", "camiseta"),
+    ),
+    "shirt": (
+        "upper",
+        ("long-sleeve", "short-sleeve"),
+        ("women", "men"),
+        (25, 90),
+        ("Shirts", "Hemd", "chemise"),
+    ),
+    "jacket": (
+        "upper",
+        ("long-sleeve",),
+        ("women", "men", "unisex"),
+        (60, 300),
+        ("Jackets", "Blazer", "veste"),
+    ),
+    "trousers": ("lower", ("long", "cropped"), ("women", "men"), (30, 120), ("Pants", "Hose", "pantalon")),
+    "skirt": ("lower", ("mini", "midi"), ("women",), (20, 90), ("Skirts", "Rock", "jupe")),
+    "dress": ("dress", ("mini", "midi"), ("women",), (35, 220), ("Dresses", "Kleid", "robe")),
+    "sneakers": (
+        "feet",
+        ("low",),
+        ("women", "men", "unisex"),
+        (45, 180),
+        ("Trainers", "Turnschuhe", "baskets"),
+    ),
+    "handbag": ("bag", ("tote",), ("women",), (40, 500), ("Bags", "Handtasche", "sac")),
+}
+BRANDS = ("Nordlys", "Atelier Rue", "Kumo", "Verde & Co", "Halcyon", "Brisa", "Oakline", "Moda Sol")
+MARKETS = ("US", "GB", "DE", "FR", "SE")
+
+
+@dataclass(frozen=True)
+class Style:
+    kind: str
+    variant: str
+    colour: str
+    pattern: str
+    pattern_scale: float = 1.0
+    hue_shift: float = 0.0  # degrees
+    shape: float = 0.0  # -1..1 silhouette jitter
+    light: float = 1.0
+
+    @property
+    def caption(self) -> str:
+        pattern = "" if self.pattern == "solid" else f"{self.pattern} "
+        return f"a {self.colour} {pattern}{self.variant} {self.kind}"
+
+
+def _outline(kind: str, variant: str, shape: float) -> list[list[tuple[float, float]]]:
+    w = 0.04 * shape
+    long = variant in ("long-sleeve", "long", "midi")
+    if kind in ("t-shirt", "shirt", "jacket"):
+        sleeve_y = 0.78 if variant == "long-sleeve" else 0.42
+        body = [
+            (0.3 - w, 0.2),
+            (0.42, 0.14),
+            (0.58, 0.14),
+            (0.7 + w, 0.2),
+            (0.92 + w, sleeve_y),
+            (0.8, sleeve_y + 0.05),
+            (0.7, 0.45),
+            (0.7 + w, 0.9),
+            (0.3 - w, 0.9),
+            (0.3, 0.45),
+            (0.2, sleeve_y + 0.05),
+            (0.08 - w, sleeve_y),
+        ]
+        polys = [body]
+        if kind == "jacket":
+            polys.append(
+                [(0.49, 0.16), (0.51, 0.16), (0.51, 0.9), (0.49, 0.9)]
+            )  # opening, drawn darker below
+        return polys
+    if kind == "trousers":
+        bottom = 0.95 if long else 0.72
+        return [
+            [
+                (0.3 - w, 0.06),
+                (0.7 + w, 0.06),
+                (0.76 + w, bottom),
+                (0.56, bottom),
+                (0.5, 0.32),
+                (0.44, bottom),
+                (0.24 - w, bottom),
+            ]
+        ]
+    if kind == "skirt":
+        bottom = 0.9 if long else 0.6
+        return [[(0.36, 0.12), (0.64, 0.12), (0.8 + w, bottom), (0.2 - w, bottom)]]
+    if kind == "dress":
+        bottom = 0.95 if long else 0.7
+        return [
+            [(0.38, 0.04), (0.62, 0.04), (0.64, 0.36), (0.84 + w, bottom), (0.16 - w, bottom), (0.36, 0.36)]
+        ]
+    if kind == "sneakers":
+        return [[(0.08, 0.5 - w), (0.45, 0.46), (0.62, 0.58), (0.92, 0.63), (0.94, 0.8), (0.08, 0.8)]]
+    return [
+        [(0.2, 0.4), (0.8, 0.4), (0.86 + w, 0.9), (0.14 - w, 0.9)],
+        [
+            (0.35, 0.4),
+            (0.38, 0.18),
+            (0.62, 0.18),
+            (0.65, 0.4),
+            (0.6, 0.4),
+            (0.58, 0.25),
+            (0.42, 0.25),
+            (0.4, 0.4),
+        ],
+    ]
+
+
+def _shift_hue(rgb, degrees: float):
+    h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+    r, g, b = colorsys.hsv_to_rgb((h + degrees / 360) % 1.0, s, v)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _fill(size: int, style: Style) -> Image.Image:
+    base = _shift_hue(COLOURS[style.colour], style.hue_shift)
+    img = Image.new("RGB", (size, size), base)
+    draw = ImageDraw.Draw(img)
+    second = tuple(255 - c if sum(base) < 384 else max(c - 120, 0) for c in base)
+    step = max(4, int(size / 10 * style.pattern_scale))
+    if style.pattern == "striped":
+        for y in range(0, size, step):
+            draw.rectangle((0, y, size, y + step // 2 - 1), fill=second)
+    elif style.pattern == "checked":
+        for y in range(0, size, step):
+            for x in range(0, size, step):
+                if (x // step + y // step) % 2:
+                    draw.rectangle((x, y, x + step - 1, y + step - 1), fill=second)
+    elif style.pattern == "dotted":
+        r = max(1, step // 5)
+        for y in range(step // 2, size, step):
+            for x in range(step // 2, size, step):
+                draw.ellipse((x - r, y - r, x + r, y + r), fill=second)
+    elif style.pattern == "floral":
+        r = max(2, step // 3)
+        for y in range(step // 2, size, step + 2):
+            for x in range((y // step % 2) * step // 2, size, step + 2):
+                for a in range(5):
+                    px, py = x + r * math.cos(a * 1.256), y + r * math.sin(a * 1.256)
+                    draw.ellipse((px - r / 2, py - r / 2, px + r / 2, py + r / 2), fill=second)
+                draw.ellipse((x - 1, y - 1, x + 1, y + 1), fill=(240, 210, 60))
+    return img
+
+
+def render(style: Style, size: int = 96, background=(246, 246, 244)) -> Image.Image:
+    canvas = Image.new("RGB", (size, size), background)
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    for n, poly in enumerate(_outline(style.kind, style.variant, style.shape)):
+        draw.polygon(
+            [(x * size, y * size) for x, y in poly], fill=255 if n == 0 or style.kind != "jacket" else 0
+        )
+    canvas.paste(_fill(size, style), (0, 0), mask)
+    if style.light != 1.0:
+        canvas = ImageEnhance.Brightness(canvas).enhance(style.light)
+    return canvas
+
+
+@dataclass
+class Product:
+    id: str
+    style: Style
+    record: dict
+
+
+@dataclass
+class Look:
+    id: str
+    garments: dict[str, str]  # zone -> source product id
+    styles: dict[str, Style] = field(default_factory=dict)  # zone -> the varied style worn
+
+
+def make_catalog(n: int, seed: int) -> list[Product]:
+    rng = random.Random(seed)
+    products = []
+    kinds = list(KINDS)
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        zone, variants, genders, (lo, hi), vendor_words = KINDS[kind]
+        style = Style(
+            kind,
+            rng.choice(variants),
+            rng.choice(list(COLOURS)),
+            rng.choice(PATTERNS),
+            pattern_scale=rng.uniform(0.8, 1.2),
+            shape=rng.uniform(-1, 1),
+        )
+        pid = f"w{i:05d}"
+        record = {
+            "id": pid,
+            "title": style.caption[2:].capitalize(),
+            "brand": rng.choice(BRANDS),
+            # Vendors' own words half of the time: enrichment standardises them.
+            "category": rng.choice(vendor_words) if rng.random() < 0.5 else kind,
+            "gender": rng.choice(genders),
+            "market": rng.choice(MARKETS),
+            "price": round(rng.uniform(lo, hi), 2),
+            "currency": "USD",
+            "sizes": ["one size"]
+            if kind == "handbag"
+            else (
+                [str(s) for s in range(36, 46) if rng.random() < 0.6]
+                if kind == "sneakers"
+                else [s for s in ("XS", "S", "M", "L", "XL") if rng.random() < 0.7] or ["M"]
+            ),
+            "in_stock": rng.random() < 0.85,
+            "image_url": f"images/{pid}.png",
+        }
+        products.append(Product(pid, style, record))
+    return products
+
+
+def vary(style: Style, rng: random.Random) -> Style:
+    """The same garment as a look generator would draw it: never pixel-identical."""
+    return Style(
+        style.kind,
+        style.variant,
+        style.colour,
+        style.pattern,
+        pattern_scale=style.pattern_scale * rng.uniform(0.8, 1.25),
+        hue_shift=rng.uniform(-8, 8),
+        shape=max(-1.0, min(1.0, style.shape + rng.uniform(-0.5, 0.5))),
+        light=rng.uniform(0.85, 1.12),
+    )
+
+
+def make_looks(products: list[Product], n: int, seed: int) -> list[Look]:
+    rng = random.Random(seed)
+    by_zone: dict[str, list[Product]] = {}
+    for p in products:
+        by_zone.setdefault(KINDS[p.style.kind][0], []).append(p)
+    looks = []
+    for i in range(n):
+        if rng.random() < 0.3:
+            chosen = {"dress": rng.choice(by_zone["dress"]), "feet": rng.choice(by_zone["feet"])}
+        else:
+            chosen = {z: rng.choice(by_zone[z]) for z in ("upper", "lower", "feet")}
+        looks.append(
+            Look(
+                f"look{i:04d}",
+                {z: p.id for z, p in chosen.items()},
+                {z: vary(p.style, rng) for z, p in chosen.items()},
+            )
+        )
+    return looks
+
+
+LOOK_SIZE = (192, 576)
+
+
+def render_look(look: Look, seed: int) -> Image.Image:
+    rng = random.Random(f"{seed}-{look.id}")
+    bg = tuple(int(rng.uniform(200, 250)) for _ in range(3))
+    width, height = LOOK_SIZE
+    img = Image.new("RGB", LOOK_SIZE, bg)
+    draw = ImageDraw.Draw(img)
+    r = int(0.06 * height)
+    draw.ellipse(
+        (width / 2 - r * 0.8, 0.01 * height, width / 2 + r * 0.8, 0.01 * height + 2 * r), fill=(224, 182, 150)
+    )
+    for zone, style in look.styles.items():
+        if zone == "dress":  # a dress spans the upper and lower zones
+            top = zone_box("upper", width, height)
+            bottom = zone_box("lower", width, height)
+            box = (top[0], top[1], top[2], bottom[3])
+            side = (box[2] - box[0], box[3] - box[1])
+            garment = render(style, size=max(side), background=bg).resize(side)
+        else:
+            box = zone_box(zone, width, height)
+            garment = render(style, size=box[2] - box[0], background=bg)
+        img.paste(garment, box[:2])
+    return img
+
+
+def look_crops(look_img: Image.Image) -> dict[str, Image.Image]:
+    """The body-zone crops the fallback localizer takes (what the demo model trains on)."""
+    return {z: look_img.crop(zone_box(z, *look_img.size)) for z in BODY_ZONES}
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_world(out: Path, products: int = 400, looks: int = 60, seed: int = 1) -> dict:
+    """catalog.jsonl + images/, looks/*.png + looks.json (ground truth); returns the manifest."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "looks").mkdir(exist_ok=True)
+    catalog = make_catalog(products, seed)
+    with open(out / "catalog.jsonl", "w") as fh:
+        for p in catalog:
+            render(p.style, size=128).save(out / p.record["image_url"])
+            fh.write(json.dumps(p.record) + "\n")
+    truth = []
+    for look in make_looks(catalog, looks, seed + 1):
+        render_look(look, seed).save(out / "looks" / f"{look.id}.png")
+        truth.append(
+            {
+                "id": look.id,
+                "image": f"looks/{look.id}.png",
+                "garments": look.garments,
+                "styles": {z: asdict(s) for z, s in look.styles.items()},
+            }
+        )
+    manifest = {
+        "seed": seed,
+        "products": products,
+        "looks": truth,
+        "captions": {p.id: p.style.caption for p in catalog},
+        "attributes": {
+            p.id: {
+                "kind": p.style.kind,
+                "colour": p.style.colour,
+                "pattern": p.style.pattern,
+                "gender": p.record["gender"],
+            }
+            for p in catalog
+        },
+    }
+    (out / "looks.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
