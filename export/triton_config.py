@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 class Batching:
     max_batch_size: int = 64
     preferred: tuple[int, ...] = (8, 16, 32)
-    max_queue_delay_us: int = 2000
+    # Measured (benchmarks/RESULTS.md, serving efficiency): with 2000 us at both the wrapper
+    # and the encoder, a lone request waited twice and batching made concurrency 1 slower
+    # than no batching (0.41x for text). The wrapper is where requests meet; 500 us there.
+    max_queue_delay_us: int = 500
+    # The encoder receives batches already formed by the wrapper: waiting there only adds
+    # latency, so it batches whatever is queued and never waits.
+    encoder_queue_delay_us: int = 0
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,9 @@ class ServingPlan:
     fp16: bool = True
 
 
-def _dynamic_batching(b: Batching) -> str:
+def _dynamic_batching(b: Batching, encoder: bool = False) -> str:
+    if encoder:
+        return f"dynamic_batching {{\n  max_queue_delay_microseconds: {b.encoder_queue_delay_us}\n}}\n"
     preferred = ", ".join(str(n) for n in b.preferred if n <= b.max_batch_size)
     return (
         "dynamic_batching {\n"
@@ -87,7 +95,7 @@ def encoder_config(plan: ServingPlan, tower: str) -> str:
         text += 'backend: "python"\n'
     text += f"max_batch_size: {plan.batching.max_batch_size}\n"
     text += inp + _io("output", "embedding", "TYPE_FP32", [-1])
-    text += _dynamic_batching(plan.batching) + _version_policy(plan)
+    text += _dynamic_batching(plan.batching, encoder=True) + _version_policy(plan)
     if plan.target == "gpu":
         text += f"instance_group [ {{ kind: KIND_GPU count: {plan.gpu_instances} }} ]\n"
         text += _trt_accelerator(plan)

@@ -63,7 +63,6 @@ def build_look_searcher(settings: Settings, embedder: TritonEmbedder, index: Cat
         key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
         llm = LLMClient(settings.llm_base_url, settings.llm_model, key)
         llm_queries, llm_reranker = LLMQueryGenerator(llm), LLMReranker(llm)
-    fallback = FallbackQueryGenerator(embedder, BodyZoneLocalizer(), ZeroShot(embedder))
     segmenter = None
     if settings.segmentation:
         from gateway.look.segment_localizer import FlorenceSam2Localizer
@@ -71,6 +70,7 @@ def build_look_searcher(settings: Settings, embedder: TritonEmbedder, index: Cat
         segmenter = FlorenceSam2Localizer(
             settings.triton_url, ground_model=settings.ground_model, mask_model=settings.mask_model
         )
+    fallback = FallbackQueryGenerator(embedder, BodyZoneLocalizer(), ZeroShot(embedder), segmenter)
     return LookSearcher(
         embedder,
         index,

@@ -391,3 +391,15 @@ def test_failing_llm_rerank_falls_back_to_segmentation(llm, vision_stack, look):
     assert any(
         [h.score for h in lr.hits] != sorted((h.score for h in lr.hits), reverse=True) for lr in resp.layers
     )
+
+
+def test_fallback_queries_use_the_segmenter_when_configured(llm, vision_stack, look):
+    def script(kind, body):
+        return Reply(status=500)  # no LLM answers at all
+
+    resp = _run(llm, vision_stack, script, look[0])
+    # Body zones give at most three layers; grounding by name gives one per phrase it finds
+    # (the tiny imprinted Florence-2 finds every phrase).
+    assert {lr.layer for lr in resp.layers} == {"topwear", "outerwear", "dress", "bottomwear", "footwear"}
+    assert {lr.query_source for lr in resp.layers} == {"fallback"}
+    assert {lr.rerank_source for lr in resp.layers} <= {"segmentation", "embedding", "none"}

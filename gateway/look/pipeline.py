@@ -130,7 +130,7 @@ class LookSearcher:
                 )
         else:
             FALLBACKS.labels("query_generation", "no_llm").inc()
-        return await self.fallback_queries.generate(look, space, deadline.left(self.triton_timeout_s))
+        return await self.fallback_queries.generate(look, space, deadline.left(self.triton_timeout_s), image)
 
     async def _embed_queries(self, queries: list[LayerQuery], look, space, deadline) -> None:
         """Text vectors for every query (cached) and, for LLM queries, the image vector of the

@@ -8,6 +8,7 @@ prompts names each one ("a red striped t-shirt") so the response stays readable.
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -15,10 +16,11 @@ from PIL import Image
 from pydantic import BaseModel, Field
 
 from gateway.embedder import TritonEmbedder
+from gateway.errors import LookSyncError
 from gateway.index.base import EmbeddingSpace
 from gateway.llm import LLMClient, LLMError, image_part, load_prompt
 from gateway.look.localizer import Localizer
-from gateway.look.types import LayerQuery
+from gateway.look.types import LayerQuery, Region
 from gateway.taxonomy import CATEGORIES, CATEGORY_LAYER, LAYERS, categories_of_layer
 
 MAX_LAYERS = 8
@@ -130,13 +132,35 @@ def _best(labels: list[str], vectors: np.ndarray, query: np.ndarray, allowed=Non
 
 
 class FallbackQueryGenerator:
-    def __init__(self, embedder: TritonEmbedder, localizer: Localizer, zero_shot: ZeroShot):
+    """Queries without an LLM. With a segmenter (Florence-2 + SAM2), each layer's garment is
+    grounded by name and cut out; without one, or when it finds nothing, body zones are used."""
+
+    def __init__(self, embedder: TritonEmbedder, localizer: Localizer, zero_shot: ZeroShot, segmenter=None):
         self.embedder = embedder
         self.localizer = localizer
         self.zero_shot = zero_shot
+        self.segmenter = segmenter
 
-    async def generate(self, look: Image.Image, space: EmbeddingSpace, timeout_s: float) -> list[LayerQuery]:
-        regions = self.localizer.regions(look)
+    async def _segmented(self, image: bytes, timeout_s: float) -> list[Region]:
+        from gateway.look.segment_localizer import DEFAULT_PHRASES
+
+        try:
+            found = await self.segmenter.regions_for(image, DEFAULT_PHRASES, timeout_s)
+        except LookSyncError:
+            return []
+        # A segmented region belongs to the layer whose phrase found it.
+        return [
+            replace(region, categories=tuple(categories_of_layer(layer))) for layer, region in found.items()
+        ]
+
+    async def generate(
+        self, look: Image.Image, space: EmbeddingSpace, timeout_s: float, image: bytes | None = None
+    ) -> list[LayerQuery]:
+        regions = []
+        if self.segmenter is not None and image is not None:
+            regions = await self._segmented(image, timeout_s)
+        if not regions:
+            regions = self.localizer.regions(look)
         vectors = await self.embedder.embed_images(
             space.model, space.version, [r.image for r in regions], timeout_s
         )
