@@ -171,7 +171,10 @@ def cmd_index(args) -> int:
             space = await resolve_space(embedder, s.embedding_model, args.version)
             print(f"indexing {args.catalog} into {space.index_name} ({space})", file=sys.stderr)
             indexer = Indexer(embedder, index, space, batch_size=args.batch_size)
-            return await index_catalog(Path(args.catalog), indexer, progress=not args.quiet)
+            report = await index_catalog(Path(args.catalog), indexer, progress=not args.quiet)
+            if hasattr(index, "optimize") and await index.optimize(space):
+                print(f"built the ANN index of {space.index_name}", file=sys.stderr)
+            return report
         finally:
             await embedder.close()
             await index.close()

@@ -34,7 +34,13 @@ def open_index(settings: Settings) -> CatalogIndex:
     if settings.index_backend == "embedded":
         from gateway.index.embedded import EmbeddedIndex
 
-        return EmbeddedIndex(settings.embedded_dir, settings.index_alias, settings.index_refresh_s)
+        return EmbeddedIndex(
+            settings.embedded_dir,
+            settings.index_alias,
+            settings.index_refresh_s,
+            ann_min_rows=settings.ann_min_rows,
+            exact_max_rows=settings.exact_max_rows,
+        )
     if not settings.es_url:
         raise SystemExit("LOOKSYNC_INDEX_BACKEND=elasticsearch needs LOOKSYNC_ES_URL (http://host:9200)")
     from gateway.index.elastic import ElasticIndex

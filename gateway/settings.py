@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     es_timeout_s: float = Field(5.0, description="deadline for one Elasticsearch request")
     # How often the embedded backend looks for writes of other processes (seconds).
     index_refresh_s: float = 0.5
+    ann_min_rows: int = Field(50_000, description="embedded index: build an ANN index from this size on")
+    exact_max_rows: int = Field(
+        20_000, description="embedded index: exact search when a filter leaves <= this"
+    )
 
     # Other services
     redis_url: str = "redis://127.0.0.1:6379/0"

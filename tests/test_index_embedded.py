@@ -194,3 +194,47 @@ def test_events_apply_in_order_whatever_order_they_arrive_in(filled):
         assert p.id in await index.get(SPACE, [p.id])
 
     asyncio.run(scenario())
+
+
+def test_large_tables_get_an_ann_index_and_selective_filters_stay_exact(tmp_path):
+    """With the thresholds scaled down: ANN once big enough, exact answers under filters."""
+    n, dim = 3000, 16
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((30, dim)).astype(np.float32)
+    vecs = centres[rng.integers(0, 30, n)] + 0.3 * rng.standard_normal((n, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    space = EmbeddingSpace("clip", 1, dim)
+    products = [
+        Product(
+            id=f"a{i}",
+            title="t",
+            brand=f"B{i % 100}",
+            category="dress",
+            gender="women",
+            market="US",
+            price=float(i),
+            currency="USD",
+            sizes=["M"],
+            in_stock=True,
+            image_url="",
+        )
+        for i in range(n)
+    ]
+
+    async def scenario():
+        index = EmbeddedIndex(tmp_path, refresh_s=0.0, ann_min_rows=2000, exact_max_rows=100)
+        await index.upsert(space, [(p, "h", v) for p, v in zip(products, vecs)])
+        assert await index.optimize(space)
+        query = vecs[7]
+        # 1 % of rows (30 <= exact_max_rows): exact, so equal to brute force
+        f = build_filters(brands=["B7"])
+        _, hits = await index.search(query, space, f, 10)
+        allowed = [i for i in range(n) if i % 100 == 7]
+        expected = sorted(allowed, key=lambda i: -float(vecs[i] @ query))[:10]
+        assert [h.product.id for h in hits] == [f"a{i}" for i in expected]
+        # unfiltered: through the ANN index, still finds the query's own vector first
+        _, hits = await index.search(query, space, build_filters(), 10)
+        assert hits[0].product.id == "a7" and len(hits) == 10
+        return index._ann[space.index_name][0]
+
+    assert asyncio.run(scenario()) > 0
