@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from gateway.index.lww import apply as lww_apply
 from gateway.ingest.enrich import standardise, vendor_category, vendor_gender, zero_shot_fill
 from gateway.ingest.events import DEAD_LETTERS, GROUP, STREAM, PoisonEvent, parse_event
 from gateway.ingest.fetch import FetchError, FetchPolicy, fetch_sync
-from tests.conftest import REPO, looksync_env
+from tests.conftest import REPO, free_port, looksync_env
 
 SPACE = EmbeddingSpace("clip", 1, 64)
 
@@ -535,3 +536,71 @@ def test_worker_killed_at_random_points_loses_and_duplicates_nothing(
 
     assert asyncio.run(count()) == len(expected)  # nothing duplicated
     assert stream.xinfo_groups(STREAM)[0]["name"].decode() == GROUP
+
+
+def test_redis_going_down_pauses_ingestion_and_loses_nothing(
+    triton, catalog, products, image_server, tmp_path
+):
+    port = free_port()
+    rdir = tmp_path / "redis"
+    rdir.mkdir()
+
+    def start_redis():
+        # Append-only with fsync on every write: what the compose file runs, so a crash keeps the stream.
+        proc = subprocess.Popen(
+            [
+                shutil.which("redis-server"),
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(rdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis_sync.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return proc, client
+            except redis_sync.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis did not start")
+
+    proc, client = start_redis()
+    events = [
+        {"schema": 1, "type": "product.upsert", "product": _record(catalog, products, n, image_server)}
+        for n in range(120, 160)
+    ]
+    rng = random.Random(5)
+    for i in range(400):
+        n = rng.randrange(120, 160)
+        events.append(
+            {"schema": 1, "type": "product.update", "id": f"p{n:05d}", "fields": {"price": float(i)}}
+        )
+    _publish(client, events)
+    env = _env(triton, tmp_path, f"redis://127.0.0.1:{port}/0", LOOKSYNC_INGEST_MAX_TRIES="1000")
+    worker = _worker(env, tmp_path / "worker.log", "w-redis")
+    try:
+        time.sleep(2.5)
+        proc.kill()  # Redis crashes mid-stream
+        proc.wait()
+        time.sleep(2.0)
+        assert worker.poll() is None, "the worker must survive Redis going away"
+        proc, client = start_redis()
+        _wait_drained(client)
+    finally:
+        _stop(worker)
+        proc.terminate()
+        proc.wait(10)
+    got = _index_state(tmp_path / "data", {f"p{n:05d}" for n in range(120, 160)})
+    _assert_matches(got, _fold(events))
+    assert "redis unavailable; pausing" in (tmp_path / "worker.log").read_text()

@@ -75,3 +75,23 @@ def test_triton_down_gives_unavailable_fast_and_recovers(own_stack):
                 assert time.monotonic() < deadline, "gateway did not recover after Triton came back"
                 time.sleep(0.2)
         assert gw.process.poll() is None, "the gateway must not have restarted"
+
+
+def test_an_unreadable_index_is_unavailable_and_the_gateway_recovers(triton, catalog, tmp_path):
+    import shutil
+
+    env = looksync_env(triton, tmp_path / "data")
+    assert looksync("index", str(catalog), "--quiet", env=env).returncode == 0
+    gw = start_gateway(env, tmp_path / "gateway.log")
+    table = tmp_path / "data" / "index" / "products-clip-v1.lance"
+    try:
+        with gw.client() as client:
+            assert len(client.search_text("dress", k=3).hits) == 3
+            shutil.move(table, tmp_path / "moved-away")
+            with pytest.raises(grpc.RpcError) as err:
+                client.search_text("dress", k=3)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "cannot be read" in err.value.details()
+            shutil.move(tmp_path / "moved-away", table)
+            assert len(client.search_text("dress", k=3).hits) == 3
+    finally:
+        gw.stop()

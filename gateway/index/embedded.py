@@ -234,8 +234,17 @@ class EmbeddedIndex(CatalogIndex):
             .where(where)
             .limit(k)
         )
-        query = await self._plan(table, target, query, where)
-        rows = (await query.to_arrow()).to_pylist()
+        try:
+            query = await self._plan(table, target, query, where)
+            rows = (await query.to_arrow()).to_pylist()
+        except (RuntimeError, OSError) as exc:
+            # Lance reports missing or unreadable files as RuntimeError: the index is not
+            # there to answer. Forget the handle so a restored index is picked up again.
+            self._tables.pop((target, False), None)
+            self._ann.pop(target, None)
+            raise Unavailable(
+                f"embedded index {target} cannot be read: {str(exc).splitlines()[0][:200]}"
+            ) from None
         hits = []
         for row in rows:
             vec = np.asarray(row["vector"], dtype=np.float32) if with_vectors else None
