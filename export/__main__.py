@@ -53,7 +53,31 @@ def main(argv: list[str] | None = None) -> None:
                 "--no-imprint", action="store_true", help="--tiny: keep the weights purely random"
             )
 
+    trt = sub.add_parser("trt", help="TensorRT plans for an exported gpu-target version (GPU hosts only)")
+    trt.add_argument("--name", default="clip")
+    trt.add_argument("--version", type=int, required=True)
+    trt.add_argument("--repository", type=Path, default=Path("model_repository"))
+    trt.add_argument("--min-batch", type=int, default=1)
+    trt.add_argument("--opt-batch", type=int, default=16)
+    trt.add_argument("--max-batch", type=int, default=64)
+    trt.add_argument("--fp32", action="store_true", help="no fp16 (default: fp16, norms/softmax in fp32)")
+
     args = parser.parse_args(argv)
+    if args.command == "trt":
+        from export.trt import TrtRequest, build_plans
+
+        build_plans(
+            TrtRequest(
+                name=args.name,
+                version=args.version,
+                repository=args.repository,
+                min_batch=args.min_batch,
+                opt_batch=args.opt_batch,
+                max_batch=args.max_batch,
+                fp16=not args.fp32,
+            )
+        )
+        return
     if args.command in ("sam2", "florence2") and args.tiny and args.checkpoint:
         parser.error("--tiny builds a random-init model; it cannot be combined with --checkpoint")
     if args.command == "sam2":

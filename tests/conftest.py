@@ -182,10 +182,10 @@ def products(catalog):
         return [parse_record(json.loads(line)) for line in fh]
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
+def start_redis(port: int, workdir: Path, durable: bool = False):
+    """A real redis-server on loopback; durable = append-only with fsync on every write (what
+    production runs), so a crash keeps the stream. Returns (process, client)."""
+    args = ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
     proc = subprocess.Popen(
         [
             shutil.which("redis-server") or "redis-server",
@@ -195,21 +195,29 @@ def redis_url(tmp_path_factory):
             "127.0.0.1",
             "--save",
             "",
-            "--appendonly",
-            "no",
             "--dir",
             str(workdir),
+            *args,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port)
-    for _ in range(100):
+    for _ in range(200):
         try:
             client.ping()
-            break
+            return proc, client
         except redis.ConnectionError:
             time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    port = free_port()
+    proc, client = start_redis(port, tmp_path_factory.mktemp("redis"))
+    client.close()
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)

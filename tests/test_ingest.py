@@ -5,7 +5,6 @@ import itertools
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from gateway.index.lww import apply as lww_apply
 from gateway.ingest.enrich import standardise, vendor_category, vendor_gender, zero_shot_fill
 from gateway.ingest.events import DEAD_LETTERS, GROUP, STREAM, PoisonEvent, parse_event
 from gateway.ingest.fetch import FetchError, FetchPolicy, fetch_sync
-from tests.conftest import REPO, free_port, looksync_env
+from tests.conftest import REPO, free_port, looksync_env, start_redis
 
 SPACE = EmbeddingSpace("clip", 1, 64)
 
@@ -545,37 +544,7 @@ def test_redis_going_down_pauses_ingestion_and_loses_nothing(
     rdir = tmp_path / "redis"
     rdir.mkdir()
 
-    def start_redis():
-        # Append-only with fsync on every write: what the compose file runs, so a crash keeps the stream.
-        proc = subprocess.Popen(
-            [
-                shutil.which("redis-server"),
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                str(rdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis_sync.Redis(port=port)
-        for _ in range(100):
-            try:
-                client.ping()
-                return proc, client
-            except redis_sync.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis did not start")
-
-    proc, client = start_redis()
+    proc, client = start_redis(port, rdir, durable=True)
     events = [
         {"schema": 1, "type": "product.upsert", "product": _record(catalog, products, n, image_server)}
         for n in range(120, 160)
@@ -595,7 +564,7 @@ def test_redis_going_down_pauses_ingestion_and_loses_nothing(
         proc.wait()
         time.sleep(2.0)
         assert worker.poll() is None, "the worker must survive Redis going away"
-        proc, client = start_redis()
+        proc, client = start_redis(port, rdir, durable=True)
         _wait_drained(client)
     finally:
         _stop(worker)
