@@ -83,36 +83,21 @@ def _wrappers(model):
 
 
 def _export_onnx(module, example, input_name: str, path: Path, opset: int) -> None:
-    import onnx
     import torch
+
+    from export.vision_common import export_onnx
 
     # The legacy exporter cannot trace the fused MHA fast path (EXPORT_NOTES.md).
     torch.backends.mha.set_fastpath_enabled(False)
-    tmp = path.parent / "raw"
-    tmp.mkdir(exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(
-            module,
-            (example,),
-            str(tmp / "model.onnx"),
-            input_names=[input_name],
-            output_names=["embedding"],
-            dynamic_axes={input_name: {0: "batch"}, "embedding": {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,
-        )
-    model = onnx.load(str(tmp / "model.onnx"))
-    # Big towers come out as hundreds of external tensor files; keep one .data file instead.
-    big = sum(t.ByteSize() for t in model.graph.initializer) > (1 << 30)
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=big,
-        all_tensors_to_one_file=True,
-        location="model.onnx.data" if big else None,
+    export_onnx(
+        module,
+        (example,),
+        path,
+        [input_name],
+        ["embedding"],
+        {input_name: {0: "batch"}, "embedding": {0: "batch"}},
+        opset,
     )
-    shutil.rmtree(tmp)
-    onnx.checker.check_model(str(path))
 
 
 def _parity(module, onnx_path: Path, make_input, batch_sizes=(1, 3, 5)) -> float:
