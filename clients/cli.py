@@ -12,6 +12,8 @@ from pathlib import Path
 
 import grpc
 
+from gateway.errors import LookSyncError
+
 
 def _settings():
     from gateway.settings import get_settings
@@ -172,8 +174,8 @@ def cmd_index(args) -> int:
             print(f"indexing {args.catalog} into {space.index_name} ({space})", file=sys.stderr)
             indexer = Indexer(embedder, index, space, batch_size=args.batch_size)
             report = await index_catalog(Path(args.catalog), indexer, progress=not args.quiet)
-            if hasattr(index, "optimize") and await index.optimize(space):
-                print(f"built the ANN index of {space.index_name}", file=sys.stderr)
+            if await index.optimize(space):
+                print(f"optimised {space.index_name} for search (ANN index built)", file=sys.stderr)
             return report
         finally:
             await embedder.close()
@@ -317,6 +319,15 @@ def cmd_models(args) -> int:
                     f"overlap {r.overlap if r.overlap is None else round(r.overlap, 3)}; "
                     f"total {r.steps[-1][1]:.1f}s"
                 )
+            elif args.action == "drop":
+                if args.version is None:
+                    raise SystemExit("drop needs --version")
+                name = f"products-{args.model}-v{args.version}"
+                spaces = await index.indexes()
+                if name not in spaces:
+                    raise SystemExit(f"no index {name} (indexes: {', '.join(spaces) or 'none'})")
+                await index.drop(spaces[name])
+                print(f"dropped {name}")
             else:
                 space = await rollback(index, models)
                 print(f"rolled back: alias {index.alias} -> {space.index_name}")
@@ -401,10 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(func=cmd_publish)
 
-    p = sub.add_parser("models", help="model versions: status | activate | rollback")
-    p.add_argument("action", choices=["status", "activate", "rollback"])
+    p = sub.add_parser("models", help="model versions: status | activate | rollback | drop")
+    p.add_argument("action", choices=["status", "activate", "rollback", "drop"])
     p.add_argument("--model", default=_settings().embedding_model)
-    p.add_argument("--version", type=int, help="activate: the new version (exported already)")
+    p.add_argument(
+        "--version", type=int, help="activate: the new version (exported already); drop: the index to delete"
+    )
     p.add_argument("--catalog", help="activate: the catalog (JSON Lines) to re-embed")
     p.add_argument("--grace-s", type=float, default=60.0, help="keep the old version loaded this long")
     p.add_argument("--min-overlap", type=float, default=0.5, help="golden-query overlap@10 required")
@@ -434,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+    except LookSyncError as exc:  # refused or unavailable: one line, not a traceback
+        print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
         return 2
 
 

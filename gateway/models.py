@@ -169,8 +169,7 @@ class Swap:
         start = time.perf_counter()
         indexer = Indexer(self.embedder, self.index, self.report.new, batch_size=self.batch_size)
         result = await index_catalog(catalog, indexer, progress=self.progress)
-        if hasattr(self.index, "optimize"):
-            await self.index.optimize(self.report.new)
+        await self.index.optimize(self.report.new)
         self.report.reindex_s = time.perf_counter() - start
         self._step(
             f"re-embedded {result.written} products ({result.embedded} embedded, "

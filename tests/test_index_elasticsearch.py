@@ -8,6 +8,7 @@ names and deletes them afterwards).
 """
 
 import asyncio
+import fnmatch
 import itertools
 import json
 import os
@@ -35,6 +36,7 @@ from gateway.index.elastic import (
     knn_body,
     num_candidates,
     score_to_cosine,
+    set_alias_actions,
     space_from_meta,
     unit,
     update_body,
@@ -257,6 +259,19 @@ def test_alias_actions():
     assert alias_actions("products", "products-clip-v2", ["products-clip-v2"]) == [
         {"add": {"index": "products-clip-v2", "alias": "products"}}
     ]
+    # A swap moves the rollback record in the same atomic call.
+    assert alias_actions(
+        "products", "products-clip-v2", ["products-clip-v1"], "products.previous", ["products-clip-v0"]
+    ) == [
+        {"remove": {"index": "products-clip-v1", "alias": "products"}},
+        {"add": {"index": "products-clip-v2", "alias": "products"}},
+        {"remove": {"index": "products-clip-v0", "alias": "products.previous"}},
+        {"add": {"index": "products-clip-v1", "alias": "products.previous"}},
+    ]
+    assert set_alias_actions("products.write-also", ["b", "c"], ["a", "b"]) == [
+        {"remove": {"index": "a", "alias": "products.write-also"}},
+        {"add": {"index": "c", "alias": "products.write-also"}},
+    ]
 
 
 def test_update_body_never_carries_the_vector():
@@ -419,7 +434,9 @@ class FakeElasticsearch:
     def concrete(self, name: str) -> list[str] | None:
         names = []
         for part in name.split(","):
-            if part in self.indices:
+            if "*" in part:  # a wildcard matches zero or more indices (allow_no_indices)
+                names.extend(sorted(i for i in self.indices if fnmatch.fnmatchcase(i, part)))
+            elif part in self.indices:
                 names.append(part)
             elif part in self.aliases:
                 names.extend(sorted(self.aliases[part]))
@@ -462,7 +479,12 @@ class FakeElasticsearch:
         if len(parts) == 1 and method == "PUT":
             if name in self.indices or name in self.aliases:
                 return _error(400, "resource_already_exists_exception", f"index [{name}] already exists")
-            self.indices[name] = {"settings": body["settings"], "mappings": body["mappings"], "docs": {}}
+            self.indices[name] = {
+                "settings": body["settings"],
+                "mappings": body["mappings"],
+                "docs": {},
+                "versions": {},
+            }
             return 200, {"acknowledged": True, "index": name}
         if len(parts) == 1 and method == "DELETE":
             for index in name.split(","):
@@ -477,8 +499,28 @@ class FakeElasticsearch:
         op = parts[1] if len(parts) > 1 else ""
         if op == "_mapping" and method == "GET":
             return 200, {t: {"mappings": self.indices[t]["mappings"]} for t in targets}
-        if op == "_refresh":
+        if op in ("_refresh", "_forcemerge"):
             return 200, {"_shards": {"failed": 0}}
+        if op == "_doc":
+            (index,) = targets
+            docs, versions = self.indices[index]["docs"], self.indices[index]["versions"]
+            if method == "GET":
+                if parts[2] not in docs:
+                    return 404, {"_index": index, "_id": parts[2], "found": False}
+                return 200, {
+                    "_index": index,
+                    "_id": parts[2],
+                    "_version": versions.get(parts[2], 1),
+                    "found": True,
+                    "_source": docs[parts[2]],
+                }
+            version = self.version_conflict(
+                index, parts[2], dict(p.split("=") for p in query.split("&") if p)
+            )
+            if version is None:
+                return _error(409, "version_conflict_engine_exception", parts[2])
+            docs[parts[2]], versions[parts[2]] = body, version
+            return 200, {"_index": index, "_id": parts[2], "result": "updated", "_version": version}
         if op == "_count":
             return 200, {"count": sum(len(self.indices[t]["docs"]) for t in targets)}
         if op == "_mget":
@@ -506,6 +548,17 @@ class FakeElasticsearch:
         if op == "_search":
             return self.search(targets, body)
         return _error(400, "unsupported", f"{method} {path}")
+
+    def version_conflict(self, index: str, doc_id: str, meta: dict) -> int | None:
+        """The version a write gets, or None when external versioning refuses it (409)."""
+        stored = self.indices[index]["versions"].get(doc_id)
+        if meta.get("version_type") in ("external", "external_gte"):
+            version = int(meta["version"])
+            if stored is None:
+                return version
+            too_old = version < stored if meta["version_type"] == "external_gte" else version <= stored
+            return None if too_old else version
+        return (stored or 0) + 1
 
     def invalid(self, index: str, source: dict) -> tuple[str, str] | None:
         properties = self.indices[index]["mappings"]["properties"]
@@ -556,12 +609,24 @@ class FakeElasticsearch:
                         }
                     )
                     continue
+                version = self.version_conflict(index, doc_id, meta)
+                if version is None:
+                    items.append({op: {"_index": index, "_id": doc_id, "status": 409}})
+                    continue
                 status = 200 if doc_id in docs else 201
                 docs[doc_id] = source
+                self.indices[index]["versions"][doc_id] = version
                 items.append({op: {"_index": index, "_id": doc_id, "status": status}})
             elif op == "delete":
                 i += 1
+                version = self.version_conflict(index, doc_id, meta)
+                if version is None:
+                    items.append({op: {"_index": index, "_id": doc_id, "status": 409}})
+                    continue
                 found = docs.pop(doc_id, None) is not None
+                # A tombstone keeps the version, as Elasticsearch does for index.gc_deletes
+                # (60 s): an older re-listing arriving late is refused.
+                self.indices[index]["versions"][doc_id] = version
                 items.append(
                     {
                         op: {
@@ -754,6 +819,38 @@ class IndexContract:
         finally:
             env.run(env.index.set_current(env.space))
         assert env.run(env.index.space()) == env.space
+
+    def test_swap_state_is_shared_through_the_cluster(self, env):
+        """What a model swap records (write-also list, previous target) is read back by another
+        client, as the gateway, the ingest workers and the CLI are separate processes."""
+        v3 = EmbeddingSpace(env.space.model, 3, 16)
+        env.created.append(v3.index_name)
+        index = env.index
+        other = ElasticIndex(env.es_url, alias=index.alias, refresh_s=0.0)
+        try:
+            env.run(index.ensure(v3, make_current_if_none=False))
+            listed = env.run(other.indexes())
+            assert listed[env.space.index_name] == env.space and listed[v3.index_name] == v3
+            assert env.run(other.write_targets()) == []
+            env.run(index.set_write_targets([v3]))
+            assert env.run(other.write_targets()) == [v3]
+
+            env.run(index.set_current(v3))
+            assert env.run(other.alias_target()) == v3.index_name
+            assert env.run(other.previous_target()) == env.space.index_name
+            with pytest.raises(FailedPrecondition, match="still behind the alias"):
+                env.run(other.drop(v3))
+
+            env.run(index.set_current(env.space))  # a rollback
+            assert env.run(other.alias_target()) == env.space.index_name
+            assert env.run(other.previous_target()) == v3.index_name
+            env.run(other.drop(v3))  # it leaves the write-also and previous aliases with it
+            assert v3.index_name not in env.run(index.indexes())
+            assert env.run(index.write_targets()) == []
+            assert env.run(index.previous_target()) is None
+            assert env.run(index.space()) == env.space
+        finally:
+            env.run(other.close())
 
     def test_missing_alias_is_none(self, env):
         lonely = ElasticIndex(env.es_url, alias=f"looksync-test-none-{uuid.uuid4().hex[:8]}")

@@ -1,4 +1,6 @@
-"""Swapping model versions on the embedded backend, under load and with live ingestion."""
+"""Swapping model versions under load and with live ingestion, on both index backends (the
+Elasticsearch one against tests/test_index_elasticsearch.py's FakeElasticsearch: the same REST
+calls a cluster gets, from the gateway, the worker and the CLI as separate processes)."""
 
 import asyncio
 import json
@@ -15,10 +17,12 @@ from gateway.embedder import TritonEmbedder
 from gateway.errors import FailedPrecondition
 from gateway.filters import build_filters
 from gateway.index.base import EmbeddingSpace
+from gateway.index.elastic import ElasticIndex
 from gateway.index.embedded import EmbeddedIndex
 from gateway.ingest.events import STREAM
 from gateway.models import Swap, TritonModels
 from tests.conftest import looksync, looksync_env, start_gateway, start_triton
+from tests.test_index_elasticsearch import FakeElasticsearch
 from tests.test_ingest import _drained, _stop, _worker
 
 V1, V2 = EmbeddingSpace("clip", 1, 64), EmbeddingSpace("clip", 2, 64)
@@ -32,6 +36,20 @@ def swap_repo(tiny_repo, tmp_path_factory):
     # the other's index, so any mixing of spaces would show in the results.
     export_clip(ExportRequest(arch="looksync-tiny", version=2, repository=repo, seed=1))
     return repo
+
+
+@pytest.fixture(params=["embedded", "elasticsearch"])
+def backend(request):
+    """Environment for the processes, and how the test itself opens the same index."""
+    if request.param == "embedded":
+        yield {}, lambda data: EmbeddedIndex(data / "index", refresh_s=0.2)
+        return
+    fake = FakeElasticsearch()
+    try:
+        env = {"LOOKSYNC_INDEX_BACKEND": "elasticsearch", "LOOKSYNC_ES_URL": fake.url}
+        yield env, lambda data: ElasticIndex(fake.url, refresh_s=0.2)
+    finally:
+        fake.stop()
 
 
 class Load(threading.Thread):
@@ -59,13 +77,15 @@ class Load(threading.Thread):
 
 
 def test_swap_under_load_with_live_ingestion_then_rollback(
-    swap_repo, catalog, products, redis_url, image_server, tmp_path
+    swap_repo, catalog, products, redis_url, image_server, tmp_path, backend
 ):
+    backend_env, open_index = backend
     server = start_triton(swap_repo, tmp_path / "triton")
     data = tmp_path / "data"
     env = looksync_env(
         server,
         data,
+        **backend_env,
         LOOKSYNC_REDIS_URL=redis_url,
         LOOKSYNC_INGEST_CLAIM_IDLE_MS="300",
         LOOKSYNC_WORKER_METRICS_PORT="0",
@@ -85,7 +105,9 @@ def test_swap_under_load_with_live_ingestion_then_rollback(
             load = Load(client, (catalog.parent / probe.image_url).read_bytes(), probe.id)
             load.start()
             time.sleep(0.5)
-            switched_at = asyncio.run(_activate(server, swap_repo, data, catalog, products, r, image_server))
+            switched_at = asyncio.run(
+                _activate(server, swap_repo, open_index(data), catalog, products, r, image_server)
+            )
             time.sleep(1.5)
             load.stop.set()
             load.join(10)
@@ -99,8 +121,11 @@ def test_swap_under_load_with_live_ingestion_then_rollback(
 
             # Live products written during the reindex are in the new index.
             async def live_in_v2():
-                index = EmbeddedIndex(data / "index", refresh_s=0)
-                return set(await index.get(V2, ["live-1", "live-2", "live-3"]))
+                index = open_index(data)
+                try:
+                    return set(await index.get(V2, ["live-1", "live-2", "live-3"]))
+                finally:
+                    await index.close()
 
             assert asyncio.run(live_in_v2()) == {"live-1", "live-2", "live-3"}
 
@@ -118,6 +143,16 @@ def test_swap_under_load_with_live_ingestion_then_rollback(
             assert resp.space.version == 1 and resp.hits[0].product.id == probe.id
             status = looksync("models", "status", env=env)
             assert "alias products -> products-clip-v1" in status.stdout, status.stdout
+            assert "previous: products-clip-v2" in status.stdout, status.stdout
+
+            # The serving index cannot be dropped; the one rolled away from can.
+            refused = looksync("models", "drop", "--version", "1", env=env)
+            assert refused.returncode == 2 and "FAILED_PRECONDITION" in refused.stderr, refused.stderr
+            dropped = looksync("models", "drop", "--version", "2", env=env)
+            assert dropped.returncode == 0, dropped.stderr
+            status = looksync("models", "status", env=env)
+            assert "products-clip-v2" not in status.stdout, status.stdout
+            assert client.search_text("dress", k=1).space.version == 1
     finally:
         if worker is not None:
             _stop(worker)
@@ -140,9 +175,8 @@ async def _loaded(url, repo):
         await models.close()
 
 
-async def _activate(server, repo, data, catalog, products, r, image_server) -> float:
+async def _activate(server, repo, index, catalog, products, r, image_server) -> float:
     url = f"127.0.0.1:{server.grpc_port}"
-    index = EmbeddedIndex(data / "index", refresh_s=0.2)
     embedder = TritonEmbedder(url)
     models = TritonModels(url, repo, "clip")
     try:
@@ -177,3 +211,4 @@ async def _activate(server, repo, data, catalog, products, r, image_server) -> f
     finally:
         await embedder.close()
         await models.close()
+        await index.close()

@@ -75,6 +75,42 @@ class CatalogIndex(ABC):
     async def ensure(self, space: EmbeddingSpace, make_current_if_none: bool = True) -> str:
         """Create the physical index for a space if missing; return its name."""
 
+    # -- swap state (gateway/models.py): which indexes exist, which one serves, which ones
+    # live ingestion also writes while a new one is built, and where a rollback goes.
+
+    @abstractmethod
+    async def indexes(self) -> dict[str, EmbeddingSpace]:
+        """Every physical index and its space, by name."""
+
+    @abstractmethod
+    async def alias_target(self) -> str | None:
+        """The index the read alias names now (read fresh, not from the cache)."""
+
+    @abstractmethod
+    async def set_current(self, space: EmbeddingSpace) -> str:
+        """Point the read alias at the index of `space` in one atomic step and remember the
+        index it left as the previous target."""
+
+    @abstractmethod
+    async def previous_target(self) -> str | None:
+        """The index the alias named before its last move (where a rollback goes)."""
+
+    @abstractmethod
+    async def write_targets(self) -> list[EmbeddingSpace]:
+        """Indexes live ingestion writes besides the alias target (one being rebuilt)."""
+
+    @abstractmethod
+    async def set_write_targets(self, spaces: list[EmbeddingSpace]) -> None: ...
+
+    @abstractmethod
+    async def drop(self, space: EmbeddingSpace) -> None:
+        """Delete a physical index; refused while the read alias names it."""
+
+    async def optimize(self, space: EmbeddingSpace) -> bool:
+        """After a bulk (re)build: whatever makes the index fast to search. Returns whether an
+        ANN structure exists afterwards."""
+        return False
+
     @abstractmethod
     async def upsert(self, space: EmbeddingSpace, items: list[tuple]) -> None:
         """Insert or replace by id: items are (product, image content hash, vector[, event_seq]).

@@ -4,8 +4,15 @@ Layout on the cluster (the server-side twin of the embedded backend's manifest):
 
     products-clip-v1          one index per embedding space (EmbeddingSpace.index_name)
                               mapping _meta {"looksync": {"model": "clip", "version": 1, "dim": 1024}}
-    products  -> products-clip-v1
+    products  -> products-clip-v2
                               the read alias; moving it (one `_aliases` call) switches serving
+    products.previous  -> products-clip-v1
+                              where a rollback goes; moved in the same `_aliases` call
+    products.write-also -> products-clip-v2 (during a swap's rebuild), products-clip-v1 (after)
+                              indexes live ingestion writes besides the alias target
+
+All swap state lives in aliases, so every process (gateway, ingest workers, the CLI) reads the
+same state from the cluster, and each change is one atomic `_aliases` call.
 
 The gateway re-resolves the alias every `refresh_s` seconds, so an alias move or a new index is
 followed without a restart. Every request body is built by a small pure function below
@@ -270,11 +277,31 @@ def update_body(fields: dict) -> dict:
     return {"doc": dict(fields)}
 
 
-def alias_actions(alias: str, index: str, current: Iterable[str] = ()) -> list[dict]:
-    """Point `alias` at `index` only, atomically (one `_aliases` call)."""
-    actions: list[dict] = [{"remove": {"index": old, "alias": alias}} for old in current if old != index]
+def alias_actions(
+    alias: str,
+    index: str,
+    current: Iterable[str] = (),
+    previous_alias: str | None = None,
+    previous_now: Iterable[str] = (),
+) -> list[dict]:
+    """Point `alias` at `index` only, atomically (one `_aliases` call). With `previous_alias`
+    the same call moves that alias (now on `previous_now`) to the index `alias` leaves, so the
+    rollback target can never disagree with the move."""
+    leaving = [old for old in current if old != index]
+    actions: list[dict] = [{"remove": {"index": old, "alias": alias}} for old in leaving]
     actions.append({"add": {"index": index, "alias": alias}})
+    if previous_alias and leaving:
+        actions += [{"remove": {"index": old, "alias": previous_alias}} for old in previous_now]
+        actions.append({"add": {"index": leaving[0], "alias": previous_alias}})
     return actions
+
+
+def set_alias_actions(alias: str, wanted: Iterable[str], current: Iterable[str]) -> list[dict]:
+    """Make `alias` name exactly the `wanted` indexes (the write-also list), in one call."""
+    wanted, current = list(wanted), list(current)
+    return [{"remove": {"index": n, "alias": alias}} for n in current if n not in wanted] + [
+        {"add": {"index": n, "alias": alias}} for n in wanted if n not in current
+    ]
 
 
 def product_from_source(source: dict) -> Product:
@@ -366,6 +393,7 @@ class ElasticIndex(CatalogIndex):
         self._ensure_lock = asyncio.Lock()
         self._ensured: dict[str, EmbeddingSpace] = {}
         self._alias_seen = False
+        self._writes: tuple[list[EmbeddingSpace], float] | None = None
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -541,16 +569,95 @@ class ElasticIndex(CatalogIndex):
             raise FailedPrecondition(f"index {name} holds {recorded}, not {space}")
 
     async def set_current(self, space: EmbeddingSpace) -> str:
-        """Move the alias to the index of `space` (atomically, away from whatever it named)."""
+        """Move the alias to the index of `space` (atomically, away from whatever it named;
+        `<alias>.previous` moves to the index it left in the same call)."""
         name = await self.ensure(space, make_current_if_none=False)
         current = await self._mapping(self.alias) or {}
+        previous = self._aux("previous")
+        actions = alias_actions(self.alias, name, current, previous, await self._alias_names(previous))
         await self._call(
-            f"point alias {self.alias} at {name}",
-            self._client().indices.update_aliases(actions=alias_actions(self.alias, name, current)),
+            f"point alias {self.alias} at {name}", self._client().indices.update_aliases(actions=actions)
         )
         self._forget()
         self._alias_seen = True
         return name
+
+    # -- swap state (see the module docstring: all of it lives in aliases) -------------------
+
+    def _aux(self, role: str) -> str:
+        return f"{self.alias}.{role}"
+
+    async def _alias_names(self, alias: str) -> list[str]:
+        """The indexes an alias names; [] when it does not exist."""
+        try:
+            resp = await self._call(f"read alias {alias}", self._client().indices.get_alias(name=alias))
+        except NotFoundError:
+            return []
+        return sorted(resp.body)
+
+    async def indexes(self) -> dict[str, EmbeddingSpace]:
+        resp = await self._call(
+            "list indexes",
+            self._client().indices.get_mapping(
+                index="products-*", allow_no_indices=True, expand_wildcards="open"
+            ),
+        )
+        out = {}
+        for name, body in sorted(resp.body.items()):
+            meta = body.get("mappings", {}).get("_meta") or {}
+            if META_KEY in meta:  # skip foreign indexes that happen to match the pattern
+                out[name] = space_from_meta(name, meta)
+        return out
+
+    async def alias_target(self) -> str | None:
+        return (await self._resolve(force=True))[0]
+
+    async def previous_target(self) -> str | None:
+        names = await self._alias_names(self._aux("previous"))
+        return names[0] if names else None
+
+    async def write_targets(self) -> list[EmbeddingSpace]:
+        # Read per ingestion batch, so cached like the alias target.
+        cached = self._writes
+        if cached is not None and time.monotonic() - cached[1] < self.refresh_s:
+            return cached[0]
+        spaces = [await self._space_of_index(n) for n in await self._alias_names(self._aux("write-also"))]
+        self._writes = (spaces, time.monotonic())
+        return spaces
+
+    async def set_write_targets(self, spaces: list[EmbeddingSpace]) -> None:
+        alias = self._aux("write-also")
+        wanted = [await self.ensure(s, make_current_if_none=False) for s in spaces]
+        actions = set_alias_actions(alias, wanted, await self._alias_names(alias))
+        if actions:
+            await self._call(
+                f"point {alias} at {wanted}", self._client().indices.update_aliases(actions=actions)
+            )
+        self._writes = None
+
+    async def drop(self, space: EmbeddingSpace) -> None:
+        name = space.index_name
+        if name == await self.alias_target():
+            raise FailedPrecondition(f"{name} is still behind the alias {self.alias}")
+        # Deleting an index removes it from every alias (write-also, previous) with it.
+        await self._call(
+            f"delete index {name}",
+            self._client().options(ignore_status=404).indices.delete(index=name),
+        )
+        self._forget(name)
+        self._writes = None
+
+    async def optimize(self, space: EmbeddingSpace) -> bool:
+        """After a bulk (re)build: refresh (so counts and searches see everything) and start a
+        merge to one segment in the background; each segment carries its own HNSW graph, and a
+        query searches every one of them."""
+        name = space.index_name
+        await self._call(f"refresh {name}", self._client(self.bulk_timeout_s).indices.refresh(index=name))
+        await self._call(
+            f"force-merge {name}",
+            self._client().indices.forcemerge(index=name, max_num_segments=1, wait_for_completion=False),
+        )
+        return True
 
     async def _bulk(self, what: str, actions: list[dict], ok_statuses: tuple[int, ...] = ()) -> None:
         failed: list[dict] = []

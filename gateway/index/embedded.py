@@ -353,6 +353,7 @@ class EmbeddedIndex(CatalogIndex):
                 raise FailedPrecondition(f"{name} is still behind an alias")
             data["indexes"].pop(name, None)
             data["write_also"] = [n for n in data.get("write_also", []) if n != name]
+            data["previous"] = {a: n for a, n in data.get("previous", {}).items() if n != name}
         db = await self._connect()
         await db.drop_table(name, ignore_missing=True)
         self._tables.pop((name, False), None)

@@ -121,7 +121,7 @@ class IngestWorker:
         """Where writes go: the alias's index first (it decides acks), then any index being
         rebuilt for a model swap, so that it misses nothing written during the rebuild."""
         primary = await self.index.space() or self.space
-        extra = await self.index.write_targets() if hasattr(self.index, "write_targets") else []
+        extra = await self.index.write_targets()
         return [primary] + [s for s in extra if s != primary]
 
     def indexer(self, space: EmbeddingSpace) -> Indexer:
