@@ -10,7 +10,8 @@ setup:
 demo: setup
 	$(VENV)/bin/looksync demo
 
-test: setup
+test:
+	@bash scripts/setup.sh --test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest

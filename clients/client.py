@@ -52,13 +52,13 @@ class LookSyncClient:
         text: str,
         k: int = 10,
         filters: FilterArgs | None = None,
-        space: pb.EmbeddingSpace | None = None,
+        space: pb.EmbeddingSpace | tuple[str, int] | None = None,
         timeout_s: float | None = None,
         request_id: str | None = None,
     ) -> pb.SearchResponse:
         request = pb.SearchTextRequest(text=text, k=k, filters=(filters or FilterArgs()).to_proto())
         if space is not None:
-            request.space.CopyFrom(space)
+            request.space.CopyFrom(as_space(space))
         return self.stub.SearchText(request, timeout=timeout_s or self.timeout_s, metadata=_meta(request_id))
 
     def search_image(
@@ -68,7 +68,7 @@ class LookSyncClient:
         filters: FilterArgs | None = None,
         text_modifier: str = "",
         text_weight: float = 0.0,
-        space: pb.EmbeddingSpace | None = None,
+        space: pb.EmbeddingSpace | tuple[str, int] | None = None,
         timeout_s: float | None = None,
         request_id: str | None = None,
     ) -> pb.SearchResponse:
@@ -80,7 +80,7 @@ class LookSyncClient:
             text_weight=text_weight,
         )
         if space is not None:
-            request.space.CopyFrom(space)
+            request.space.CopyFrom(as_space(space))
         return self.stub.SearchImage(request, timeout=timeout_s or self.timeout_s, metadata=_meta(request_id))
 
     def search_look(
@@ -90,10 +90,13 @@ class LookSyncClient:
         filters: FilterArgs | None = None,
         timeout_s: float | None = None,
         request_id: str | None = None,
+        space: pb.EmbeddingSpace | tuple[str, int] | None = None,
     ) -> pb.SearchLookResponse:
         request = pb.SearchLookRequest(
             image=image, k_per_layer=k_per_layer, filters=(filters or FilterArgs()).to_proto()
         )
+        if space is not None:
+            request.space.CopyFrom(as_space(space))
         return self.stub.SearchLook(request, timeout=timeout_s or self.timeout_s, metadata=_meta(request_id))
 
     def health(self, service: str = "", timeout_s: float = 2.0) -> str:
@@ -109,6 +112,14 @@ class LookSyncClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def as_space(space: pb.EmbeddingSpace | tuple[str, int]) -> pb.EmbeddingSpace:
+    """A space to search, as a message or (model, version)."""
+    if isinstance(space, pb.EmbeddingSpace):
+        return space
+    model, version = space
+    return pb.EmbeddingSpace(model=model, version=version)
 
 
 def _meta(request_id: str | None):

@@ -19,7 +19,7 @@ from export.triton.preprocess import InvalidImage, probe_image
 from gateway.embedder import TritonEmbedder
 from gateway.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from gateway.filters import SearchFilters
-from gateway.index.base import CatalogIndex, EmbeddingSpace, ScoredProduct
+from gateway.index.base import CatalogIndex, EmbeddingSpace, ScoredProduct, index_name
 
 # Longer text cannot change the embedding (the model sees 77 tokens, and a token is at least
 # one character), so cut it before it costs tokenizer time; the response says it was cut.
@@ -89,14 +89,31 @@ def check_image(data: bytes, max_pixels: int) -> None:
         raise InvalidArgument(f"image: {exc}") from None
 
 
-def check_space(expected, actual: EmbeddingSpace) -> None:
-    if expected is None:
-        return
-    if (expected.model, expected.version) != (actual.model, actual.version):
+async def request_space(index: CatalogIndex, requested: EmbeddingSpace | None) -> EmbeddingSpace:
+    """The space a request searches: the one it names (model, and version; 0 = the newest index
+    of that model), else the one behind the alias. Several spaces can be served at once (one
+    index each); the request never gets another space than the one it named."""
+    current = await index.space()
+    if requested is None:
+        if current is None:
+            raise FailedPrecondition("the catalog index is empty: run `looksync index CATALOG.jsonl`")
+        return current
+    wanted = f"{requested.model} v{requested.version}" if requested.version else requested.model
+    if current is not None and requested.model == current.model and requested.version in (0, current.version):
+        space = current
+    elif requested.version:
+        space = await index.space_of(index_name(requested.model, requested.version))
+    else:
+        same = [s for s in (await index.indexes()).values() if s.model == requested.model]
+        space = max(same, key=lambda s: s.version) if same else None
+    if space is None:
+        names = ", ".join(await index.indexes()) or "none"
+        raise FailedPrecondition(f"space: no index holds {wanted} (indexes: {names})")
+    if requested.dim and requested.dim != space.dim:
         raise FailedPrecondition(
-            f"space: the request expects {expected.model} v{expected.version}, "
-            f"but the index behind the alias is {actual}"
+            f"space: the request expects {requested.dim}-d vectors, {space} has {space.dim}"
         )
+    return space
 
 
 def blend(image_vec: np.ndarray, text_vec: np.ndarray, text_weight: float) -> np.ndarray:
@@ -113,12 +130,8 @@ class Searcher:
         self.triton_timeout_s = triton_timeout_s
         self.max_image_pixels = max_image_pixels
 
-    async def _space(self, expected: EmbeddingSpace | None) -> EmbeddingSpace:
-        space = await self.index.space()
-        if space is None:
-            raise FailedPrecondition("the catalog index is empty: run `looksync index CATALOG.jsonl`")
-        check_space(expected, space)
-        return space
+    async def _space(self, requested: EmbeddingSpace | None) -> EmbeddingSpace:
+        return await request_space(self.index, requested)
 
     async def _retrieve(self, vector, space, filters, k, timings) -> tuple[EmbeddingSpace, list]:
         with timings.stage("retrieve"):

@@ -284,6 +284,7 @@ class LookSearchServicer(pb_grpc.LookSearchServicer):
                 from_proto(request.filters),
                 check_k(request.k_per_layer, s.max_k_per_layer, "k_per_layer"),
                 deadline,
+                _space_from_proto(request.space),
             )
 
         return await self._run("SearchLook", context, handle, _look_response, request=request)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv at the repository root and installs what `make demo` and `make test` need:
 # Debian packages first, then the project with its export and dev extras. Re-running is cheap:
-# the Python install is skipped while pyproject.toml is unchanged.
+# the Python install is skipped while pyproject.toml is unchanged. `--test` adds the browser
+# the MOS page test drives.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,11 @@ command -v "$python" >/dev/null || { echo "setup: $python not found (LookSync ne
 missing=()
 dpkg -s libpython3.11 >/dev/null 2>&1 || missing+=(libpython3.11)
 command -v redis-server >/dev/null || missing+=(redis-server)
+# chromium + its driver: the headless-browser test of the MOS page (`setup.sh --test` only).
+if [ "${1:-}" = "--test" ]; then
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
+fi
 if ((${#missing[@]})); then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   echo "setup: installing Debian packages: ${missing[*]}"

@@ -62,13 +62,18 @@ def test_image_search_with_text_modifier_returns_blended_scores(client, catalog,
     assert [t.stage for t in blended.timings] == ["validate_image", "embed", "retrieve"]
 
 
-def test_pinning_another_embedding_space_is_refused(client):
+def test_naming_a_space_without_an_index_is_refused(client):
     ok = client.search_text("dress", k=1, space=pb.EmbeddingSpace(model="clip", version=1))
     assert ok.space.version == 1
+    newest = client.search_text("dress", k=1, space=("clip", 0))  # 0: the newest index of clip
+    assert (newest.space.model, newest.space.version) == ("clip", 1)
     with pytest.raises(grpc.RpcError) as err:
         client.search_text("dress", k=1, space=pb.EmbeddingSpace(model="clip", version=2))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "clip v2" in err.value.details() and "clip v1" in err.value.details()
+    assert "clip v2" in err.value.details() and "products-clip-v1" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        client.search_text("dress", k=1, space=pb.EmbeddingSpace(model="clip", version=1, dim=1024))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "1024-d" in err.value.details()
 
 
 def _jpeg(size=(120, 90)) -> bytes:

@@ -201,14 +201,16 @@ class SearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., text_truncated: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class SearchLookRequest(_message.Message):
-    __slots__ = ("image", "filters", "k_per_layer")
+    __slots__ = ("image", "filters", "k_per_layer", "space")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     K_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     filters: Filters
     k_per_layer: int
-    def __init__(self, image: _Optional[bytes] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., k_per_layer: _Optional[int] = ...) -> None: ...
+    space: EmbeddingSpace
+    def __init__(self, image: _Optional[bytes] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., k_per_layer: _Optional[int] = ..., space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ...) -> None: ...
 
 class LayerResult(_message.Message):
     __slots__ = ("layer", "query", "query_source", "rerank_source", "hits")

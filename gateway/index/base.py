@@ -12,6 +12,10 @@ from gateway.errors import FailedPrecondition
 from gateway.filters import SearchFilters
 
 
+def index_name(model: str, version: int) -> str:
+    return f"products-{model}-v{version}"
+
+
 @dataclass(frozen=True)
 class EmbeddingSpace:
     """Which model made a vector. Vectors of different spaces are never compared."""
@@ -22,7 +26,7 @@ class EmbeddingSpace:
 
     @property
     def index_name(self) -> str:
-        return f"products-{self.model}-v{self.version}"
+        return index_name(self.model, self.version)
 
     def __str__(self) -> str:
         return f"{self.model} v{self.version} ({self.dim}-d)"
@@ -81,6 +85,10 @@ class CatalogIndex(ABC):
     @abstractmethod
     async def indexes(self) -> dict[str, EmbeddingSpace]:
         """Every physical index and its space, by name."""
+
+    @abstractmethod
+    async def space_of(self, name: str) -> EmbeddingSpace | None:
+        """The space of one physical index; None when there is no such index."""
 
     @abstractmethod
     async def alias_target(self) -> str | None:

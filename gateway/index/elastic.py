@@ -489,6 +489,12 @@ class ElasticIndex(CatalogIndex):
         self._ensured[name] = space
         return space
 
+    async def space_of(self, name: str) -> EmbeddingSpace | None:
+        try:
+            return await self._space_of_index(name)
+        except FailedPrecondition:
+            return None
+
     async def search(self, vector, space, filters, k, with_vectors=False, index=None):
         # The index of the query's own space (or the one named), never "whatever the alias
         # names now": a request that resolved its space before an alias move stays consistent.

@@ -211,6 +211,9 @@ class EmbeddedIndex(CatalogIndex):
             raise FailedPrecondition(f"index {name!r} has no recorded embedding space")
         return EmbeddingSpace(meta["model"], int(meta["version"]), int(meta["dim"]))
 
+    async def space_of(self, name: str) -> EmbeddingSpace | None:
+        return self._space_of(name) if name in self._manifest()["indexes"] else None
+
     async def space(self) -> EmbeddingSpace | None:
         target = self._manifest()["aliases"].get(self.alias)
         return None if target is None else self._space_of(target)

@@ -21,7 +21,7 @@ import numpy as np
 from prometheus_client import Counter
 
 from gateway.embedder import TritonEmbedder
-from gateway.errors import FailedPrecondition, LookSyncError
+from gateway.errors import LookSyncError
 from gateway.filters import SearchFilters
 from gateway.index.base import CatalogIndex, EmbeddingSpace
 from gateway.llm import LLMError
@@ -30,7 +30,7 @@ from gateway.look.querygen import FallbackQueryGenerator, LLMQueryGenerator, dec
 from gateway.look.rerank import LLMReranker, embedding_rerank
 from gateway.look.types import Candidate, LayerOutcome, LayerQuery
 from gateway.observability import log
-from gateway.search import Deadline, Timings, check_image
+from gateway.search import Deadline, Timings, check_image, request_space
 
 FALLBACKS = Counter("looksync_fallbacks_total", "LLM stages answered by their fallback", ["stage", "reason"])
 logger = logging.getLogger("looksync.look")
@@ -85,15 +85,18 @@ class LookSearcher:
         self.segmenter = segmenter  # FlorenceSam2Localizer: garment masks for the rerank fallback
 
     async def search_look(
-        self, image: bytes, filters: SearchFilters, k: int, deadline: Deadline
+        self,
+        image: bytes,
+        filters: SearchFilters,
+        k: int,
+        deadline: Deadline,
+        space: EmbeddingSpace | None = None,
     ) -> LookResult:
         timings = Timings()
         with timings.stage("validate_image"):
             check_image(image, self.max_image_pixels)
             look = decode_look(image)
-        space = await self.index.space()
-        if space is None:
-            raise FailedPrecondition("the catalog index is empty: run `looksync index CATALOG.jsonl`")
+        space = await request_space(self.index, space)
         cache_key = _cache_key(image, filters, k, space)
         cached = await self.result_cache.get(cache_key)
         if cached is not None:
