@@ -68,19 +68,26 @@ class Queries:
         self.attrs = self.manifest["attributes"]
 
 
-def gateway_ranks(address: str, q: Queries) -> dict[str, list[tuple[str, str, int | None]]]:
+def gateway_ranks(
+    address: str, q: Queries, space: tuple[str, int] | None = None
+) -> dict[str, list[tuple[str, str, int | None]]]:
+    """Ranks through a gateway; `space` names the embedding space to search (default: the
+    alias's). An image-only space has no text -> product task."""
     from clients.client import LookSyncClient
 
     out = defaultdict(list)
     with LookSyncClient(address, timeout_s=30) as client:
+        first = client.search_image((q.world / q.items[0]["image_url"]).read_bytes(), k=1, space=space)
+        has_text = "text" in first.space.modalities or not first.space.modalities
         for rec in q.items:
             a = q.attrs[rec["id"]]
-            hits = client.search_text(q.manifest["captions"][rec["id"]], k=10).hits
-            out["text"].append((a["kind"], a["gender"], _rank(hits, rec["id"])))
-            hits = client.search_image((q.world / rec["image_url"]).read_bytes(), k=10).hits
+            if has_text:
+                hits = client.search_text(q.manifest["captions"][rec["id"]], k=10, space=space).hits
+                out["text"].append((a["kind"], a["gender"], _rank(hits, rec["id"])))
+            hits = client.search_image((q.world / rec["image_url"]).read_bytes(), k=10, space=space).hits
             out["image"].append((a["kind"], a["gender"], _rank(hits, rec["id"])))
         for look in q.manifest["looks"]:
-            resp = client.search_look((q.world / look["image"]).read_bytes(), k_per_layer=10)
+            resp = client.search_look((q.world / look["image"]).read_bytes(), k_per_layer=10, space=space)
             for zone, pid in look["garments"].items():
                 layer = next(
                     (
@@ -166,6 +173,40 @@ def summarise(ranks) -> dict:
     return out
 
 
+TASKS = {"text": "text -> product", "image": "image -> product", "look": "look -> garment"}
+
+
+def compare_spaces(address: str, q: Queries, spaces: list[tuple[str, int]]) -> tuple[str, str, dict]:
+    """The paper's Table 1 on our own catalog: the same queries and looks through each
+    embedding space served by one gateway, side by side. Returns (overall table, R@5 by
+    category and gender, figures)."""
+    results = {f"{m} v{v}": summarise(gateway_ranks(address, q, (m, v))) for m, v in spaces}
+    rows, figures = [], {}
+    for task, label in TASKS.items():
+        for name, result in results.items():
+            if task not in result:
+                rows.append([label, name, 0] + ["n/a"] * 5)  # image-only space: no text tower
+                continue
+            m = result[task]["all"]
+            rows.append(
+                [label, name, m["n"]] + [f"{m[k]:.3f}" for k in ("R@1", "R@5", "R@10", "MRR", "nDCG@10")]
+            )
+            figures[f"{task}_{name.replace(' ', '_')}_r5"] = round(m["R@5"], 3)
+    table = markdown_table(["task", "space", "queries", "R@1", "R@5", "R@10", "MRR", "nDCG@10"], rows)
+    names = list(results)
+    breakdown = []
+    for group in ("category", "gender"):
+        values = sorted({g for r in results.values() for g in r["look"][group]})
+        for g in values:
+            cells = []
+            for name in names:
+                m = results[name]["look"][group].get(g)
+                cells.append(f"{m['R@5']:.2f}" if m else "-")
+            breakdown.append([group, g] + cells)
+    table2 = markdown_table(["look -> garment R@5 by", "value"] + names, breakdown)
+    return table, table2, figures
+
+
 def bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], title: str) -> None:
     width, height, margin = 900, 420, 60
     img = Image.new("RGB", (width, height), "white")
@@ -200,9 +241,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2001, help="world seed (training used seed 1)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--gateway", help="compare spaces on a running gateway (with --world, --space)")
+    parser.add_argument("--world", type=Path, help="a world (clients/world.py) indexed in every --space")
+    parser.add_argument("--space", action="append", default=[], help="MODEL:VERSION, two or more")
     args = parser.parse_args()
     if args.quick:
         args.products, args.looks, args.sample = 200, 30, 60
+    if args.gateway:
+        return _compare_main(args)
     work = Path(tempfile.mkdtemp(prefix="looksync-quality-"))
     from export.clip import ExportRequest, export_clip
     from gateway.tritonserver import TritonServer
@@ -294,6 +340,32 @@ def main() -> None:
         if triton is not None:
             triton.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _compare_main(args) -> None:
+    if not args.world or len(args.space) < 2:
+        raise SystemExit("--gateway needs --world and two or more --space MODEL:VERSION")
+    spaces = [(m, int(v)) for m, _, v in (x.partition(":") for x in args.space)]
+    table, table2, figures = compare_spaces(args.gateway, Queries(args.world, args.sample), spaces)
+    print(table + "\n\n" + table2)
+    write_json("quality_spaces", figures)
+    names = [f"{m} v{v}" for m, v in spaces]
+    plot = HERE / "results" / "quality_spaces.png"
+    bar_plot(
+        plot,
+        ["text R@5", "image R@5", "look R@5"],
+        {
+            n: [figures.get(f"{t}_{n.replace(' ', '_')}_r5", 0.0) for t in ("text", "image", "look")]
+            for n in names
+        },
+        "embedding spaces side by side (text R@5 is 0 for image-only spaces)",
+    )
+    if not args.no_record:
+        append_results(
+            "Embedding spaces side by side",
+            table + "\n\n" + table2,
+            f"Plot: `benchmarks/results/{plot.name}`.",
+        )
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ TEXTS = [
 def in_process(repo: Path, name: str, images: list[bytes], threads: int, repeat: int) -> dict:
     """Items/s at each batch size for the full image and text paths, in this process."""
     meta = json.loads((repo / f"{name}_image/1/preprocess.json").read_text())
-    spec = ImageSpec(meta["image_size"], tuple(meta["mean"]), tuple(meta["std"]))
+    spec = ImageSpec.from_meta(meta)
     tmeta = json.loads((repo / f"{name}_text/1/preprocess.json").read_text())
     tokenizer = ClipTokenizer(str(repo / f"{name}_text/1" / tmeta["bpe_file"]), tmeta["context_length"])
     opts = ort.SessionOptions()

@@ -170,7 +170,7 @@ def cmd_index(args) -> int:
         embedder = TritonEmbedder(s.triton_url)
         index = open_index(s)
         try:
-            space = await resolve_space(embedder, s.embedding_model, args.version)
+            space = await resolve_space(embedder, args.model, args.version)
             print(f"indexing {args.catalog} into {space.index_name} ({space})", file=sys.stderr)
             indexer = Indexer(embedder, index, space, batch_size=args.batch_size)
             report = await index_catalog(Path(args.catalog), indexer, progress=not args.quiet)
@@ -377,6 +377,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("index", help="embed and index a catalog (JSON Lines)")
     p.add_argument("catalog")
     p.add_argument("--version", type=int, help="model version (default: newest ready in Triton)")
+    p.add_argument(
+        "--model",
+        default=_settings().embedding_model,
+        help="embedding model (space) to index with; each gets its own index, the first becomes the alias's",
+    )
     p.add_argument("--batch-size", type=int, default=_settings().index_batch_size)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_index)

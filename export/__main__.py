@@ -1,4 +1,4 @@
-"""python -m export clip --arch ViT-H-14 [--checkpoint PATH | --random-init] --version N --target cpu|gpu
+"""python -m export clip|siglip|dinov2 --arch ARCH [--checkpoint PATH | --random-init] --version N --target cpu|gpu
 python -m export sam2|florence2 [--checkpoint DIR | --random-init] [--tiny] --version N --target cpu|gpu"""
 
 from __future__ import annotations
@@ -11,18 +11,33 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    clip = sub.add_parser("clip", help="export an open_clip model (image + text towers)")
-    clip.add_argument("--arch", default="ViT-H-14", help="open_clip architecture name, or looksync-tiny")
-    weights = clip.add_mutually_exclusive_group()
-    weights.add_argument("--checkpoint", help="local checkpoint file (never downloaded)")
-    weights.add_argument("--pretrained", help="open_clip pretrained tag, from the local HF cache only")
-    weights.add_argument("--random-init", action="store_true", help="random weights (the default)")
-    clip.add_argument("--version", type=int, required=True, help="Triton version number to write")
-    clip.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
-    clip.add_argument("--name", default="clip", help="model name: Triton models are <name>_image etc.")
-    clip.add_argument("--repository", type=Path, default=Path("model_repository"))
-    clip.add_argument("--seed", type=int, default=0)
-    clip.add_argument("--onnx-threads", type=int, default=0, help="cpu target: onnxruntime threads")
+    for family, what, arch, arches in (
+        ("clip", "an open_clip CLIP model (image + text towers)", "ViT-H-14", "open_clip name, or looksync-tiny"),
+        ("siglip", "a SigLIP-style open_clip model (image + text)", "ViT-B-16-SigLIP",
+         "open_clip name, or looksync-siglip-tiny"),
+        ("dinov2", "a DINOv2 model from transformers (image only)", "dinov2-base",
+         "dinov2-small|base|large or looksync-dinov2-tiny (with --checkpoint: ignored)"),
+    ):  # fmt: skip
+        clip = sub.add_parser(family, help=f"export {what}")
+        clip.add_argument("--arch", default=arch, help=arches)
+        weights = clip.add_mutually_exclusive_group()
+        weights.add_argument(
+            "--checkpoint",
+            help="local checkpoint file (dinov2: a local HF model directory); never downloaded",
+        )
+        if family != "dinov2":
+            weights.add_argument(
+                "--pretrained", help="open_clip pretrained tag, from the local HF cache only"
+            )
+        weights.add_argument("--random-init", action="store_true", help="random weights (the default)")
+        if family == "siglip":
+            clip.add_argument("--tokenizer", help="local Hugging Face tokenizer directory (tokenizer.json)")
+        clip.add_argument("--version", type=int, required=True, help="Triton version number to write")
+        clip.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
+        clip.add_argument("--name", default=family, help="model name: Triton models are <name>_image etc.")
+        clip.add_argument("--repository", type=Path, default=Path("model_repository"))
+        clip.add_argument("--seed", type=int, default=0)
+        clip.add_argument("--onnx-threads", type=int, default=0, help="cpu target: onnxruntime threads")
 
     for name, what in (
         ("sam2", "SAM2 box prompts -> masks (sam2_mask)"),
@@ -114,17 +129,19 @@ def main(argv: list[str] | None = None) -> None:
                 max_new_tokens=args.max_new_tokens,
             )
         )
-    if args.command == "clip":
+    if args.command in ("clip", "siglip", "dinov2"):
         from export.clip import ExportRequest, export_clip
 
         export_clip(
             ExportRequest(
+                family=args.command,
+                tokenizer=getattr(args, "tokenizer", None),
                 arch=args.arch,
                 version=args.version,
                 target=args.target,
                 name=args.name,
                 checkpoint=args.checkpoint,
-                pretrained=args.pretrained,
+                pretrained=getattr(args, "pretrained", None),
                 repository=args.repository,
                 seed=args.seed,
                 onnx_threads=args.onnx_threads,

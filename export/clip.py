@@ -1,7 +1,11 @@
-"""Export an open_clip model to ONNX and write it as a new version into the Triton repository.
+"""Export an embedding model to ONNX and write it as a new version into the Triton repository.
 
     python -m export clip --arch ViT-H-14 --random-init --version 1 --target cpu
     python -m export clip --arch ViT-H-14 --checkpoint /models/vit-h-14.bin --version 2
+    python -m export siglip --arch ViT-B-16-SigLIP --checkpoint ... --tokenizer DIR --name siglip
+    python -m export dinov2 --arch dinov2-base --name dinov2 --version 1      (image only)
+
+One routine for every family; what differs between families is in export/families.py.
 
 The version is assembled in a hidden folder and renamed into place only after the ONNX parity
 check passes, so Triton never sees a half-written or wrong version.
@@ -37,6 +41,8 @@ class ExportRequest:
     seed: int = 0
     opset: int = 17
     onnx_threads: int = 0
+    family: str = "clip"  # clip | siglip | dinov2 (export/families.py)
+    tokenizer: str | None = None  # siglip: a local Hugging Face tokenizer directory
 
 
 def _log(msg: str, t0: float) -> None:
@@ -57,29 +63,6 @@ def build_model(req: ExportRequest):
     else:
         model = open_clip.create_model(req.arch, pretrained=pretrained)
     return model.eval()
-
-
-def _wrappers(model):
-    import torch
-    import torch.nn.functional as F
-
-    class ImageTower(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.visual = model.visual
-
-        def forward(self, pixel_values):
-            return F.normalize(self.visual(pixel_values), dim=-1)
-
-    class TextTower(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.clip = model
-
-        def forward(self, input_ids):
-            return self.clip.encode_text(input_ids, normalize=True)
-
-    return ImageTower().eval(), TextTower().eval()
 
 
 def _export_onnx(module, example, input_name: str, path: Path, opset: int) -> None:
@@ -119,16 +102,14 @@ def _parity(module, onnx_path: Path, make_input, batch_sizes=(1, 3, 5)) -> float
 
 
 def export_clip(req: ExportRequest) -> Path:
+    """Export one version of an embedding model of any family (export/families.py): the image
+    tower always, the text tower when the family has one."""
     t0 = time.monotonic()
-    import open_clip
+    from export.families import build
 
-    model = build_model(req)
-    _log(f"built {req.arch} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params)", t0)
-    cfg = model.visual.preprocess_cfg
-    image_size = int(cfg["size"][0] if isinstance(cfg["size"], tuple | list) else cfg["size"])
-    tokenizer = open_clip.get_tokenizer(req.arch)
-    context_length = int(tokenizer.context_length)
-    image_tower, text_tower = _wrappers(model)
+    towers = build(req.family, req.arch, req.checkpoint, req.pretrained, req.seed, req.tokenizer)
+    _log(f"built {req.family} {req.arch} ({towers.params / 1e6:.1f} M params)", t0)
+    image_size = int(towers.image_meta["image_size"])
     rng = np.random.default_rng(req.seed)
 
     def pixels(n):
@@ -136,26 +117,25 @@ def export_clip(req: ExportRequest) -> Path:
 
     def tokens(n):
         texts = [f"a {c} garment number {i}" for i, c in enumerate(["red", "blue", "green"] * n)][:n]
-        return tokenizer(texts).numpy().astype(np.int64)
+        return towers.tokenize(texts)
 
     repo = Path(req.repository)
-    staging = {
-        tower: repo / f"{req.name}_{tower}" / f".{req.version}.tmp"
-        for tower in ("image_encoder", "text_encoder", "image", "text")
-    }
+    parts = ["image_encoder", "image"] + (["text_encoder", "text"] if towers.text is not None else [])
+    staging = {tower: repo / f"{req.name}_{tower}" / f".{req.version}.tmp" for tower in parts}
     finals = {tower: path.parent / str(req.version) for tower, path in staging.items()}
     for final in finals.values():
         if final.exists():
             raise SystemExit(f"{final} already exists: pick a new --version (versions are immutable)")
+    _check_family(repo, req, towers.modalities)
     for path in staging.values():
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
 
     parity = {}
-    for tower, module, make_input, input_name in (
-        ("image_encoder", image_tower, pixels, "pixel_values"),
-        ("text_encoder", text_tower, tokens, "input_ids"),
-    ):
+    encoders = [("image_encoder", towers.image, pixels, "pixel_values")]
+    if towers.text is not None:
+        encoders.append(("text_encoder", towers.text, tokens, "input_ids"))
+    for tower, module, make_input, input_name in encoders:
         onnx_path = staging[tower] / "model.onnx"
         _export_onnx(module, torch_tensor(make_input(1)), input_name, onnx_path, req.opset)
         cosine = _parity(module, onnx_path, make_input)
@@ -168,39 +148,33 @@ def export_clip(req: ExportRequest) -> Path:
         if req.target == "cpu":
             shutil.copy(TRITON_CODE / "onnx_encoder.py", staging[tower] / "model.py")
 
-    dim = int(image_tower(torch_tensor(pixels(1))).shape[-1])
+    dim = int(towers.image(torch_tensor(pixels(1))).shape[-1])
     identity = {
         "model": req.name,
         "version": req.version,
+        "family": towers.family,
+        "modalities": towers.modalities,
         "arch": req.arch,
         "dim": dim,
         "weights": req.checkpoint or req.pretrained or f"random-init(seed={req.seed})",
         "parity_min_cosine": parity,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    image_meta = {
-        **identity,
-        "image_size": image_size,
-        "mean": list(cfg["mean"]),
-        "std": list(cfg["std"]),
-        "image_encoder": f"{req.name}_image_encoder",
-    }
+    image_meta = {**identity, **towers.image_meta, "image_encoder": f"{req.name}_image_encoder"}
     shutil.copy(TRITON_CODE / "clip_image.py", staging["image"] / "model.py")
     shutil.copy(TRITON_CODE / "preprocess.py", staging["image"] / "preprocess.py")
     (staging["image"] / "preprocess.json").write_text(json.dumps(image_meta, indent=2))
 
-    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    text_meta = {
-        **identity,
-        "context_length": context_length,
-        "bpe_file": bpe.name,
-        "trim_padding": False,
-        "text_encoder": f"{req.name}_text_encoder",
-    }
-    shutil.copy(TRITON_CODE / "clip_text.py", staging["text"] / "model.py")
-    shutil.copy(TRITON_CODE / "clip_bpe.py", staging["text"] / "clip_bpe.py")
-    shutil.copy(bpe, staging["text"] / bpe.name)
-    (staging["text"] / "preprocess.json").write_text(json.dumps(text_meta, indent=2))
+    context_length = 0
+    if towers.text is not None:
+        text_meta = {**identity, **towers.text_meta, "text_encoder": f"{req.name}_text_encoder"}
+        context_length = int(text_meta["context_length"])
+        _check_tokenizer(towers, text_meta, staging["text"])
+        shutil.copy(TRITON_CODE / "clip_text.py", staging["text"] / "model.py")
+        for helper in ("clip_bpe.py", "unigram.py"):
+            shutil.copy(TRITON_CODE / helper, staging["text"] / helper)
+        (staging["text"] / "preprocess.json").write_text(json.dumps(text_meta, indent=2))
+        _log(f"text: {text_meta['tokenizer']} tokenizer, context {context_length}, parity exact", t0)
 
     plan = ServingPlan(
         model=req.name,
@@ -208,14 +182,72 @@ def export_clip(req: ExportRequest) -> Path:
         image_size=image_size,
         context_length=context_length,
         onnx_threads=req.onnx_threads,
+        family=towers.family,
+        text=towers.text is not None,
     )
     for model_name, text in all_configs(plan).items():
         (repo / model_name / "config.pbtxt").write_text(text)
     # Encoders first: a wrapper version must never be visible before the encoder it calls.
     for tower in ("image_encoder", "text_encoder", "image", "text"):
-        staging[tower].rename(finals[tower])
-    _log(f"wrote {req.name} version {req.version} ({req.target} target, {dim}-d) to {repo}", t0)
+        if tower in staging:
+            staging[tower].rename(finals[tower])
+    _log(
+        f"wrote {req.name} version {req.version} ({towers.family}, {req.target} target, {dim}-d) to {repo}",
+        t0,
+    )
     return finals["image"]
+
+
+def _check_family(repo: Path, req: ExportRequest, modalities: list[str]) -> None:
+    """A model name keeps one family: Triton's config.pbtxt (one per model, not per version)
+    records it, and a space's capabilities must not change between versions."""
+    config = repo / f"{req.name}_image" / "config.pbtxt"
+    if config.is_file():
+        text = config.read_text()
+        recorded = "clip"
+        marker = 'key: "family" value: { string_value: "'
+        if marker in text:
+            recorded = text.split(marker, 1)[1].split('"', 1)[0]
+        if recorded != req.family:
+            raise SystemExit(
+                f"{req.name} is a {recorded} model in {repo}; export {req.family} under another --name"
+            )
+
+
+def _check_tokenizer(towers, text_meta: dict, folder: Path) -> None:
+    """The serving tokenizer (export/triton/) must give exactly the reference tokenizer's ids
+    on a corpus with the awkward cases; otherwise the export stops."""
+    import sys
+
+    for name, source in towers.text_files.items():
+        shutil.copy(source, folder / name)
+    corpus = [
+        "red striped shirt", "A RED, Striped shirt!!", "", "   ", "t-shirt_with under_scores",
+        "café crème résumé", "ﬁne ligatures ① ²", "日本語 👗 dress", "Ω omega ÅNGSTRÖM",
+        "a very long query about a long floral summer dress with a belt " * 8,
+    ]  # fmt: skip
+    sys.path.insert(0, str(TRITON_CODE))
+    try:
+        if text_meta["tokenizer"] == "unigram":
+            from unigram import UnigramTokenizer
+
+            ours = UnigramTokenizer(
+                str(folder / text_meta["tokenizer_file"]),
+                text_meta["context_length"],
+                text_meta["pad_id"],
+                text_meta["clean"],
+            )
+        else:
+            from clip_bpe import ClipTokenizer
+
+            ours = ClipTokenizer(str(folder / text_meta["bpe_file"]), text_meta["context_length"])
+    finally:
+        sys.path.remove(str(TRITON_CODE))
+    got, _ = ours(corpus)
+    want = towers.tokenize(corpus)
+    bad = [t for t, a, b in zip(corpus, got, want) if a.shape != b.shape or (a != b).any()]
+    if bad:
+        raise SystemExit(f"the serving tokenizer differs from the reference on {bad[:3]!r}")
 
 
 def torch_tensor(x: np.ndarray):

@@ -1,4 +1,5 @@
-"""`config.pbtxt` for the four Triton models that serve one embedding model.
+"""`config.pbtxt` for the Triton models that serve one embedding model (four; two for an
+image-only family).
 
 For a model named `clip`:
 
@@ -41,6 +42,8 @@ class ServingPlan:
     gpu_instances: int = 1
     onnx_threads: int = 0
     fp16: bool = True
+    family: str = "clip"  # recorded on <model>_image, read by the gateway (capabilities)
+    text: bool = True  # False: an image-only family (DINOv2) has no text models
 
 
 def _dynamic_batching(b: Batching, encoder: bool = False) -> str:
@@ -124,14 +127,22 @@ def wrapper_config(plan: ServingPlan, tower: str) -> str:
     # Pre-processing is CPU work on both targets; more instances overlap decode with the GPU.
     count = plan.cpu_instances if plan.target == "cpu" else max(2, plan.gpu_instances * 2)
     text += f"instance_group [ {{ kind: KIND_CPU count: {count} }} ]\n"
+    if tower == "image":
+        # The family and what the space can embed, for the gateway (one value per model name:
+        # export refuses to put another family under an existing name).
+        modalities = "image,text" if plan.text else "image"
+        text += f'parameters {{ key: "family" value: {{ string_value: "{plan.family}" }} }}\n'
+        text += f'parameters {{ key: "modalities" value: {{ string_value: "{modalities}" }} }}\n'
     return text
 
 
 def all_configs(plan: ServingPlan) -> dict[str, str]:
     """Model name -> config text, for every model of the plan."""
-    return {
+    configs = {
         f"{plan.model}_image_encoder": encoder_config(plan, "image"),
-        f"{plan.model}_text_encoder": encoder_config(plan, "text"),
         f"{plan.model}_image": wrapper_config(plan, "image"),
-        f"{plan.model}_text": wrapper_config(plan, "text"),
     }
+    if plan.text:
+        configs[f"{plan.model}_text_encoder"] = encoder_config(plan, "text")
+        configs[f"{plan.model}_text"] = wrapper_config(plan, "text")
+    return configs

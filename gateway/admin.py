@@ -20,7 +20,13 @@ logger = logging.getLogger("looksync.admin")
 
 
 def _space(space) -> pb.EmbeddingSpace:
-    return pb.EmbeddingSpace(model=space.model, version=space.version, dim=space.dim)
+    return pb.EmbeddingSpace(
+        model=space.model,
+        version=space.version,
+        dim=space.dim,
+        family=space.family,
+        modalities=list(space.modalities),
+    )
 
 
 class AdminServicer(pb_grpc.AdminServicer):

@@ -91,6 +91,20 @@ class TritonEmbedder:
         }
         return sorted(versions)
 
+    async def family(self, model: str, timeout_s: float = 5.0) -> tuple[str, tuple[str, ...]]:
+        """(family, modalities) that export recorded on `<model>_image`'s config; models
+        exported before families existed are CLIP with both towers."""
+        try:
+            config = await self.client.get_model_config(
+                f"{model}_image", as_json=True, client_timeout=timeout_s
+            )
+        except InferenceServerException as exc:
+            raise _translate(exc, self.url, f"{model}_image config") from None
+        params = config.get("config", {}).get("parameters", {})
+        family = params.get("family", {}).get("string_value", "clip")
+        modalities = params.get("modalities", {}).get("string_value", "image,text")
+        return family, tuple(m for m in modalities.split(",") if m)
+
     async def live(self, timeout_s: float = 1.0) -> bool:
         try:
             return bool(await self.client.is_server_ready(client_timeout=timeout_s))

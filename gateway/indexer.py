@@ -10,12 +10,14 @@ re-running over a catalog, or replaying events, never re-embeds finished work.
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from gateway.catalog import RecordError, content_hash, load_local_image, parse_record, read_jsonl
@@ -63,6 +65,15 @@ def fetch_image(url: str, base: Path, timeout_s: float = 10.0) -> bytes:
     return load_local_image(url, base)
 
 
+def _probe_image() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+PROBE_IMAGE = _probe_image()  # every family has an image tower: the dimension comes from it
+
+
 async def resolve_space(embedder: TritonEmbedder, model: str, version: int | None) -> EmbeddingSpace:
     """The space to index into: the requested version, else the newest one Triton has ready."""
     ready = await embedder.ready_versions(model)
@@ -72,8 +83,9 @@ async def resolve_space(embedder: TritonEmbedder, model: str, version: int | Non
         version = ready[-1]
     elif version not in ready:
         raise FailedPrecondition(f"{model} version {version} is not loaded in Triton (ready: {ready})")
-    emb, _ = await embedder.embed_texts(model, version, ["dimension probe"], 30.0)
-    return EmbeddingSpace(model, version, int(emb.shape[1]))
+    family, modalities = await embedder.family(model)
+    emb = await embedder.embed_images(model, version, [PROBE_IMAGE], 30.0)
+    return EmbeddingSpace(model, version, int(emb.shape[1]), family, modalities)
 
 
 class Indexer:
@@ -147,7 +159,8 @@ class Indexer:
                 for n, vec in zip(todo, await self._embed([items[n] for n in todo])):
                     vectors[n] = vec
             prompts = None
-            if any("missing" in sources.values() for _, sources in enriched):
+            # Zero-shot naming compares with text prompts: image-only spaces leave gaps as they are.
+            if self.space.has_text and any("missing" in sources.values() for _, sources in enriched):
                 prompts = await self.zero_shot.prompts(self.space, self.timeout_s)
             t2 = time.perf_counter()
             rows = []

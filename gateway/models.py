@@ -40,7 +40,10 @@ class TritonModels:
         self.client = triton.InferenceServerClient(url)
         self.repository = Path(repository)
         self.model = model
-        self.names = [f"{model}_{t}" for t in TOWERS]
+        # Image-only families (DINOv2) have no text models.
+        self.names = [f"{model}_{t}" for t in TOWERS if (self.repository / f"{model}_{t}").is_dir()] or [
+            f"{model}_{t}" for t in TOWERS
+        ]
 
     def on_disk(self) -> list[int]:
         """Versions exported for all four Triton models of the family."""
@@ -185,7 +188,7 @@ class Swap:
             problems.append(
                 f"document counts differ: {old.index_name} {counts[0]}, {new.index_name} {counts[1]}"
             )
-        if old is not None:
+        if old is not None and old.has_text and new.has_text:
             self.report.overlap = await golden_overlap(
                 self.index, self.embedder, old, new, golden_queries(catalog)
             )

@@ -89,6 +89,14 @@ def check_image(data: bytes, max_pixels: int) -> None:
         raise InvalidArgument(f"image: {exc}") from None
 
 
+def need_text(space: EmbeddingSpace, field: str) -> None:
+    if not space.has_text:
+        raise FailedPrecondition(
+            f"{field}: {space.model} v{space.version} is an image-only ({space.family}) space and "
+            "cannot embed text; search it by image, or name a space with a text tower"
+        )
+
+
 async def request_space(index: CatalogIndex, requested: EmbeddingSpace | None) -> EmbeddingSpace:
     """The space a request searches: the one it names (model, and version; 0 = the newest index
     of that model), else the one behind the alias. Several spaces can be served at once (one
@@ -154,6 +162,7 @@ class Searcher:
         timings = Timings()
         text, cut = check_text(text, "text")
         space = await self._space(expected)
+        need_text(space, "text")
         with timings.stage("embed_text"):
             vector, truncated = await self._embed_text(space, text, deadline)
         space = EmbeddingSpace(space.model, space.version, int(vector.shape[0]))
@@ -179,6 +188,8 @@ class Searcher:
         if modifier and text_weight == 0.0:
             text_weight = DEFAULT_TEXT_WEIGHT
         space = await self._space(expected)
+        if modifier:
+            need_text(space, "text_modifier")
         truncated = False
         with timings.stage("embed"):
             image_call = self.embedder.embed_images(

@@ -102,7 +102,13 @@ def _hit(product, score: float, duplicates: int = 0) -> pb.Hit:
 
 
 def _space_pb(space: EmbeddingSpace) -> pb.EmbeddingSpace:
-    return pb.EmbeddingSpace(model=space.model, version=space.version, dim=space.dim)
+    return pb.EmbeddingSpace(
+        model=space.model,
+        version=space.version,
+        dim=space.dim,
+        family=space.family,
+        modalities=list(space.modalities),
+    )
 
 
 def _timings_pb(timings) -> list[pb.StageTiming]:
@@ -141,7 +147,7 @@ def _response(result: SearchResult, request_id: str) -> pb.SearchResponse:
     hits = [
         pb.Hit(product=pb.Product(**h.product.to_dict()), score=h.score, duplicates=0) for h in result.hits
     ]
-    space = pb.EmbeddingSpace(model=result.space.model, version=result.space.version, dim=result.space.dim)
+    space = _space_pb(result.space)
     timings = [pb.StageTiming(stage=name, ms=ms) for name, ms in result.timings.stages]
     return pb.SearchResponse(
         hits=hits,

@@ -83,7 +83,15 @@ def test_index_body_for_a_64d_space():
         "settings": {"index.number_of_shards": 1},
         "mappings": {
             "dynamic": "strict",
-            "_meta": {"looksync": {"model": "clip", "version": 1, "dim": 64}},
+            "_meta": {
+                "looksync": {
+                    "model": "clip",
+                    "version": 1,
+                    "dim": 64,
+                    "family": "clip",
+                    "modalities": ["image", "text"],
+                }
+            },
             "properties": {
                 "id": {"type": "keyword"},
                 "title": {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 512}}},
@@ -134,6 +142,12 @@ def test_index_body_per_server_version():
 def test_identity_is_read_from_meta():
     meta = index_body(SPACE64)["mappings"]["_meta"]
     assert space_from_meta("products-clip-v1", meta) == SPACE64
+    # An index written before families existed is a CLIP space with both towers.
+    old = space_from_meta("products-clip-v1", {"looksync": {"model": "clip", "version": 1, "dim": 64}})
+    assert (old.family, old.modalities) == ("clip", ("image", "text"))
+    dino = EmbeddingSpace("dinov2", 1, 64, "dinov2", ("image",))
+    back = space_from_meta("products-dinov2-v1", index_body(dino)["mappings"]["_meta"])
+    assert (back.family, back.modalities, back.has_text) == ("dinov2", ("image",), False)
     for bad in (None, {}, {"looksync": {"model": "clip"}}, {"other": 1}):
         with pytest.raises(FailedPrecondition):
             space_from_meta("foreign", bad)
@@ -784,7 +798,13 @@ class IndexContract:
         es = env.index._es
         mapping = env.run(es.indices.get_mapping(index=env.space.index_name)).body
         assert mapping[env.space.index_name]["mappings"]["_meta"] == {
-            "looksync": {"model": env.space.model, "version": 1, "dim": 16}
+            "looksync": {
+                "model": env.space.model,
+                "version": 1,
+                "dim": 16,
+                "family": "clip",
+                "modalities": ["image", "text"],
+            }
         }
         aliases = env.run(es.indices.get_alias(name=env.index.alias)).body
         assert list(aliases) == [env.space.index_name]

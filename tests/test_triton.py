@@ -69,7 +69,7 @@ def test_triton_embeddings_equal_onnxruntime_directly(triton, tiny_repo: Path):
     got_txt, truncated = _run(_with_embedder(triton, lambda e: e.embed_texts("clip", 1, texts, 30)))
 
     meta = json.loads((tiny_repo / "clip_image/1/preprocess.json").read_text())
-    spec = ImageSpec(meta["image_size"], tuple(meta["mean"]), tuple(meta["std"]))
+    spec = ImageSpec.from_meta(meta)
     pixels = np.stack([image_bytes_to_pixels(b, spec) for b in images])
     session = ort.InferenceSession(str(tiny_repo / "clip_image_encoder/1/model.onnx"))
     (ref_img,) = session.run(None, {"pixel_values": pixels})

@@ -29,7 +29,7 @@ class TritonPythonModel:
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         with open(os.path.join(version_dir, "preprocess.json")) as fh:
             meta = json.load(fh)
-        self.spec = ImageSpec(meta["image_size"], tuple(meta["mean"]), tuple(meta["std"]))
+        self.spec = ImageSpec.from_meta(meta)
         self.max_pixels = int(meta.get("max_pixels", 40_000_000))
         self.encoder = meta["image_encoder"]
         self.version = int(args["model_version"])

@@ -1,9 +1,12 @@
 """`<model>_text`: strings in, L2-normalised embedding and a 'truncated' flag out.
 
-Tokenises with the model's own BPE table (copied next to this file at export time), then calls
-`<model>_text_encoder` of the same version through BLS. The batch is trimmed to its longest
-real sequence: CLIP reads the end-of-text position under causal attention, so padding after it
-never changes an embedding, and most queries are far shorter than the 77-token context.
+Tokenises with the model's own tokenizer (files copied next to this file at export time): the
+CLIP BPE table, or a SentencePiece-style Unigram `tokenizer.json` (SigLIP-style models). Then
+calls `<model>_text_encoder` of the same version through BLS. For CLIP the batch is trimmed to
+its longest real sequence: CLIP reads the end-of-text position under causal attention, so
+padding after it never changes an embedding. SigLIP-style towers attend in both directions and
+pool the last position, so their padding is part of the input and is never trimmed
+(`trim_padding` in preprocess.json, set by export per family).
 """
 
 import json
@@ -15,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from clip_bpe import ClipTokenizer  # noqa: E402
+from unigram import UnigramTokenizer  # noqa: E402
 
 
 class TritonPythonModel:
@@ -22,7 +26,17 @@ class TritonPythonModel:
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         with open(os.path.join(version_dir, "preprocess.json")) as fh:
             meta = json.load(fh)
-        self.tokenizer = ClipTokenizer(os.path.join(version_dir, meta["bpe_file"]), meta["context_length"])
+        if meta.get("tokenizer", "clip_bpe") == "unigram":
+            self.tokenizer = UnigramTokenizer(
+                os.path.join(version_dir, meta["tokenizer_file"]),
+                meta["context_length"],
+                meta["pad_id"],
+                meta.get("clean", "whitespace"),
+            )
+        else:
+            self.tokenizer = ClipTokenizer(
+                os.path.join(version_dir, meta["bpe_file"]), meta["context_length"]
+            )
         self.trim = bool(meta.get("trim_padding", False))
         self.encoder = meta["text_encoder"]
         self.version = int(args["model_version"])

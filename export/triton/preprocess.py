@@ -28,9 +28,31 @@ class InvalidImage(ValueError):
 
 @dataclass(frozen=True)
 class ImageSpec:
+    """How a model family expects its pixels (recorded per version in preprocess.json):
+
+    CLIP (open_clip)   shortest side to `size`, centre crop `size`, CLIP mean/std
+    SigLIP (open_clip) "squash": both sides to `size`, no crop, mean/std 0.5
+    DINOv2 (HF)        shortest side to `resize_size` (256), centre crop `size` (224) with the
+                       crop offset floored (HF), ImageNet mean/std
+    """
+
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize_mode: str = "shortest"  # "shortest" (then centre crop) | "squash"
+    resize_size: int | None = None  # shortest side before the crop; None: `size`
+    crop_rounding: str = "round"  # "round" (torchvision) | "floor" (Hugging Face processors)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> ImageSpec:
+        return cls(
+            int(meta["image_size"]),
+            tuple(meta["mean"]),
+            tuple(meta["std"]),
+            meta.get("resize_mode", "shortest"),
+            meta.get("resize_size"),
+            meta.get("crop_rounding", "round"),
+        )
 
 
 def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -86,27 +108,36 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Shortest side to `size` (bicubic), then a centred square crop.
+def resize_center_crop(img: Image.Image, size: int, resize_to: int | None = None, rounding: str = "round"):
+    """Shortest side to `resize_to` (default `size`; bicubic), then a centred square crop.
 
     Integer rounding follows torchvision's Resize/CenterCrop exactly, which is what open_clip
-    uses at training time; parity with it is tested.
+    uses at training time; Hugging Face processors floor the crop offset instead
+    (`rounding="floor"`). Parity with both is tested.
     """
+    resize_to = resize_to or size
     width, height = img.size
     if width <= height:
-        new_w, new_h = size, int(size * height / width)
+        new_w, new_h = resize_to, int(resize_to * height / width)
     else:
-        new_w, new_h = int(size * width / height), size
+        new_w, new_h = int(resize_to * width / height), resize_to
     if (new_w, new_h) != (width, height):
         img = img.resize((new_w, new_h), Image.BICUBIC)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
+    if rounding == "floor":
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+    else:
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return img.crop((left, top, left + size, top + size))
 
 
 def pixels(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     """RGB image -> normalised float32 CHW array, as the image tower expects."""
-    img = resize_center_crop(to_rgb(img), spec.size)
+    img = to_rgb(img)
+    if spec.resize_mode == "squash":
+        if img.size != (spec.size, spec.size):
+            img = img.resize((spec.size, spec.size), Image.BICUBIC)
+    else:
+        img = resize_center_crop(img, spec.size, spec.resize_size, spec.crop_rounding)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     arr = (arr - np.asarray(spec.mean, dtype=np.float32)) / np.asarray(spec.std, dtype=np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))

@@ -141,14 +141,18 @@ class Hit(_message.Message):
     def __init__(self, product: _Optional[_Union[Product, _Mapping]] = ..., score: _Optional[float] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class EmbeddingSpace(_message.Message):
-    __slots__ = ("model", "version", "dim")
+    __slots__ = ("model", "version", "dim", "family", "modalities")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     dim: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., dim: _Optional[int] = ...) -> None: ...
+    family: str
+    modalities: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., dim: _Optional[int] = ..., family: _Optional[str] = ..., modalities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StageTiming(_message.Message):
     __slots__ = ("stage", "ms")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,18 +18,50 @@ def index_name(model: str, version: int) -> str:
 
 @dataclass(frozen=True)
 class EmbeddingSpace:
-    """Which model made a vector. Vectors of different spaces are never compared."""
+    """Which model made a vector. Vectors of different spaces are never compared.
+
+    `family` (clip | siglip | dinov2) and `modalities` (what the space can embed: image, and
+    text unless it is image-only) describe the space; they follow from (model, version), so
+    they take no part in equality."""
 
     model: str
     version: int
     dim: int
+    family: str = field(default="clip", compare=False)
+    modalities: tuple[str, ...] = field(default=("image", "text"), compare=False)
+
+    @property
+    def has_text(self) -> bool:
+        return "text" in self.modalities
+
+    def record(self) -> dict:
+        """The identity as stored with an index (manifest entry, Elasticsearch _meta)."""
+        return {
+            "model": self.model,
+            "version": self.version,
+            "dim": self.dim,
+            "family": self.family,
+            "modalities": list(self.modalities),
+        }
+
+    @classmethod
+    def from_record(cls, r: dict) -> EmbeddingSpace:
+        """Indexes written before families existed record no family: they are CLIP."""
+        return cls(
+            str(r["model"]),
+            int(r["version"]),
+            int(r["dim"]),
+            str(r.get("family", "clip")),
+            tuple(r.get("modalities", ("image", "text"))),
+        )
 
     @property
     def index_name(self) -> str:
         return index_name(self.model, self.version)
 
     def __str__(self) -> str:
-        return f"{self.model} v{self.version} ({self.dim}-d)"
+        only = "" if self.has_text else ", image-only"
+        return f"{self.model} v{self.version} ({self.dim}-d{only})"
 
 
 @dataclass

@@ -131,7 +131,7 @@ def index_body(
         "settings": settings,
         "mappings": {
             "dynamic": "strict",
-            "_meta": {META_KEY: {"model": space.model, "version": space.version, "dim": space.dim}},
+            "_meta": {META_KEY: space.record()},
             "properties": {
                 "id": keyword,
                 "title": {"type": "text", "fields": {"keyword": {"type": "keyword", "ignore_above": 512}}},
@@ -155,7 +155,7 @@ def space_from_meta(name: str, meta: dict | None) -> EmbeddingSpace:
     """The embedding identity recorded in an index's mapping `_meta`."""
     identity = (meta or {}).get(META_KEY)
     try:
-        return EmbeddingSpace(str(identity["model"]), int(identity["version"]), int(identity["dim"]))
+        return EmbeddingSpace.from_record(identity)
     except (TypeError, KeyError, ValueError):
         raise FailedPrecondition(
             f"index {name!r} has no recorded embedding space (mapping _meta.{META_KEY})"

@@ -209,7 +209,7 @@ class EmbeddedIndex(CatalogIndex):
         meta = self._manifest()["indexes"].get(name)
         if meta is None:
             raise FailedPrecondition(f"index {name!r} has no recorded embedding space")
-        return EmbeddingSpace(meta["model"], int(meta["version"]), int(meta["dim"]))
+        return EmbeddingSpace.from_record(meta)
 
     async def space_of(self, name: str) -> EmbeddingSpace | None:
         return self._space_of(name) if name in self._manifest()["indexes"] else None
@@ -293,7 +293,7 @@ class EmbeddedIndex(CatalogIndex):
         async with self._lock:
             known = self.manifest.read()["indexes"].get(name)
             if known is not None:
-                recorded = EmbeddingSpace(known["model"], int(known["version"]), int(known["dim"]))
+                recorded = EmbeddingSpace.from_record(known)
                 if recorded != space:
                     raise FailedPrecondition(f"index {name} holds {recorded}, not {space}")
             db = await self._connect()
@@ -302,12 +302,7 @@ class EmbeddedIndex(CatalogIndex):
             with self.manifest.edit() as data:
                 data["indexes"].setdefault(
                     name,
-                    {
-                        "model": space.model,
-                        "version": space.version,
-                        "dim": space.dim,
-                        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    },
+                    {**space.record(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
                 )
                 if make_current_if_none:
                     data["aliases"].setdefault(self.alias, name)

@@ -141,6 +141,8 @@ class LookSearcher:
         so it still fits when the LLM rerank uses up its budget."""
         missing = []
         for q in queries:
+            if not space.has_text:  # image-only space: the garment's pixels are the query
+                continue
             q.text_vector = await self.text_cache.get(f"{space.model}:{space.version}:{q.query}")
             if q.text_vector is None:
                 missing.append(q)
@@ -178,7 +180,11 @@ class LookSearcher:
         """kNN for one layer. A region embedding (the garment itself) leads when there is one;
         the text query alone is the LLM path's vector."""
         vector = query.text_vector
-        if query.region_vector is not None and query.source == "fallback":
+        if vector is None:  # image-only space
+            vector = query.region_vector
+            if vector is None:  # no zone of the look fits this layer
+                return LayerOutcome(query)
+        elif query.region_vector is not None and query.source == "fallback":
             vector = 0.8 * query.region_vector + 0.2 * query.text_vector
             vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
         categories = query.categories

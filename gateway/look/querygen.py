@@ -164,6 +164,8 @@ class FallbackQueryGenerator:
         vectors = await self.embedder.embed_images(
             space.model, space.version, [r.image for r in regions], timeout_s
         )
+        if not space.has_text:
+            return _image_only_queries(regions, vectors)
         prompts = await self.zero_shot.prompts(space, timeout_s)
         queries, used = [], set()
         for region, vector in zip(regions, vectors):
@@ -190,6 +192,28 @@ class FallbackQueryGenerator:
                 )
             )
         return queries
+
+
+def _image_only_queries(regions: list[Region], vectors) -> list[LayerQuery]:
+    """An image-only space (DINOv2) cannot name a garment with text prompts: each region
+    searches by its own pixels, within the categories its zone allows."""
+    queries, used = [], set()
+    for region, vector in zip(regions, vectors):
+        layers = [CATEGORY_LAYER[c] for c in region.categories if CATEGORY_LAYER[c] not in used]
+        if not layers:
+            continue
+        used.add(layers[0])
+        queries.append(
+            LayerQuery(
+                layer=layers[0],
+                categories=region.categories,
+                query=f"{region.zone} garment",
+                source="fallback",
+                region=region,
+                region_vector=vector,
+            )
+        )
+    return queries
 
 
 def decode_look(data: bytes) -> Image.Image:

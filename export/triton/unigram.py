@@ -1,0 +1,177 @@
+"""A SentencePiece-style Unigram tokenizer read from a Hugging Face `tokenizer.json`, in pure
+Python (the Triton python models may need only numpy and Pillow).
+
+It implements the parts SigLIP-style tokenizers use, and refuses others by name at load time
+(export then fails instead of serving a tokenizer that differs from training):
+
+    clean           open_clip's "canonicalize" (lowercase, no punctuation, single spaces),
+                    "whitespace" or none
+    normalizer      NFC/NFD/NFKC/NFKD, Lowercase, Strip, Replace (plain strings), Sequence
+    pre_tokenizer   Metaspace (split on the replacement character), WhitespaceSplit
+    model           Unigram: best-scoring segmentation (Viterbi), unknown characters scored
+                    min_score - 10 and consecutive unknowns fused, as tokenizers does
+    post_processor  TemplateProcessing for single sequences
+    then            truncation to context_length (special tokens kept) and right padding
+
+Parity with the Hugging Face tokenizer is checked at export time on a test corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import unicodedata
+
+import numpy as np
+
+UNK_PENALTY = 10.0
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+class Unsupported(ValueError):
+    """tokenizer.json uses a component this tokenizer does not implement."""
+
+
+def _clean(text: str, mode: str) -> str:
+    if mode == "canonicalize":
+        text = text.replace("_", " ").translate(_PUNCTUATION).lower()
+        return " ".join(text.split())
+    if mode == "whitespace":
+        return " ".join(text.split())
+    return text
+
+
+def _normalizer(spec: dict | None):
+    if spec is None:
+        return lambda s: s
+    kind = spec["type"]
+    if kind == "Sequence":
+        steps = [_normalizer(s) for s in spec["normalizers"]]
+
+        def run(s):
+            for step in steps:
+                s = step(s)
+            return s
+
+        return run
+    if kind in ("NFC", "NFD", "NFKC", "NFKD"):
+        return lambda s: unicodedata.normalize(kind, s)
+    if kind == "Lowercase":
+        return str.lower
+    if kind == "Strip":
+        left, right = spec.get("strip_left", True), spec.get("strip_right", True)
+        return lambda s: s.lstrip() if left and not right else s.rstrip() if right and not left else s.strip()
+    if kind == "Replace" and "String" in spec["pattern"]:
+        old, new = spec["pattern"]["String"], spec["content"]
+        return lambda s: s.replace(old, new)
+    raise Unsupported(f"normalizer {kind} (or its pattern) is not implemented")
+
+
+def _pre_tokenizer(spec: dict | None):
+    if spec is None:
+        return lambda s: [s] if s else []
+    kind = spec["type"]
+    if kind == "Metaspace":
+        rep = spec.get("replacement", "\u2581")
+        prepend = spec.get("prepend_scheme", "always") in ("always", "first")
+        split = spec.get("split", True)
+
+        def run(s):
+            if not s:
+                return []
+            s = s.replace(" ", rep)
+            if prepend and not s.startswith(rep):
+                s = rep + s
+            if not split:
+                return [s]
+            pieces, start = [], 0
+            for i in range(1, len(s)):
+                if s[i] == rep:
+                    pieces.append(s[start:i])
+                    start = i
+            pieces.append(s[start:])
+            return pieces
+
+        return run
+    if kind == "WhitespaceSplit":
+        return str.split
+    raise Unsupported(f"pre_tokenizer {kind} is not implemented")
+
+
+class UnigramTokenizer:
+    def __init__(self, tokenizer_json: str, context_length: int, pad_id: int, clean: str = "canonicalize"):
+        with open(tokenizer_json, encoding="utf-8") as fh:
+            spec = json.load(fh)
+        model = spec["model"]
+        if model.get("type") != "Unigram":
+            raise Unsupported(f"model {model.get('type')} is not Unigram")
+        if model.get("byte_fallback"):
+            raise Unsupported("Unigram byte_fallback is not implemented")
+        self.vocab = {piece: (i, score) for i, (piece, score) in enumerate(model["vocab"])}
+        self.unk_id = int(model["unk_id"])
+        self.unk_score = min(score for _, score in model["vocab"]) - UNK_PENALTY
+        self.max_piece = max(len(p) for p in self.vocab)
+        self.normalize = _normalizer(spec.get("normalizer"))
+        self.pre_tokenize = _pre_tokenizer(spec.get("pre_tokenizer"))
+        self.prefix, self.suffix = self._template(spec.get("post_processor"))
+        self.context_length = context_length
+        self.pad_id = pad_id
+        self.clean = clean
+
+    @staticmethod
+    def _template(spec: dict | None) -> tuple[list[int], list[int]]:
+        if spec is None:
+            return [], []
+        if spec["type"] != "TemplateProcessing":
+            raise Unsupported(f"post_processor {spec['type']} is not implemented")
+        before, after, seen = [], [], False
+        for part in spec["single"]:
+            if "Sequence" in part:
+                seen = True
+            else:
+                ids = spec["special_tokens"][part["SpecialToken"]["id"]]["ids"]
+                (after if seen else before).extend(ids)
+        return before, after
+
+    def _viterbi(self, piece: str) -> list[int]:
+        n = len(piece)
+        best: list[tuple[float, int, int] | None] = [None] * (n + 1)  # (score, start, id)
+        best[0] = (0.0, -1, -1)
+        for start in range(n):
+            if best[start] is None:
+                continue
+            base = best[start][0]
+            single = False
+            for end in range(start + 1, min(n, start + self.max_piece) + 1):
+                hit = self.vocab.get(piece[start:end])
+                if hit is None:
+                    continue
+                single |= end == start + 1
+                score = base + hit[1]
+                if best[end] is None or score > best[end][0]:
+                    best[end] = (score, start, hit[0])
+            if not single:
+                score = base + self.unk_score
+                if best[start + 1] is None or score > best[start + 1][0]:
+                    best[start + 1] = (score, start, self.unk_id)
+        ids, end = [], n
+        while end > 0:
+            _, start, token = best[end]
+            if not (token == self.unk_id and ids and ids[-1] == self.unk_id):  # fuse unknowns
+                ids.append(token)
+            end = start
+        return ids[::-1]
+
+    def encode(self, text: str) -> tuple[list[int], bool]:
+        """Ids of one text padded to context_length, and whether it was truncated."""
+        text = self.normalize(_clean(text, self.clean))
+        ids = [i for piece in self.pre_tokenize(text) for i in self._viterbi(piece)]
+        room = self.context_length - len(self.prefix) - len(self.suffix)
+        truncated = len(ids) > room
+        ids = self.prefix + ids[:room] + self.suffix
+        return ids + [self.pad_id] * (self.context_length - len(ids)), truncated
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        rows = [self.encode(t) for t in texts]
+        ids = np.asarray([r[0] for r in rows], dtype=np.int64).reshape(len(texts), self.context_length)
+        return ids, np.asarray([r[1] for r in rows], dtype=bool)

@@ -1,0 +1,197 @@
+"""Three embedding-model families (CLIP, SigLIP-style, DINOv2) exported with their own
+pre-processing and tokenizers, served side by side by one real Triton and one gateway, each
+space with its own index; requests name the space they search."""
+
+import io
+import json
+import shutil
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.quality import Queries, compare_spaces
+from clients.world import write_world
+from export.clip import ExportRequest, export_clip
+from export.triton.preprocess import ImageSpec, pixels
+from tests.conftest import looksync, looksync_env, start_gateway, start_triton
+
+TINY = {"siglip": "looksync-siglip-tiny", "dinov2": "looksync-dinov2-tiny"}
+
+
+@pytest.fixture(scope="module")
+def families_repo(tiny_repo, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("families_repo")
+    shutil.copytree(tiny_repo, repo, dirs_exist_ok=True)  # clip v1
+    for family, arch in TINY.items():
+        # export_clip refuses (SystemExit) when ONNX differs from PyTorch or the serving
+        # tokenizer from the reference one: reaching the next line is the parity check.
+        export_clip(ExportRequest(family=family, arch=arch, name=family, version=1, repository=repo))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def served(families_repo, tmp_path_factory):
+    """Triton with all three; the world indexed into each space (clip first: the alias)."""
+    work = tmp_path_factory.mktemp("families")
+    world = work / "world"
+    write_world(world, products=60, looks=4, seed=3)
+    server = start_triton(families_repo, work / "triton")
+    env = looksync_env(server, work / "data")
+    gw = None
+    try:
+        for model in ("clip", "siglip", "dinov2"):
+            done = looksync("index", str(world / "catalog.jsonl"), "--quiet", "--model", model, env=env)
+            assert done.returncode == 0, done.stderr
+        gw = start_gateway(env, work / "gateway.log")
+        with gw.client() as client:
+            yield client, world, gw.address
+    finally:
+        if gw is not None:
+            gw.stop()
+        server.stop()
+
+
+def _meta(repo, name):
+    return json.loads((repo / name / "1" / "preprocess.json").read_text())
+
+
+def test_each_family_records_its_own_preprocessing(families_repo):
+    siglip, dino = _meta(families_repo, "siglip_image"), _meta(families_repo, "dinov2_image")
+    assert (siglip["family"], siglip["resize_mode"], siglip["mean"]) == ("siglip", "squash", [0.5] * 3)
+    assert (dino["family"], dino["modalities"], dino["crop_rounding"]) == ("dinov2", ["image"], "floor")
+    assert (dino["image_size"], dino["resize_size"]) == (56, 64)
+    text = _meta(families_repo, "siglip_text")
+    assert (text["tokenizer"], text["context_length"], text["trim_padding"]) == ("unigram", 64, False)
+    assert not (families_repo / "dinov2_text").exists()
+    assert 'string_value: "dinov2"' in (families_repo / "dinov2_image" / "config.pbtxt").read_text()
+
+
+def _odd_image(w, h, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("size", [(83, 61), (61, 97), (64, 64), (200, 131)])
+def test_preprocessing_equals_each_familys_reference(families_repo, size):
+    """SigLIP: open_clip's own transform for the SigLIP config; DINOv2: the Hugging Face
+    processor (shortest side, crop offset floored). Odd sizes make the rounding show."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+    from transformers import BitImageProcessor
+
+    img = _odd_image(*size, seed=sum(size))
+    siglip = _meta(families_repo, "siglip_image")
+    cfg = PreprocessCfg(
+        size=siglip["image_size"], mean=tuple(siglip["mean"]), std=tuple(siglip["std"]),
+        interpolation="bicubic", resize_mode="squash",
+    )  # fmt: skip
+    want = image_transform_v2(cfg, is_train=False)(img).numpy()
+    np.testing.assert_allclose(pixels(img, ImageSpec.from_meta(siglip)), want, atol=1e-5)
+
+    dino = _meta(families_repo, "dinov2_image")
+    processor = BitImageProcessor(
+        size={"shortest_edge": dino["resize_size"]},
+        crop_size={"height": dino["image_size"], "width": dino["image_size"]},
+        image_mean=dino["mean"], image_std=dino["std"], do_convert_rgb=True,
+    )  # fmt: skip
+    want = processor(images=img, return_tensors="np")["pixel_values"][0]
+    got = pixels(img, ImageSpec.from_meta(dino))
+    # transformers 5 resizes with torch's antialiased bicubic, we (like DINOv2's own
+    # torchvision-on-PIL training transform) with Pillow's: a few pixels differ by one
+    # intensity level. A wrong crop offset or mean/std would differ by far more.
+    one_level = 1.01 / 255 / min(dino["std"])
+    np.testing.assert_allclose(got, want, atol=one_level)
+    assert np.mean(np.abs(got - want) > 1e-5) < 0.05
+
+
+def _png(path) -> bytes:
+    return path.read_bytes()
+
+
+def test_spaces_answer_with_their_own_identity(served):
+    client, world, _ = served
+    record = json.loads((world / "catalog.jsonl").read_text().splitlines()[11])
+    image = _png(world / record["image_url"])
+    for model, family, modalities in (
+        ("clip", "clip", ["image", "text"]),
+        ("siglip", "siglip", ["image", "text"]),
+        ("dinov2", "dinov2", ["image"]),
+    ):
+        resp = client.search_image(image, k=3, space=(model, 1))
+        assert (resp.space.model, resp.space.family, list(resp.space.modalities)) == (
+            model,
+            family,
+            modalities,
+        )
+        # A product's own image finds it first only when the query was embedded by the same
+        # model (and the same pre-processing) as that space's index.
+        assert resp.hits[0].product.id == record["id"], model
+    default = client.search_image(image, k=1)
+    assert default.space.model == "clip"
+    text = client.search_text("red striped shirt", k=3, space=("siglip", 1))
+    assert text.space.family == "siglip" and len(text.hits) == 3
+
+
+def test_text_against_an_image_only_space_is_failed_precondition(served):
+    client, world, _ = served
+    with pytest.raises(grpc.RpcError) as caught:
+        client.search_text("red striped shirt", k=3, space=("dinov2", 1))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "image-only" in caught.value.details() and "dinov2" in caught.value.details()
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 60), (200, 30, 30)).save(buf, "PNG")
+    with pytest.raises(grpc.RpcError) as caught:
+        client.search_image(buf.getvalue(), k=3, text_modifier="in blue", space=("dinov2", 1))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert client.search_image(buf.getvalue(), k=3, space=("dinov2", 1)).hits
+
+
+def test_look_search_in_an_image_only_space_uses_region_queries(served):
+    client, world, _ = served
+    look = json.loads((world / "looks.json").read_text())["looks"][0]
+    resp = client.search_look(_png(world / look["image"]), k_per_layer=3, space=("dinov2", 1))
+    assert resp.space.family == "dinov2"
+    assert resp.layers and all(layer.query_source == "fallback" for layer in resp.layers)
+    assert any(layer.hits for layer in resp.layers)
+
+
+def test_harness_compares_two_spaces(served):
+    client, world, address = served
+    table, breakdown, figures = compare_spaces(address, Queries(world, 12), [("clip", 1), ("dinov2", 1)])
+    rows = [r for r in table.splitlines() if r.startswith("| ") and "task" not in r]
+    assert {r.split(" | ")[1] for r in rows} == {"clip v1", "dinov2 v1"}
+    text_dino = next(r for r in rows if r.startswith("| text") and "dinov2" in r)
+    assert "n/a" in text_dino
+    # Exact image queries find their own product first in both spaces.
+    assert figures["image_clip_v1_r5"] == 1.0 and figures["image_dinov2_v1_r5"] == 1.0
+    assert "category" in breakdown and "gender" in breakdown and "dinov2 v1" in breakdown
+
+
+def test_serving_unigram_tokenizer_equals_open_clips_hf_tokenizer():
+    import sys
+
+    from open_clip.tokenizer import HFTokenizer
+
+    from export.families import TOKENIZERS
+
+    folder = TOKENIZERS / "looksync-unigram"
+    sys.path.insert(0, str(folder.parents[1] / "triton"))
+    try:
+        from unigram import UnigramTokenizer
+    finally:
+        sys.path.pop(0)
+    reference = HFTokenizer(str(folder), context_length=16, clean="canonicalize")
+    ours = UnigramTokenizer(
+        str(folder / "tokenizer.json"), 16, reference.tokenizer.pad_token_id, "canonicalize"
+    )
+    texts = [
+        "red striped shirt", "Red-Striped SHIRT!", "", "  \t ", "zqxj unknown wörds", "日本語 👗",
+        "café crème", "ﬁ ligature ①", "one two three four five six seven eight nine ten eleven twelve",
+        "a_b_c", "x" * 40,
+    ]  # fmt: skip
+    ids, truncated = ours(texts)
+    np.testing.assert_array_equal(ids, reference(texts).numpy())
+    full = [len(reference.tokenizer(reference.clean_fn(t))["input_ids"]) for t in texts]
+    assert truncated.tolist() == [n > 16 for n in full] and any(truncated) and not all(truncated)
+    assert (ids[:, -1] == reference.tokenizer.pad_token_id).sum() >= 8  # right padding kept
