@@ -223,7 +223,8 @@ def _check_tokenizer(towers, text_meta: dict, folder: Path) -> None:
         shutil.copy(source, folder / name)
     corpus = [
         "red striped shirt", "A RED, Striped shirt!!", "", "   ", "t-shirt_with under_scores",
-        "café crème résumé", "ﬁne ligatures ① ²", "日本語 👗 dress", "Ω omega ÅNGSTRÖM",
+        "café crème résumé", "cafe\u0301 combining", "ﬁne ligatures ① ²", "日本語 👗 dress", "Ω omega ÅNGSTRÖM",
+        "Ｆｕｌｌｗｉｄｔｈ", "👩\u200d👩\u200d👧 👍🏽", "&amp;quot;quoted&amp;quot;", "cafÃ© mojibake", "tab\there\u00a0nbsp",
         "a very long query about a long floral summer dress with a belt " * 8,
     ]  # fmt: skip
     sys.path.insert(0, str(TRITON_CODE))

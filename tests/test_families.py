@@ -13,7 +13,7 @@ from PIL import Image
 
 from benchmarks.quality import Queries, compare_spaces
 from clients.world import write_world
-from export.clip import ExportRequest, export_clip
+from export.clip import TRITON_CODE, ExportRequest, export_clip
 from export.triton.preprocess import ImageSpec, pixels
 from tests.conftest import looksync, looksync_env, start_gateway, start_triton
 
@@ -195,3 +195,83 @@ def test_serving_unigram_tokenizer_equals_open_clips_hf_tokenizer():
     full = [len(reference.tokenizer(reference.clean_fn(t))["input_ids"]) for t in texts]
     assert truncated.tolist() == [n > 16 for n in full] and any(truncated) and not all(truncated)
     assert (ids[:, -1] == reference.tokenizer.pad_token_id).sum() >= 8  # right padding kept
+
+
+def _t5_style_tokenizer(folder):
+    """A tokenizer shaped like the ones T5 and SigLIP checkpoints ship: a SentencePiece Unigram
+    model trained with the nmt_nfkc rule, converted to tokenizer.json with its precompiled
+    charsmap normaliser, Metaspace and `</s>` appended."""
+    import sentencepiece as spm
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.utils import sentencepiece_model_pb2_new as sp_pb
+
+    from clients.world import make_catalog
+
+    texts = [p.style.caption for p in make_catalog(300, seed=1)]
+    texts += [
+        "Ｆｕｌｌｗｉｄｔｈ ＴＥＸＴ",
+        "café crème brûlée",
+        "ﬁne ① ² ㎏",
+        "Ångström Ωhm",
+        "naïve façade",
+    ]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, vocab_size=200, hard_vocab_limit=False,
+        model_type="unigram", normalization_rule_name="nmt_nfkc", pad_id=0, eos_id=1, unk_id=2,
+        bos_id=-1, minloglevel=2,
+    )  # fmt: skip
+    proto = sp_pb.ModelProto()
+    proto.ParseFromString(buf.getvalue())
+    tok = Tokenizer(models.Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=2))
+    tok.normalizer = normalizers.Sequence(
+        [
+            normalizers.Precompiled(proto.normalizer_spec.precompiled_charsmap),
+            normalizers.Replace(Regex(" {2,}"), " "),
+        ]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(str(folder))
+    return folder
+
+
+def test_precompiled_charsmap_normaliser_matches_tokenizers(tmp_path):
+    """The normaliser real SigLIP/T5 tokenizers use, id for id against the Rust implementation:
+    fullwidth forms, ligatures, compatibility characters, combining marks (graphemes), emoji with
+    joiners and skin tones, Hangul, RTL, control and odd spaces."""
+    import sys
+
+    from open_clip.tokenizer import HFTokenizer
+
+    folder = _t5_style_tokenizer(tmp_path / "t5style")
+    sys.path.insert(0, str(TRITON_CODE))
+    try:
+        from unigram import UnigramTokenizer
+    finally:
+        sys.path.pop(0)
+    reference = HFTokenizer(str(folder), context_length=24, clean="whitespace")
+    ours = UnigramTokenizer(
+        str(folder / "tokenizer.json"), 24, reference.tokenizer.pad_token_id, "whitespace"
+    )
+    texts = [
+        "Ｆｕｌｌｗｉｄｔｈ ＴＥＸＴ", "ﬁne ﬂoral ① ² ㎏ ℃ Ⅻ", "cafe\u0301 cre\u0300me", "e\u0301\u0302\u0303 stacked",
+        "👩\u200d👩\u200d👧 family 👍🏽", "한국어 텍스트", "مرحبا بالعالم", "tab\there\u00a0nbsp\u2003em",
+        "zero\u200bwidth", "ＡＢＣ１２３！？", "…‥ ‘quotes’ “double”", "Ⓐⓑ ㈱ ㍿", "", "a" * 60,
+        "red striped shirt", "\u3000ideographic space", "&amp;quot;red&amp;quot; shirt", "cafÃ© mojibake",
+    ]  # fmt: skip
+    ids, _ = ours(texts)
+    want = reference(texts).numpy()
+    for text, a, b in zip(texts, ids, want):
+        assert a.tolist() == b.tolist(), text
+    # And export's own gate accepts it for a SigLIP-style model (the ids must match there too).
+    repo = tmp_path / "repo"
+    export_clip(
+        ExportRequest(family="siglip", arch=TINY["siglip"], name="siglip", version=1, repository=repo,
+                      tokenizer=str(folder))
+    )  # fmt: skip
+    assert _meta(repo, "siglip_text")["tokenizer"] == "unigram"

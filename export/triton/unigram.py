@@ -5,8 +5,9 @@ It implements the parts SigLIP-style tokenizers use, and refuses others by name 
 (export then fails instead of serving a tokenizer that differs from training):
 
     clean           open_clip's "canonicalize" (lowercase, no punctuation, single spaces),
-                    "whitespace" or none
-    normalizer      NFC/NFD/NFKC/NFKD, Lowercase, Strip, Replace (plain strings), Sequence
+                    "lower", "whitespace" (each after ftfy and HTML unescaping) or none
+    normalizer      Precompiled (SentencePiece's charsmap, as T5/SigLIP tokenizers carry it),
+                    NFC/NFD/NFKC/NFKD, Lowercase, Strip, Replace (string or regex), Sequence
     pre_tokenizer   Metaspace (split on the replacement character), WhitespaceSplit
     model           Unigram: best-scoring segmentation (Viterbi), unknown characters scored
                     min_score - 10 and consecutive unknowns fused, as tokenizers does
@@ -18,11 +19,15 @@ Parity with the Hugging Face tokenizer is checked at export time on a test corpu
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import string
 import unicodedata
 
+import ftfy
 import numpy as np
+import regex
 
 UNK_PENALTY = 10.0
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -33,12 +38,16 @@ class Unsupported(ValueError):
 
 
 def _clean(text: str, mode: str) -> str:
+    """open_clip's text cleaning for Hugging Face tokenizers: every mode first repairs the
+    text (ftfy: mojibake, NFC) and unescapes HTML entities twice, as its `basic_clean` does."""
+    if mode not in ("canonicalize", "whitespace", "lower"):
+        return text
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     if mode == "canonicalize":
         text = text.replace("_", " ").translate(_PUNCTUATION).lower()
-        return " ".join(text.split())
-    if mode == "whitespace":
-        return " ".join(text.split())
-    return text
+    elif mode == "lower":
+        text = text.lower()
+    return " ".join(text.split())
 
 
 def _normalizer(spec: dict | None):
@@ -64,7 +73,62 @@ def _normalizer(spec: dict | None):
     if kind == "Replace" and "String" in spec["pattern"]:
         old, new = spec["pattern"]["String"], spec["content"]
         return lambda s: s.replace(old, new)
+    if kind == "Replace" and "Regex" in spec["pattern"]:
+        pattern, new = regex.compile(spec["pattern"]["Regex"]), spec["content"]
+        return lambda s: pattern.sub(new.replace("\\", "\\\\"), s)
+    if kind == "Precompiled":
+        return Precompiled(spec["precompiled_charsmap"])
     raise Unsupported(f"normalizer {kind} (or its pattern) is not implemented")
+
+
+class Precompiled:
+    """SentencePiece's precompiled normaliser (e.g. nmt_nfkc): a double-array trie over UTF-8
+    bytes whose leaves point at replacement strings. Applied the way the tokenizers library
+    does: per extended grapheme cluster, the whole cluster is looked up when it is under 6
+    bytes, else (or when it has no rule) each character; the first (shortest) matching key
+    wins, and text without a rule passes through."""
+
+    def __init__(self, charsmap_b64: str):
+        blob = base64.b64decode(charsmap_b64)
+        size = int.from_bytes(blob[:4], "little")
+        self.units = np.frombuffer(blob[4 : 4 + size], dtype="<u4").tolist()
+        self.replacements = blob[4 + size :]
+
+    @staticmethod
+    def _offset(unit: int) -> int:
+        return (unit >> 10) << ((unit & (1 << 9)) >> 6)
+
+    def transform(self, key: bytes) -> str | None:
+        units = self.units
+        pos = self._offset(units[0])
+        for byte in key:
+            if byte == 0:
+                break
+            pos ^= byte
+            if pos >= len(units):
+                return None
+            unit = units[pos]
+            if unit & ((1 << 31) | 0xFF) != byte:
+                return None
+            pos ^= self._offset(unit)
+            if (unit >> 8) & 1:  # a key ends here: its value is an offset into the strings
+                at = units[pos] & ((1 << 31) - 1)
+                end = self.replacements.find(b"\0", at)
+                return self.replacements[at : end if end >= 0 else None].decode("utf-8")
+        return None
+
+    def __call__(self, text: str) -> str:
+        out = []
+        for grapheme in regex.findall(r"\X", text):
+            if len(grapheme.encode("utf-8")) < 6:
+                whole = self.transform(grapheme.encode("utf-8"))
+                if whole is not None:
+                    out.append(whole)
+                    continue
+            for ch in grapheme:
+                part = self.transform(ch.encode("utf-8"))
+                out.append(ch if part is None else part)
+        return "".join(out)
 
 
 def _pre_tokenizer(spec: dict | None):
