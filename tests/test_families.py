@@ -275,3 +275,14 @@ def test_precompiled_charsmap_normaliser_matches_tokenizers(tmp_path):
                       tokenizer=str(folder))
     )  # fmt: skip
     assert _meta(repo, "siglip_text")["tokenizer"] == "unigram"
+
+
+def test_mos_tasks_show_two_spaces_blind(served, tmp_path):
+    from benchmarks.mos.tasks import System, prepare, world_looks
+
+    client, world, address = served
+    systems = [System.parse(f"clip={address}/clip:1"), System.parse(f"dino={address}/dinov2:1")]
+    tasks = prepare(world_looks(world, 2), systems, tmp_path / "tasks", world, k=3, progress=False)
+    assert {(i["system"], i["space"]) for i in tasks["items"]} == {("clip", "clip v1"), ("dino", "dinov2 v1")}
+    assert len(tasks["pairs"]) == 2 and all(len(p["items"]) == 2 for p in tasks["pairs"])
+    assert all("clip" not in p["id"] and "dino" not in p["id"] for p in tasks["pairs"])  # opaque ids
