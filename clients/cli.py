@@ -283,7 +283,7 @@ def cmd_publish(args) -> int:
 
 def cmd_models(args) -> int:
     from gateway.embedder import TritonEmbedder
-    from gateway.models import Swap, TritonModels, rollback
+    from gateway.models import Swap, TritonModels, drop_index, rollback
     from gateway.server import open_index
 
     s = _settings()
@@ -308,7 +308,14 @@ def cmd_models(args) -> int:
             elif args.action == "activate":
                 if args.version is None or not args.catalog:
                     raise SystemExit("activate needs --version and --catalog")
-                swap = Swap(index, embedder, models, args.version, progress=not args.quiet)
+                swap = Swap(
+                    index,
+                    embedder,
+                    models,
+                    args.version,
+                    progress=not args.quiet,
+                    redis_url=None if args.no_catch_up or not s.swap_catch_up else s.redis_url,
+                )
                 await swap.prepare()
                 await swap.reindex(Path(args.catalog))
                 await swap.validate(Path(args.catalog), args.min_overlap, args.force)
@@ -326,7 +333,7 @@ def cmd_models(args) -> int:
                 spaces = await index.indexes()
                 if name not in spaces:
                     raise SystemExit(f"no index {name} (indexes: {', '.join(spaces) or 'none'})")
-                await index.drop(spaces[name])
+                await drop_index(index, spaces[name])
                 print(f"dropped {name}")
             else:
                 space = await rollback(index, models)
@@ -427,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grace-s", type=float, default=60.0, help="keep the old version loaded this long")
     p.add_argument("--min-overlap", type=float, default=0.5, help="golden-query overlap@10 required")
     p.add_argument("--force", action="store_true", help="swap even if validation fails")
+    p.add_argument(
+        "--no-catch-up",
+        action="store_true",
+        help="activate: no live ingestion (skip re-applying stream updates published during the rebuild)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_models)
 

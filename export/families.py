@@ -144,7 +144,15 @@ def _open_clip(family, arch, checkpoint, pretrained, tokenizer_dir) -> Towers:
             f"{arch}: no tokenizer.json in {local}; pass --tokenizer DIR (a local Hugging Face "
             "tokenizer directory; nothing is downloaded)"
         )
-    clean = text_cfg.get("tokenizer_kwargs", {}).get("clean", "whitespace")
+    kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
+    unsupported = sorted(set(kwargs) - {"clean"}) + (
+        ["tokenizer_mode"] if text_cfg.get("tokenizer_mode") else []
+    )
+    if unsupported:
+        raise SystemExit(
+            f"{arch}: tokenizer options {unsupported} are not implemented by the serving tokenizer"
+        )
+    clean = kwargs.get("clean", "whitespace")
     context = int(text_cfg["context_length"])
     tok = HFTokenizer(str(local), context_length=context, clean=clean)
     pad_id = tok.tokenizer.pad_token_id

@@ -106,7 +106,14 @@ class AdminServicer(pb_grpc.AdminServicer):
                 raise InvalidArgument(f"catalog_path: {request.catalog_path!r} is not a readable file")
             models = self._models(request.model)
             try:
-                swap = Swap(self.index, self.embedder, models, request.version, progress=False)
+                swap = Swap(
+                    self.index,
+                    self.embedder,
+                    models,
+                    request.version,
+                    progress=False,
+                    redis_url=self.settings.redis_url if self.settings.swap_catch_up else None,
+                )
                 await swap.prepare()
                 await swap.reindex(catalog)
                 await swap.validate(catalog, request.min_overlap or 0.5, request.force)

@@ -206,7 +206,12 @@ class Indexer:
             return outcome
 
 
-async def index_catalog(path: Path, indexer: Indexer, progress: bool = True) -> IndexReport:
+async def index_catalog(
+    path: Path, indexer: Indexer, progress: bool = True, as_of_seq: int | None = None
+) -> IndexReport:
+    """Index a catalog file. `as_of_seq` orders its writes with live catalog events (see
+    gateway/ingest/events.py): a rebuild for a model swap passes the file's age, so an update
+    or delete that live ingestion wrote after the file was exported is not undone by it."""
     report = IndexReport(space=indexer.space)
     start = time.perf_counter()
     base = Path(path).resolve().parent
@@ -249,7 +254,7 @@ async def index_catalog(path: Path, indexer: Indexer, progress: bool = True) -> 
             report.failed.append((where, str(exc)))
             bar.update(1)
             continue
-        batch.append(IngestItem(raw, image, ref=where))
+        batch.append(IngestItem(raw, image, event_seq=as_of_seq, ref=where))
         if len(batch) >= indexer.batch_size:
             await flush()
     await flush()

@@ -29,6 +29,7 @@ from gateway.errors import FailedPrecondition, Unavailable
 from gateway.filters import build_filters
 from gateway.index.base import EmbeddingSpace
 from gateway.indexer import Indexer, index_catalog, resolve_space
+from gateway.ingest.events import STREAM, PoisonEvent, parse_event
 
 TOWERS = ("image_encoder", "text_encoder", "image", "text")  # encoders first: wrappers call them
 
@@ -128,6 +129,44 @@ def golden_queries(catalog: Path, n: int = 20) -> list[str]:
     return [t for t in titles[::step] if t][:n]
 
 
+async def catch_up(index, space: EmbeddingSpace, redis_url: str, since_ms: int, stream: str = STREAM) -> int:
+    """Re-apply to a rebuilt index the metadata updates and deletes published since its
+    rebuild began. While the rebuild has not reached a product, live ingestion's update of it
+    finds nothing to update there; once the snapshot has written the product, the event (newer
+    than the snapshot) applies. Replays are harmless: writes are ordered by event_seq. Upserts
+    need no catch-up: workers write them to the new index and check for new targets before
+    acking. Returns how many events were re-applied."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
+    start, applied = f"{since_ms}-0", 0
+    try:
+        while True:
+            entries = await client.xrange(stream, min=start, max="+", count=500)
+            if not entries:
+                return applied
+            ops = []
+            for raw_id, fields in entries:
+                stream_id = raw_id.decode()
+                entry = {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items()}
+                try:
+                    event = parse_event(stream_id, entry)
+                except PoisonEvent:
+                    continue  # the worker dead-letters it
+                if event.type != "product.upsert":
+                    kind = "delete" if event.type == "product.delete" else "update"
+                    ops.append((kind, event.product_id, event.seq, event.fields))
+            if ops:
+                await index.apply_events(space, ops)
+                applied += len(ops)
+            start = f"({entries[-1][0].decode()}"
+    except RedisError as exc:
+        raise Unavailable(f"catch-up from Redis at {redis_url} failed: {exc}") from None
+    finally:
+        await client.aclose()
+
+
 class Swap:
     """The activation steps, callable one by one (tests publish events between them)."""
 
@@ -139,7 +178,10 @@ class Swap:
         version: int,
         batch_size: int = 32,
         progress: bool = True,
+        redis_url: str | None = None,
     ):
+        self.redis_url = redis_url  # live ingestion's stream, for the catch-up after the rebuild
+        self._since_ms = 0
         self.index = index
         self.embedder = embedder
         self.models = models
@@ -155,6 +197,7 @@ class Swap:
             print(f"[swap {time.perf_counter() - self._t0:6.1f}s] {name}", flush=True)
 
     async def prepare(self) -> SwapReport:
+        self._since_ms = int(time.time() * 1000)
         old = await self.index.space()
         loaded = (await self.models.loaded())[f"{self.models.model}_image"]
         await self.models.serve_versions(sorted(set(loaded) | {self.version}))
@@ -165,13 +208,21 @@ class Swap:
         self._step(f"Triton serves {self.models.model} versions {sorted(set(loaded) | {self.version})}")
         await self.index.ensure(new, make_current_if_none=False)
         await self.index.set_write_targets([new])
+        # Workers cache the write targets: the rebuild starts once all of them write both.
+        await asyncio.sleep(self.index.settle_s)
         self._step(f"created {new.index_name}; live ingestion now writes to it too")
         return self.report
 
     async def reindex(self, catalog: Path) -> None:
         start = time.perf_counter()
         indexer = Indexer(self.embedder, self.index, self.report.new, batch_size=self.batch_size)
-        result = await index_catalog(catalog, indexer, progress=self.progress)
+        # The file is a snapshot: its writes are as old as the file, so live events written to
+        # the new index meanwhile (newer) win field by field, deletes included.
+        as_of = int(Path(catalog).stat().st_mtime * 1000) * 1_000_000
+        result = await index_catalog(catalog, indexer, progress=self.progress, as_of_seq=as_of)
+        if self.redis_url:
+            n = await catch_up(self.index, self.report.new, self.redis_url, self._since_ms)
+            self._step(f"caught up {n} metadata updates and deletes published during the rebuild")
         await self.index.optimize(self.report.new)
         self.report.reindex_s = time.perf_counter() - start
         self._step(
@@ -206,10 +257,9 @@ class Swap:
         )
 
     async def switch(self, grace_s: float) -> None:
-        await self.index.set_current(self.report.new)
-        # Keep the old index current too while a rollback is still cheap.
-        await self.index.set_write_targets([self.report.old] if self.report.old else [])
-        self._step(f"alias {self.index.alias} -> {self.report.new.index_name}")
+        old, new = self.report.old, self.report.new
+        await move_alias(self.index, new, [old] if old else [])
+        self._step(f"alias {self.index.alias} -> {new.index_name}")
         if self.report.old is not None and self.report.old.version != self.version:
             await asyncio.sleep(grace_s)
             await self.models.serve_versions([self.version])
@@ -227,6 +277,32 @@ async def rollback(index, models: TritonModels) -> EmbeddingSpace:
     if space.version not in loaded:
         await models.serve_versions(sorted(set(loaded) | {space.version}))
     current = await index.space()
-    await index.set_current(space)
-    await index.set_write_targets([current] if current else [])
+    await move_alias(index, space, [current] if current else [])
     return space
+
+
+async def move_alias(index, space: EmbeddingSpace, keep_writing: list[EmbeddingSpace]) -> None:
+    """Point the alias at `space`; afterwards live ingestion also keeps writing `keep_writing`
+    (the index rolled away from, so that a rollback stays cheap and complete).
+
+    Every process caches the alias and the write targets separately for up to refresh_s, so
+    during the move a worker may combine the old alias with the new targets or the reverse.
+    Both indexes are write targets from before the move until it has settled everywhere."""
+    await index.set_write_targets(keep_writing + [space])
+    await asyncio.sleep(index.settle_s)
+    await index.set_current(space)
+    await asyncio.sleep(index.settle_s)
+    await index.set_write_targets(keep_writing)
+
+
+async def drop_index(index, space: EmbeddingSpace) -> None:
+    """Delete an index nobody serves from. It first leaves the write targets and the change
+    settles: a worker still writing into it after the delete would re-create it (Elasticsearch
+    auto-creates indexes on write) without our mapping."""
+    if space.index_name == await index.alias_target():
+        raise FailedPrecondition(f"{space.index_name} is still behind the alias {index.alias}")
+    targets = await index.write_targets()
+    if space in targets:
+        await index.set_write_targets([t for t in targets if t != space])
+        await asyncio.sleep(index.settle_s)
+    await index.drop(space)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -97,22 +98,34 @@ def need_text(space: EmbeddingSpace, field: str) -> None:
         )
 
 
+_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
 async def request_space(index: CatalogIndex, requested: EmbeddingSpace | None) -> EmbeddingSpace:
-    """The space a request searches: the one it names (model, and version; 0 = the newest index
-    of that model), else the one behind the alias. Several spaces can be served at once (one
-    index each); the request never gets another space than the one it named."""
+    """The space a request searches. Unset: the one behind the alias. A model and version:
+    that space's index. A model with version 0: the alias's version when the alias serves
+    that model, otherwise the newest finished index of it (one still being rebuilt for a swap,
+    i.e. a write target, is not offered). Several spaces are served at once this way; a
+    request never gets another space than the one it named."""
     current = await index.space()
     if requested is None:
         if current is None:
             raise FailedPrecondition("the catalog index is empty: run `looksync index CATALOG.jsonl`")
         return current
+    if not _MODEL_NAME.match(requested.model):
+        raise InvalidArgument(f"space.model: {requested.model!r} is not a model name ([a-z0-9_-], up to 64)")
+    if requested.version < 0:
+        raise InvalidArgument(f"space.version: {requested.version} is negative (0 = the newest)")
     wanted = f"{requested.model} v{requested.version}" if requested.version else requested.model
     if current is not None and requested.model == current.model and requested.version in (0, current.version):
         space = current
     elif requested.version:
         space = await index.space_of(index_name(requested.model, requested.version))
     else:
-        same = [s for s in (await index.indexes()).values() if s.model == requested.model]
+        building = set(await index.write_targets())
+        same = [
+            s for s in (await index.indexes()).values() if s.model == requested.model and s not in building
+        ]
         space = max(same, key=lambda s: s.version) if same else None
     if space is None:
         names = ", ".join(await index.indexes()) or "none"

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
 
     # Other services
     redis_url: str = "redis://127.0.0.1:6379/0"
+    swap_catch_up: bool = Field(
+        True,
+        description="model swaps re-apply stream updates/deletes published during the rebuild (needs Redis)",
+    )
     llm_base_url: str | None = None
     llm_model: str | None = None
     llm_api_key: SecretStr | None = None

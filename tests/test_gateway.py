@@ -74,6 +74,9 @@ def test_naming_a_space_without_an_index_is_refused(client):
     with pytest.raises(grpc.RpcError) as err:
         client.search_text("dress", k=1, space=pb.EmbeddingSpace(model="clip", version=1, dim=1024))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "1024-d" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # never reaches the index as a name pattern
+        client.search_text("dress", k=1, space=("products-*,clip", 1))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "space.model" in err.value.details()
 
 
 def _jpeg(size=(120, 90)) -> bytes:

@@ -473,10 +473,16 @@ class FakeElasticsearch:
                 "tagline": "You Know, for Search",
             }
         if parts == ["_aliases"] and method == "POST":
+            # Atomic, as in Elasticsearch: every action is checked before any is applied; a
+            # remove of an alias the index does not have fails the whole call.
             for action in body["actions"]:
                 ((op, spec),) = action.items()
                 if spec["index"] not in self.indices:
                     return _error(404, "index_not_found_exception", spec["index"])
+                if op == "remove" and spec["index"] not in self.aliases.get(spec["alias"], set()):
+                    return _error(404, "aliases_not_found_exception", spec["alias"])
+            for action in body["actions"]:
+                ((op, spec),) = action.items()
                 targets = self.aliases.setdefault(spec["alias"], set())
                 (targets.add if op == "add" else targets.discard)(spec["index"])
                 if not targets:
@@ -501,6 +507,8 @@ class FakeElasticsearch:
             }
             return 200, {"acknowledged": True, "index": name}
         if len(parts) == 1 and method == "DELETE":
+            if any(index not in self.indices for index in name.split(",")):
+                return _error(404, "index_not_found_exception", name)
             for index in name.split(","):
                 self.indices.pop(index, None)
                 for targets in self.aliases.values():
@@ -580,7 +588,7 @@ class FakeElasticsearch:
         if unknown:
             return "strict_dynamic_mapping_exception", f"unknown fields {sorted(unknown)}"
         vector = source.get("vector")
-        if vector is not None:
+        if vector is not None and "dims" in properties.get("vector", {}):
             if len(vector) != properties["vector"]["dims"]:
                 return "document_parsing_exception", "wrong number of dimensions"
             if abs(float(np.dot(np.float32(vector), np.float32(vector))) - 1.0) > 1e-4:
@@ -593,6 +601,18 @@ class FakeElasticsearch:
         while i < len(lines):
             ((op, meta),) = lines[i].items()
             index, doc_id = meta["_index"], meta["_id"]
+            if index not in self.indices and op == "index":
+                # Elasticsearch creates a missing index on write, with a dynamic mapping: no
+                # _meta, no dense_vector (what drop() must never let a late writer cause).
+                self.indices[index] = {
+                    "settings": {},
+                    "mappings": {
+                        "dynamic": "true",
+                        "properties": {k: {"type": "object"} for k in lines[i + 1]},
+                    },
+                    "docs": {},
+                    "versions": {},
+                }
             if index not in self.indices:
                 items.append(
                     {
@@ -604,7 +624,7 @@ class FakeElasticsearch:
                         }
                     }
                 )
-                i += 2 if op == "index" else 1
+                i += 1
                 continue
             docs = self.indices[index]["docs"]
             if op == "index":
@@ -871,6 +891,20 @@ class IndexContract:
             assert env.run(index.space()) == env.space
         finally:
             env.run(other.close())
+
+    def test_a_concurrent_alias_change_is_refused_whole(self, env):
+        """The remove actions of a swap come from a read; if the aliases changed in between,
+        the whole call is refused and nothing moves."""
+        before = env.run(env.index.alias_target())
+        actions = [
+            {"remove": {"index": env.space.index_name, "alias": f"{env.index.alias}.never-there"}},
+            {"add": {"index": env.space.index_name, "alias": f"{env.index.alias}.half-done"}},
+        ]
+        with pytest.raises(FailedPrecondition, match="changed meanwhile"):
+            env.run(env.index._update_aliases("move", actions))
+        es = env.index._es.options(ignore_status=404)
+        assert env.run(es.indices.exists_alias(name=f"{env.index.alias}.half-done")).body is False
+        assert env.run(env.index.alias_target()) == before
 
     def test_missing_alias_is_none(self, env):
         lonely = ElasticIndex(env.es_url, alias=f"looksync-test-none-{uuid.uuid4().hex[:8]}")

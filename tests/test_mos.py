@@ -134,7 +134,12 @@ def test_prepared_tasks_are_self_contained(study):
         body, ctype = resp.read(), resp.headers["Content-Type"]
     assert (ctype, body[:3]) in {("image/png", b"\x89PN"), ("image/jpeg", b"\xff\xd8\xff")}
     assert body == (folder / product["image"]).read_bytes()
-    for bad in ("/tasks.json", "/img/../tasks.json", "/%2e%2e/mos.sqlite"):
+    for bad in (
+        "/tasks.json",
+        "/img/../tasks.json",
+        "/img/%2e%2e/tasks.json",
+        "/img/%2E%2E/%2E%2E/mos.sqlite",
+    ):
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(url + bad, timeout=5)
         assert caught.value.code == 404
@@ -248,3 +253,28 @@ def test_bad_submissions_are_refused_and_store_nothing(study):
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM scores WHERE annotator = 'carol'").fetchone() == (0,)
         assert conn.execute("SELECT COUNT(*) FROM preferences WHERE annotator = 'carol'").fetchone() == (0,)
+
+
+def test_ab_sides_are_balanced_across_annotators_and_stable(study, tmp_path):
+    from benchmarks.mos.server import Study
+
+    _, tasks, _, folder = study
+    s = Study(folder, tmp_path / "other.sqlite")
+    pair = tasks["pairs"][0]
+    firsts = [s.sides(f"annotator-{n}", pair)[0]["system"] for n in range(200)]
+    assert 70 <= firsts.count("alias") <= 130  # about half see each system as A
+    assert s.sides("ann", pair) == s.sides("ann", pair)  # the same on every reload
+
+
+def test_a_bad_content_length_is_refused_without_waiting(study):
+    import http.client
+
+    url, *_ = study
+    host, port = urllib.parse.urlsplit(url).hostname, urllib.parse.urlsplit(url).port
+    for length in ("-1", "abc", str(1 << 20)):
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        conn.putrequest("POST", "/score")
+        conn.putheader("Content-Length", length)
+        conn.endheaders()
+        assert conn.getresponse().status == 413
+        conn.close()

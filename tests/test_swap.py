@@ -106,7 +106,7 @@ def test_swap_under_load_with_live_ingestion_then_rollback(
             load.start()
             time.sleep(0.5)
             switched_at = asyncio.run(
-                _activate(server, swap_repo, open_index(data), catalog, products, r, image_server)
+                _activate(server, swap_repo, open_index(data), catalog, products, r, image_server, redis_url)
             )
             time.sleep(1.5)
             load.stop.set()
@@ -175,12 +175,12 @@ async def _loaded(url, repo):
         await models.close()
 
 
-async def _activate(server, repo, index, catalog, products, r, image_server) -> float:
+async def _activate(server, repo, index, catalog, products, r, image_server, redis_url) -> float:
     url = f"127.0.0.1:{server.grpc_port}"
     embedder = TritonEmbedder(url)
     models = TritonModels(url, repo, "clip")
     try:
-        swap = Swap(index, embedder, models, 2, progress=False)
+        swap = Swap(index, embedder, models, 2, progress=False, redis_url=redis_url)
         report = await swap.prepare()
         assert (report.old, report.new) == (V1, V2)
         # Events published after the new index exists but before the switch: the worker must
@@ -192,6 +192,15 @@ async def _activate(server, repo, index, catalog, products, r, image_server) -> 
                 "image_url": f"{image_server}/{products[40 + n].image_url}",
             }
             r.xadd(STREAM, {"event": json.dumps({"schema": 1, "type": "product.upsert", "product": rec})})
+        # A price change and a delete of catalog products the rebuild has not reached yet:
+        # the new index must end up with them, not with the older catalog file's state.
+        update = {"schema": 1, "type": "product.update", "id": products[5].id, "fields": {"price": 1.23}}
+        r.xadd(STREAM, {"event": json.dumps(update)})
+        r.xadd(STREAM, {"event": json.dumps({"schema": 1, "type": "product.delete", "id": products[6].id})})
+        deadline = time.monotonic() + 30
+        while not await asyncio.to_thread(_drained, r):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
         await swap.reindex(catalog)
         deadline = time.monotonic() + 30
         while not await asyncio.to_thread(_drained, r):
@@ -200,7 +209,9 @@ async def _activate(server, repo, index, catalog, products, r, image_server) -> 
         with pytest.raises(FailedPrecondition, match="overlap"):
             await swap.validate(catalog, min_overlap=0.999, force=False)
         await swap.validate(catalog, min_overlap=0.999, force=True)
-        assert report.counts[0] == report.counts[1] == 203
+        assert report.counts[0] == report.counts[1] == 202  # 200 + 3 live - 1 deleted
+        got = await index.get(V2, [products[5].id, products[6].id])
+        assert list(got) == [products[5].id] and got[products[5].id].product.price == 1.23
         # A v1 query vector is refused by the v2 index.
         vec, _ = await embedder.embed_texts("clip", 1, ["shirt"], 10)
         with pytest.raises(FailedPrecondition):

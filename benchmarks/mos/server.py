@@ -17,7 +17,7 @@ import mimetypes
 import random
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from benchmarks.mos.report import report
 from benchmarks.mos.store import CRITERIA, BadInput, Store, check_annotator, check_scores
@@ -246,16 +246,19 @@ def make_handler(study: Study):
                     return self._send(200, json.dumps(report(study.store)).encode(), "application/json")
             except BadInput as exc:
                 return self._send(400, index_page(str(exc)).encode())
-            path = study.file(url.path.lstrip("/"))
+            path = study.file(unquote(url.path).lstrip("/"))
             if path is None:
                 return self._send(404, _page("not found", "<h1>not found</h1>").encode())
             ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
             return self._send(200, path.read_bytes(), ctype)
 
         def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_FORM_BYTES:
-                return self._send(413, _page("too large", "<h1>form too large</h1>").encode())
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_FORM_BYTES:
+                return self._send(413, _page("bad size", "<h1>form missing or too large</h1>").encode())
             form = {k: v[-1] for k, v in parse_qs(self.rfile.read(length).decode("utf-8", "replace")).items()}
             path = urlsplit(self.path).path
             try:

@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 from clip_bpe import ClipTokenizer  # noqa: E402
-from unigram import UnigramTokenizer  # noqa: E402
 
 
 class TritonPythonModel:
@@ -27,6 +26,8 @@ class TritonPythonModel:
         with open(os.path.join(version_dir, "preprocess.json")) as fh:
             meta = json.load(fh)
         if meta.get("tokenizer", "clip_bpe") == "unigram":
+            from unigram import UnigramTokenizer  # only SigLIP-style models need regex/ftfy here
+
             self.tokenizer = UnigramTokenizer(
                 os.path.join(version_dir, meta["tokenizer_file"]),
                 meta["context_length"],

@@ -8,7 +8,9 @@ It implements the parts SigLIP-style tokenizers use, and refuses others by name 
                     "lower", "whitespace" (each after ftfy and HTML unescaping) or none
     normalizer      Precompiled (SentencePiece's charsmap, as T5/SigLIP tokenizers carry it),
                     NFC/NFD/NFKC/NFKD, Lowercase, Strip, Replace (string or regex), Sequence
-    pre_tokenizer   Metaspace (split on the replacement character), WhitespaceSplit
+    added tokens    special tokens typed into the text are cut out first (lstrip/rstrip honoured)
+    pre_tokenizer   Metaspace (split on the replacement character; prepend always/first/never),
+                    WhitespaceSplit, Sequence
     model           Unigram: best-scoring segmentation (Viterbi), unknown characters scored
                     min_score - 10 and consecutive unknowns fused, as tokenizers does
     post_processor  TemplateProcessing for single sequences
@@ -69,7 +71,12 @@ def _normalizer(spec: dict | None):
         return str.lower
     if kind == "Strip":
         left, right = spec.get("strip_left", True), spec.get("strip_right", True)
-        return lambda s: s.lstrip() if left and not right else s.rstrip() if right and not left else s.strip()
+
+        def strip(s):
+            s = s.lstrip() if left else s
+            return s.rstrip() if right else s
+
+        return strip
     if kind == "Replace" and "String" in spec["pattern"]:
         old, new = spec["pattern"]["String"], spec["content"]
         return lambda s: s.replace(old, new)
@@ -132,34 +139,89 @@ class Precompiled:
 
 
 def _pre_tokenizer(spec: dict | None):
+    """A function from [(piece, offset)] to [(piece, offset)]; the offset (where the piece
+    starts in the text) matters only to Metaspace's prepend_scheme "first"."""
     if spec is None:
-        return lambda s: [s] if s else []
+        return lambda pieces: [(p, o) for p, o in pieces if p]
     kind = spec["type"]
-    if kind == "Metaspace":
-        rep = spec.get("replacement", "\u2581")
-        prepend = spec.get("prepend_scheme", "always") in ("always", "first")
-        split = spec.get("split", True)
+    if kind == "Sequence":
+        steps = [_pre_tokenizer(s) for s in spec["pretokenizers"]]
 
-        def run(s):
-            if not s:
-                return []
-            s = s.replace(" ", rep)
-            if prepend and not s.startswith(rep):
-                s = rep + s
-            if not split:
-                return [s]
-            pieces, start = [], 0
-            for i in range(1, len(s)):
-                if s[i] == rep:
-                    pieces.append(s[start:i])
-                    start = i
-            pieces.append(s[start:])
+        def run_all(pieces):
+            for step in steps:
+                pieces = step(pieces)
             return pieces
 
-        return run
+        return run_all
+    if kind == "Metaspace":
+        rep = spec.get("replacement", "\u2581")
+        # tokenizers < 0.19 wrote add_prefix_space instead of prepend_scheme.
+        scheme = spec.get("prepend_scheme") or ("always" if spec.get("add_prefix_space", True) else "never")
+        split = spec.get("split", True)
+
+        def metaspace(pieces):
+            out = []
+            for s, offset in pieces:
+                if not s:
+                    continue
+                s = s.replace(" ", rep)
+                if not s.startswith(rep) and (scheme == "always" or (scheme == "first" and offset == 0)):
+                    s = rep + s
+                if not split:
+                    out.append((s, offset))
+                    continue
+                start = 0
+                for i in range(1, len(s)):
+                    if s[i] == rep:
+                        out.append((s[start:i], offset + start))
+                        start = i
+                out.append((s[start:], offset + start))
+            return out
+
+        return metaspace
     if kind == "WhitespaceSplit":
-        return str.split
+        return lambda pieces: [
+            (m.group(), offset + m.start()) for s, offset in pieces for m in regex.finditer(r"\S+", s)
+        ]
     raise Unsupported(f"pre_tokenizer {kind} is not implemented")
+
+
+class _AddedTokens:
+    """Tokens that the tokenizers library cuts out of the raw text before normalising it
+    (special tokens such as "</s>" or "<unk>" typed into a query), leftmost-longest."""
+
+    def __init__(self, specs: list[dict]):
+        self.tokens = {}
+        for t in specs:
+            if t.get("single_word") or t.get("normalized"):
+                raise Unsupported(f"added token {t['content']!r}: single_word/normalized are not implemented")
+            self.tokens[t["content"]] = (int(t["id"]), bool(t.get("lstrip")), bool(t.get("rstrip")))
+        alternatives = sorted(self.tokens, key=len, reverse=True)
+        self.pattern = (
+            regex.compile("|".join(regex.escape(a) for a in alternatives)) if alternatives else None
+        )
+
+    def split(self, text: str) -> list[tuple[str, int] | int]:
+        """Text segments (with their offsets) and added-token ids, in order."""
+        if self.pattern is None:
+            return [(text, 0)]
+        out, pos = [], 0
+        for m in self.pattern.finditer(text):
+            token_id, lstrip, rstrip = self.tokens[m.group()]
+            start, end = m.start(), m.end()
+            if lstrip:
+                while start > pos and text[start - 1].isspace():
+                    start -= 1
+            if start > pos:
+                out.append((text[pos:start], pos))
+            out.append(token_id)
+            pos = end
+            if rstrip:
+                while pos < len(text) and text[pos].isspace():
+                    pos += 1
+        if pos < len(text):
+            out.append((text[pos:], pos))
+        return out
 
 
 class UnigramTokenizer:
@@ -176,6 +238,7 @@ class UnigramTokenizer:
         self.unk_score = min(score for _, score in model["vocab"]) - UNK_PENALTY
         self.max_piece = max(len(p) for p in self.vocab)
         self.normalize = _normalizer(spec.get("normalizer"))
+        self.added = _AddedTokens(spec.get("added_tokens") or [])
         self.pre_tokenize = _pre_tokenizer(spec.get("pre_tokenizer"))
         self.prefix, self.suffix = self._template(spec.get("post_processor"))
         self.context_length = context_length
@@ -228,8 +291,14 @@ class UnigramTokenizer:
 
     def encode(self, text: str) -> tuple[list[int], bool]:
         """Ids of one text padded to context_length, and whether it was truncated."""
-        text = self.normalize(_clean(text, self.clean))
-        ids = [i for piece in self.pre_tokenize(text) for i in self._viterbi(piece)]
+        ids = []
+        for part in self.added.split(_clean(text, self.clean)):
+            if isinstance(part, int):
+                ids.append(part)
+                continue
+            segment, offset = part
+            for piece, _ in self.pre_tokenize([(self.normalize(segment), offset)]):
+                ids.extend(self._viterbi(piece))
         room = self.context_length - len(self.prefix) - len(self.suffix)
         truncated = len(ids) > room
         ids = self.prefix + ids[:room] + self.suffix

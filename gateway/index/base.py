@@ -92,6 +92,15 @@ class CatalogIndex(ABC):
     """A product index whose vectors all belong to one embedding space per physical index,
     read through an alias that names the serving one."""
 
+    # Other processes re-read the alias and the write targets at most every refresh_s.
+    refresh_s: float = 0.5
+
+    @property
+    def settle_s(self) -> float:
+        """How long until every process has seen a change of the swap state: one refresh
+        interval for the cache, one for a batch that read it just before, and a margin."""
+        return 2 * self.refresh_s + 0.25
+
     @abstractmethod
     async def space(self) -> EmbeddingSpace | None:
         """The space of the index the alias points at; None when there is none yet."""

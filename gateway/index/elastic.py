@@ -533,9 +533,8 @@ class ElasticIndex(CatalogIndex):
                     f"look up alias {self.alias}", self._client().indices.exists_alias(name=self.alias)
                 )
                 if not exists:
-                    await self._call(
-                        f"point alias {self.alias} at {name}",
-                        self._client().indices.update_aliases(actions=alias_actions(self.alias, name)),
+                    await self._update_aliases(
+                        f"point alias {self.alias} at {name}", alias_actions(self.alias, name)
                     )
                     self._forget()
                 self._alias_seen = True
@@ -581,14 +580,25 @@ class ElasticIndex(CatalogIndex):
         current = await self._mapping(self.alias) or {}
         previous = self._aux("previous")
         actions = alias_actions(self.alias, name, current, previous, await self._alias_names(previous))
-        await self._call(
-            f"point alias {self.alias} at {name}", self._client().indices.update_aliases(actions=actions)
-        )
+        await self._update_aliases(f"point alias {self.alias} at {name}", actions)
         self._forget()
         self._alias_seen = True
         return name
 
     # -- swap state (see the module docstring: all of it lives in aliases) -------------------
+
+    async def _update_aliases(self, what: str, actions: list[dict]) -> None:
+        """One atomic `_aliases` call. Its remove actions come from a read just before; if
+        another process changed the aliases in between, Elasticsearch refuses the whole call
+        (404) and nothing changes: say so instead of failing obscurely."""
+        try:
+            await self._call(what, self._client().indices.update_aliases(actions=actions))
+        except NotFoundError as exc:
+            self._forget()
+            self._writes = None
+            raise FailedPrecondition(
+                f"{what}: the aliases changed meanwhile (another swap or rollback?); run it again ({exc})"
+            ) from None
 
     def _aux(self, role: str) -> str:
         return f"{self.alias}.{role}"
@@ -636,9 +646,7 @@ class ElasticIndex(CatalogIndex):
         wanted = [await self.ensure(s, make_current_if_none=False) for s in spaces]
         actions = set_alias_actions(alias, wanted, await self._alias_names(alias))
         if actions:
-            await self._call(
-                f"point {alias} at {wanted}", self._client().indices.update_aliases(actions=actions)
-            )
+            await self._update_aliases(f"point {alias} at {wanted}", actions)
         self._writes = None
 
     async def drop(self, space: EmbeddingSpace) -> None:

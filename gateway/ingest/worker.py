@@ -216,14 +216,18 @@ class IngestWorker:
         )
 
     async def _apply_small(self, events: list[Event]) -> None:
-        """Metadata updates and deletes of one read, in one index write."""
-        outcomes = await self.index.apply_events(
-            self.space,
-            [
-                ("delete" if e.type == "product.delete" else "update", e.product_id, e.seq, e.fields)
-                for e in events
-            ],
-        )
+        """Metadata updates and deletes of one read, in one index write per target index:
+        the serving one decides the outcome; an index being rebuilt gets them too."""
+        ops = [
+            ("delete" if e.type == "product.delete" else "update", e.product_id, e.seq, e.fields)
+            for e in events
+        ]
+        primary, *others = await self.targets()
+        outcomes = await self.index.apply_events(primary, ops)
+        for space in others:
+            # "missing" there is fine: the rebuild has not reached the product yet, and its
+            # snapshot write is older than this event, so it will not undo it.
+            await self.index.apply_events(space, ops)
         for event, outcome in zip(events, outcomes):
             if outcome == "missing":
                 # Maybe its upsert is still on its way (another worker, or not yet published):
@@ -254,6 +258,11 @@ class IngestWorker:
                 outcome = await self.indexer(primary).write_batch(items, self.report)
                 for space in others:
                     await self.indexer(space).write_batch(items, IndexReport(space=space))
+                # A swap may have added a target while this batch was embedding: write it
+                # there too before acking, so that the rebuilt index misses nothing.
+                for space in await self.targets():
+                    if space != primary and space not in others:
+                        await self.indexer(space).write_batch(items, IndexReport(space=space))
                 for ref, error in outcome.items():
                     if error is None:
                         await self._ack(ref, "product.upsert", "applied")
