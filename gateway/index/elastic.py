@@ -12,7 +12,8 @@ Layout on the cluster (the server-side twin of the embedded backend's manifest):
                               indexes live ingestion writes besides the alias target
 
 All swap state lives in aliases, so every process (gateway, ingest workers, the CLI) reads the
-same state from the cluster, and each change is one atomic `_aliases` call.
+same state from the cluster, and each change of it is one atomic `_aliases` call (a model swap
+is several such changes; gateway/models.py orders them so that no write is lost in between).
 
 The gateway re-resolves the alias every `refresh_s` seconds, so an alias move or a new index is
 followed without a restart. Every request body is built by a small pure function below
