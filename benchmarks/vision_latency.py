@@ -19,13 +19,13 @@ import argparse
 import asyncio
 import io
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from export.vision_common import seconds
 
 
 def _png(width: int, height: int, seed: int = 0) -> bytes:
@@ -36,13 +36,7 @@ def _png(width: int, height: int, seed: int = 0) -> bytes:
 
 
 def _ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+    return seconds(fn, repeat) * 1000
 
 
 def part_latencies(repo: Path, threads: int, repeat: int) -> dict[str, float]:

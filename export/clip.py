@@ -14,7 +14,6 @@ check passes, so Triton never sees a half-written or wrong version.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -51,18 +50,9 @@ def _log(msg: str, t0: float) -> None:
 
 def build_model(req: ExportRequest):
     """The open_clip model in eval mode. Never downloads: weights come from disk or are random."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import open_clip
-    import torch
+    from export.families import open_clip_model
 
-    open_clip.add_model_config(HERE / "configs")
-    torch.manual_seed(req.seed)
-    pretrained = req.checkpoint or req.pretrained
-    if pretrained is None:
-        model = open_clip.create_model(req.arch, pretrained=None)
-    else:
-        model = open_clip.create_model(req.arch, pretrained=pretrained)
-    return model.eval()
+    return open_clip_model(req.family, req.arch, req.checkpoint, req.pretrained, req.seed)
 
 
 def _export_onnx(module, example, input_name: str, path: Path, opset: int) -> None:
@@ -217,8 +207,6 @@ def _check_family(repo: Path, req: ExportRequest, modalities: list[str]) -> None
 def _check_tokenizer(towers, text_meta: dict, folder: Path) -> None:
     """The serving tokenizer (export/triton/) must give exactly the reference tokenizer's ids
     on a corpus with the awkward cases; otherwise the export stops."""
-    import sys
-
     for name, source in towers.text_files.items():
         shutil.copy(source, folder / name)
     corpus = [
@@ -227,23 +215,20 @@ def _check_tokenizer(towers, text_meta: dict, folder: Path) -> None:
         "Ｆｕｌｌｗｉｄｔｈ", "👩\u200d👩\u200d👧 👍🏽", "&amp;quot;quoted&amp;quot;", "cafÃ© mojibake", "tab\there\u00a0nbsp",
         "a very long query about a long floral summer dress with a belt " * 8,
     ]  # fmt: skip
-    sys.path.insert(0, str(TRITON_CODE))
-    try:
-        if text_meta["tokenizer"] == "unigram":
-            from unigram import UnigramTokenizer
+    # The same modules that are copied next to the Triton model, imported as a package.
+    if text_meta["tokenizer"] == "unigram":
+        from export.triton.unigram import UnigramTokenizer
 
-            ours = UnigramTokenizer(
-                str(folder / text_meta["tokenizer_file"]),
-                text_meta["context_length"],
-                text_meta["pad_id"],
-                text_meta["clean"],
-            )
-        else:
-            from clip_bpe import ClipTokenizer
+        ours = UnigramTokenizer(
+            str(folder / text_meta["tokenizer_file"]),
+            text_meta["context_length"],
+            text_meta["pad_id"],
+            text_meta["clean"],
+        )
+    else:
+        from export.triton.clip_bpe import ClipTokenizer
 
-            ours = ClipTokenizer(str(folder / text_meta["bpe_file"]), text_meta["context_length"])
-    finally:
-        sys.path.remove(str(TRITON_CODE))
+        ours = ClipTokenizer(str(folder / text_meta["bpe_file"]), text_meta["context_length"])
     got, _ = ours(corpus)
     want = towers.tokenize(corpus)
     bad = [t for t, a, b in zip(corpus, got, want) if a.shape != b.shape or (a != b).any()]

@@ -72,13 +72,16 @@ def build(family: str, arch: str, checkpoint: str | None, pretrained: str | None
     return _open_clip(family, arch, checkpoint, pretrained, tokenizer)
 
 
-def _open_clip(family, arch, checkpoint, pretrained, tokenizer_dir) -> Towers:
+def open_clip_model(family: str, arch: str, checkpoint: str | None, pretrained: str | None, seed=None):
+    """An open_clip model (CLIP or SigLIP-style) in eval mode, with its family's
+    pre-processing where the pretrained tag does not bring it. Never downloads."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
     import torch
-    import torch.nn.functional as F
 
+    if seed is not None:
+        torch.manual_seed(seed)
     open_clip.add_model_config(HERE / "configs")
-    weights = checkpoint or pretrained
     force = None
     if family == "siglip" and not pretrained:
         force = {
@@ -87,7 +90,17 @@ def _open_clip(family, arch, checkpoint, pretrained, tokenizer_dir) -> Towers:
             "interpolation": "bicubic",
             "resize_mode": "squash",
         }
-    model = open_clip.create_model(arch, pretrained=weights, force_preprocess_cfg=force).eval()
+    return open_clip.create_model(
+        arch, pretrained=checkpoint or pretrained, force_preprocess_cfg=force
+    ).eval()
+
+
+def _open_clip(family, arch, checkpoint, pretrained, tokenizer_dir) -> Towers:
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+
+    model = open_clip_model(family, arch, checkpoint, pretrained)  # build() seeded torch
 
     class ImageTower(torch.nn.Module):
         def __init__(self):

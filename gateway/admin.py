@@ -14,19 +14,10 @@ from gateway.embedder import TritonEmbedder
 from gateway.errors import InvalidArgument, LookSyncError
 from gateway.models import Swap, TritonModels, rollback
 from gateway.observability import RPC_ERRORS, log
+from gateway.server import space_pb
 from gateway.settings import Settings
 
 logger = logging.getLogger("looksync.admin")
-
-
-def _space(space) -> pb.EmbeddingSpace:
-    return pb.EmbeddingSpace(
-        model=space.model,
-        version=space.version,
-        dim=space.dim,
-        family=space.family,
-        modalities=list(space.modalities),
-    )
 
 
 class AdminServicer(pb_grpc.AdminServicer):
@@ -76,7 +67,7 @@ class AdminServicer(pb_grpc.AdminServicer):
                 indexes = [
                     pb.IndexInfo(
                         name=name,
-                        space=_space(space),
+                        space=space_pb(space),
                         products=await self.index.count(space),
                         serving=name == target,
                         written=name in writes,
@@ -120,7 +111,10 @@ class AdminServicer(pb_grpc.AdminServicer):
                 await swap.switch(request.grace_s if request.grace_s > 0 else 60.0)
                 r = swap.report
                 return pb.ActivateModelResponse(
-                    space=_space(r.new), reindex_s=r.reindex_s, overlap=r.overlap or 0.0, products=r.counts[1]
+                    space=space_pb(r.new),
+                    reindex_s=r.reindex_s,
+                    overlap=r.overlap or 0.0,
+                    products=r.counts[1],
                 )
             finally:
                 await models.close()
@@ -131,7 +125,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         async def work():
             models = self._models(request.model)
             try:
-                return pb.RollbackModelResponse(space=_space(await rollback(self.index, models)))
+                return pb.RollbackModelResponse(space=space_pb(await rollback(self.index, models)))
             finally:
                 await models.close()
 

@@ -29,7 +29,7 @@ from gateway.errors import FailedPrecondition, Unavailable
 from gateway.filters import build_filters
 from gateway.index.base import EmbeddingSpace
 from gateway.indexer import Indexer, index_catalog, resolve_space
-from gateway.ingest.events import STREAM, PoisonEvent, parse_event
+from gateway.ingest.events import STREAM, PoisonEvent, parse_event, seq_at_ms
 
 TOWERS = ("image_encoder", "text_encoder", "image", "text")  # encoders first: wrappers call them
 
@@ -218,7 +218,7 @@ class Swap:
         indexer = Indexer(self.embedder, self.index, self.report.new, batch_size=self.batch_size)
         # The file is a snapshot: its writes are as old as the file, so live events written to
         # the new index meanwhile (newer) win field by field, deletes included.
-        as_of = int(Path(catalog).stat().st_mtime * 1000) * 1_000_000
+        as_of = seq_at_ms(int(Path(catalog).stat().st_mtime * 1000))
         result = await index_catalog(catalog, indexer, progress=self.progress, as_of_seq=as_of)
         if self.redis_url:
             n = await catch_up(self.index, self.report.new, self.redis_url, self._since_ms)

@@ -101,7 +101,7 @@ def _hit(product, score: float, duplicates: int = 0) -> pb.Hit:
     return pb.Hit(product=pb.Product(**product.to_dict()), score=score, duplicates=duplicates)
 
 
-def _space_pb(space: EmbeddingSpace) -> pb.EmbeddingSpace:
+def space_pb(space: EmbeddingSpace) -> pb.EmbeddingSpace:
     return pb.EmbeddingSpace(
         model=space.model,
         version=space.version,
@@ -130,7 +130,7 @@ def _look_response(result: LookResult, request_id: str) -> pb.SearchLookResponse
         )
     return pb.SearchLookResponse(
         layers=layers,
-        space=_space_pb(result.space),
+        space=space_pb(result.space),
         timings=_timings_pb(result.timings),
         request_id=request_id,
         cached=result.cached,
@@ -147,7 +147,7 @@ def _response(result: SearchResult, request_id: str) -> pb.SearchResponse:
     hits = [
         pb.Hit(product=pb.Product(**h.product.to_dict()), score=h.score, duplicates=0) for h in result.hits
     ]
-    space = _space_pb(result.space)
+    space = space_pb(result.space)
     timings = [pb.StageTiming(stage=name, ms=ms) for name, ms in result.timings.stages]
     return pb.SearchResponse(
         hits=hits,

@@ -13,8 +13,9 @@ from PIL import Image
 
 from benchmarks.quality import Queries, compare_spaces
 from clients.world import write_world
-from export.clip import TRITON_CODE, ExportRequest, export_clip
+from export.clip import ExportRequest, export_clip
 from export.triton.preprocess import ImageSpec, pixels
+from export.triton.unigram import UnigramTokenizer
 from tests.conftest import looksync, looksync_env, start_gateway, start_triton
 
 TINY = {"siglip": "looksync-siglip-tiny", "dinov2": "looksync-dinov2-tiny"}
@@ -169,18 +170,11 @@ def test_harness_compares_two_spaces(served):
 
 
 def test_serving_unigram_tokenizer_equals_open_clips_hf_tokenizer():
-    import sys
-
     from open_clip.tokenizer import HFTokenizer
 
     from export.families import TOKENIZERS
 
     folder = TOKENIZERS / "looksync-unigram"
-    sys.path.insert(0, str(folder.parents[1] / "triton"))
-    try:
-        from unigram import UnigramTokenizer
-    finally:
-        sys.path.pop(0)
     reference = HFTokenizer(str(folder), context_length=16, clean="canonicalize")
     ours = UnigramTokenizer(
         str(folder / "tokenizer.json"), 16, reference.tokenizer.pad_token_id, "canonicalize"
@@ -244,16 +238,9 @@ def test_precompiled_charsmap_normaliser_matches_tokenizers(tmp_path):
     """The normaliser real SigLIP/T5 tokenizers use, id for id against the Rust implementation:
     fullwidth forms, ligatures, compatibility characters, combining marks (graphemes), emoji with
     joiners and skin tones, Hangul, RTL, control and odd spaces."""
-    import sys
-
     from open_clip.tokenizer import HFTokenizer
 
     folder = _t5_style_tokenizer(tmp_path / "t5style")
-    sys.path.insert(0, str(TRITON_CODE))
-    try:
-        from unigram import UnigramTokenizer
-    finally:
-        sys.path.pop(0)
     reference = HFTokenizer(str(folder), context_length=24, clean="whitespace")
     ours = UnigramTokenizer(
         str(folder / "tokenizer.json"), 24, reference.tokenizer.pad_token_id, "whitespace"

@@ -41,6 +41,7 @@ from gateway.index.elastic import (
     unit,
     update_body,
 )
+from tests.test_index_embedded import FILTER_CASES  # the same cases on both backends
 
 SPACE64 = EmbeddingSpace("clip", 1, 64)
 
@@ -340,20 +341,6 @@ def _products(n=120, seed=0):
 def _vectors(n, dim=16, seed=1):
     v = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-
-FILTER_CASES = [
-    {},
-    {"categories": ["dress"]},
-    {"categories": ["dress", "jeans"], "gender": "women"},
-    {"gender": "men", "market": "de"},
-    {"gender": "unisex"},
-    {"brands": ["O'Neil"], "in_stock_only": True},
-    {"sizes": ["M", "38"]},
-    {"min_price": 50.0, "max_price": 120.0},
-    {"categories": ["sneakers"], "sizes": ["39"], "max_price": 250.0, "market": "US", "in_stock_only": True},
-    {"brands": ["nobody"]},
-]
 
 
 def test_filter_clauses_agree_with_matches():

@@ -53,17 +53,16 @@ class Study:
         random.Random(seed).shuffle(ids)
         return ids
 
+    def _next(self, annotator: str, pool: dict, done: set[str]) -> tuple[dict | None, int, int]:
+        """The annotator's next unjudged task, how many are done, how many there are."""
+        left = [i for i in self._order(annotator, list(pool)) if i not in done]
+        return (pool[left[0]] if left else None), len(pool) - len(left), len(pool)
+
     def next_item(self, annotator: str) -> tuple[dict | None, int, int]:
-        done = self.store.scored_items(annotator)
-        order = self._order(annotator, list(self.items))
-        left = [i for i in order if i not in done]
-        return (self.items[left[0]] if left else None), len(order) - len(left), len(order)
+        return self._next(annotator, self.items, self.store.scored_items(annotator))
 
     def next_pair(self, annotator: str) -> tuple[dict | None, int, int]:
-        done = self.store.judged_pairs(annotator)
-        order = self._order(annotator, list(self.pairs))
-        left = [p for p in order if p not in done]
-        return (self.pairs[left[0]] if left else None), len(order) - len(left), len(order)
+        return self._next(annotator, self.pairs, self.store.judged_pairs(annotator))
 
     def sides(self, annotator: str, pair: dict) -> tuple[dict, dict]:
         """(left, right) items of a pair for this annotator: blind and balanced."""

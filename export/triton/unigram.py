@@ -52,19 +52,21 @@ def _clean(text: str, mode: str) -> str:
     return " ".join(text.split())
 
 
+def _chain(steps):
+    def run(value):
+        for step in steps:
+            value = step(value)
+        return value
+
+    return run
+
+
 def _normalizer(spec: dict | None):
     if spec is None:
         return lambda s: s
     kind = spec["type"]
     if kind == "Sequence":
-        steps = [_normalizer(s) for s in spec["normalizers"]]
-
-        def run(s):
-            for step in steps:
-                s = step(s)
-            return s
-
-        return run
+        return _chain([_normalizer(s) for s in spec["normalizers"]])
     if kind in ("NFC", "NFD", "NFKC", "NFKD"):
         return lambda s: unicodedata.normalize(kind, s)
     if kind == "Lowercase":
@@ -145,14 +147,7 @@ def _pre_tokenizer(spec: dict | None):
         return lambda pieces: [(p, o) for p, o in pieces if p]
     kind = spec["type"]
     if kind == "Sequence":
-        steps = [_pre_tokenizer(s) for s in spec["pretokenizers"]]
-
-        def run_all(pieces):
-            for step in steps:
-                pieces = step(pieces)
-            return pieces
-
-        return run_all
+        return _chain([_pre_tokenizer(s) for s in spec["pretokenizers"]])
     if kind == "Metaspace":
         rep = spec.get("replacement", "\u2581")
         # tokenizers < 0.19 wrote add_prefix_space instead of prepend_scheme.

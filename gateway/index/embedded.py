@@ -38,13 +38,14 @@ from gateway.index.base import (
 )
 from gateway.index.lww import Op
 from gateway.index.lww import apply as lww_apply
+from gateway.ingest.events import seq_at_ms
 
 MANIFEST = "manifest.json"
 
 
 def wall_clock_seq() -> int:
     """An event_seq for writes that do not come from the queue, comparable with stream ids."""
-    return int(time.time() * 1000) * 1_000_000
+    return seq_at_ms(int(time.time() * 1000))
 
 
 _FIELDS = [f for f in Product.__dataclass_fields__]

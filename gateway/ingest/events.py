@@ -37,7 +37,13 @@ class Event:
 
 def stream_seq(stream_id: str) -> int:
     ms, _, seq = stream_id.partition("-")
-    return int(ms) * 1_000_000 + int(seq or 0)
+    return seq_at_ms(int(ms), int(seq or 0))
+
+
+def seq_at_ms(ms: int, n: int = 0) -> int:
+    """The event_seq of a moment: writes that do not come from the stream (a bulk index, a
+    catalog snapshot) are ordered against stream events by their time."""
+    return ms * 1_000_000 + n
 
 
 def _check_field(name: str, value):
