@@ -211,7 +211,9 @@ def cmd_ingest_worker(args) -> int:
         embedder = TritonEmbedder(s.triton_url)
         index = open_index(s)
         try:
-            space = await index.space() or await resolve_space(embedder, s.embedding_model, None)
+
+            async def space():  # retried by the worker until Triton has a READY version
+                return await resolve_space(embedder, s.embedding_model, None)
 
             async def remember(product_id: str, attrs: dict) -> None:
                 await client.hset(f"looksync:attrs:{product_id}", mapping=attrs)

@@ -771,15 +771,18 @@ class _Driver:
 
     async def _open_scheduler(self, end_at: float, tasks: set) -> None:
         share, cfg = self.share, self.cfg
-        mean_gap = 1.0 / share.rate
         slots = asyncio.Semaphore(cfg.max_inflight)
+        step = 0  # fixed schedule: send i is at start + offset + i / rate, never a running sum
         scheduled = self.stats.start + share.phase_offset_s
         if cfg.schedule == "poisson":
             scheduled = self.stats.start + self.rng.expovariate(share.rate)
         measured = False  # the request at `scheduled` is counted but not sent yet
         try:
             while True:
-                go, measured = self._may_issue(scheduled, end_at)
+                # A slot that lands on a window edge up to float rounding belongs to the later
+                # window, so the count of fixed slots in [measure_start, end_at) is exact.
+                nudge = 1e-9 if cfg.schedule == "fixed" else 0.0
+                go, measured = self._may_issue(scheduled + nudge, end_at)
                 if not go:
                     return
                 delay = scheduled - time.monotonic()
@@ -799,7 +802,11 @@ class _Driver:
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 task.add_done_callback(lambda _t: slots.release())
-                scheduled += self.rng.expovariate(share.rate) if cfg.schedule == "poisson" else mean_gap
+                step += 1
+                if cfg.schedule == "poisson":
+                    scheduled += self.rng.expovariate(share.rate)
+                else:
+                    scheduled = self.stats.start + share.phase_offset_s + step / share.rate
         except asyncio.CancelledError:
             # Stopped at the hard stop with a backlog: the requests scheduled but never sent
             # count as UNSENT errors (expected number for the rest of the phase), so an

@@ -6,6 +6,7 @@ is not JSON, JSON that fails validation) is an LLMError, which callers answer wi
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from pathlib import Path
@@ -53,23 +54,11 @@ class LLMClient:
         if timeout_s <= 0.01:
             raise LLMError("no_budget", f"{timeout_s * 1000:.0f} ms left")
         try:
-            response = await self.client.chat.completions.create(
-                model=self.model,
-                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
-                response_format={
-                    "type": "json_schema",
-                    # Not "strict": OpenAI's strict mode rejects common schema keywords (minLength, ...), and
-                    # the answer is validated here anyway.
-                    "json_schema": {
-                        "name": schema.__name__,
-                        "schema": schema.model_json_schema(),
-                        "strict": False,
-                    },
-                },
-                temperature=0,
-                timeout=timeout_s,
-            )
-        except openai.APITimeoutError:
+            # The client's own timeout applies per phase (connect, write, each read), so a
+            # server that trickles bytes could outlast it: one hard limit over the whole call.
+            async with asyncio.timeout(timeout_s):
+                response = await self._create(schema, system, user, timeout_s)
+        except (openai.APITimeoutError, TimeoutError):
             raise LLMError("timeout", f"no answer within {timeout_s * 1000:.0f} ms") from None
         except openai.APIStatusError as exc:
             raise LLMError("http_error", f"HTTP {exc.status_code}") from None
@@ -82,6 +71,24 @@ class LLMClient:
             raise LLMError("malformed", f"answer is not JSON ({exc})") from None
         except ValidationError as exc:
             raise LLMError("invalid", f"answer fails the schema ({exc.error_count()} errors)") from None
+
+    async def _create(self, schema: type[T], system: str, user: list[dict], timeout_s: float):
+        return await self.client.chat.completions.create(
+            model=self.model,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+            response_format={
+                "type": "json_schema",
+                # Not "strict": OpenAI's strict mode rejects common schema keywords (minLength, ...), and
+                # the answer is validated here anyway.
+                "json_schema": {
+                    "name": schema.__name__,
+                    "schema": schema.model_json_schema(),
+                    "strict": False,
+                },
+            },
+            temperature=0,
+            timeout=timeout_s,
+        )
 
     async def close(self) -> None:
         await self.client.close()

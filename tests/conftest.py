@@ -88,6 +88,33 @@ def looksync(*args: str, env: dict[str, str], timeout: float = 300) -> subproces
     )
 
 
+def metric(port: int, name: str, **labels: str) -> float:
+    """One sample from a process's Prometheus endpoint on loopback (0 when absent)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def wait_for(condition, timeout_s: float = 60.0, what: str = "condition", interval_s: float = 0.1):
+    """Poll until `condition()` is truthy and return its value; fail after a generous timeout.
+    Tests order events with this, never with a fixed sleep."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
 @dataclass
 class Gateway:
     process: subprocess.Popen
@@ -223,12 +250,21 @@ def redis_url(tmp_path_factory):
     proc.wait(10)
 
 
+# `/held/<file>` answers only once this is set: a test keeps image fetches in flight while it
+# acts (kills Redis, ...) instead of hoping they are still running after a sleep.
+HELD_IMAGES = threading.Event()
+
+
 class _Handler(SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
     def do_GET(self):
-        if self.path == "/redirect-private":
+        if self.path.startswith("/held/"):
+            HELD_IMAGES.wait(120)
+            self.path = self.path[len("/held") :]
+            super().do_GET()
+        elif self.path == "/redirect-private":
             self.send_response(302)
             self.send_header("Location", "http://10.1.2.3/internal.jpg")
             self.end_headers()
@@ -257,8 +293,17 @@ class _Handler(SimpleHTTPRequestHandler):
         self.wfile.write(body)
 
 
+@pytest.fixture()
+def held_images():
+    """The gate of `/held/` images, closed for this test and opened again after it."""
+    HELD_IMAGES.clear()
+    yield HELD_IMAGES
+    HELD_IMAGES.set()
+
+
 @pytest.fixture(scope="session")
 def image_server(catalog):
+    HELD_IMAGES.set()
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(catalog.parent)))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()

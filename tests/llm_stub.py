@@ -18,6 +18,9 @@ class Reply:
     content: object = None  # dict/list -> JSON text; str -> sent as-is (malformed on purpose)
     status: int = 200
     delay_s: float = 0.0
+    # Answer only once this is set (or after 60 s): a test holds a call open while it acts,
+    # instead of guessing how long a delay is enough.
+    hold: threading.Event | None = None
 
 
 @dataclass
@@ -25,6 +28,7 @@ class ScriptedLLM:
     script: object = None  # callable(kind, request_json) -> Reply
     requests: list = field(default_factory=list)
     server: ThreadingHTTPServer | None = None
+    arrived: threading.Condition = field(default_factory=threading.Condition)
 
     @property
     def base_url(self) -> str:
@@ -43,8 +47,12 @@ class ScriptedLLM:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 kind = body.get("response_format", {}).get("json_schema", {}).get("name", "?")
-                stub.requests.append((kind, body))
+                with stub.arrived:
+                    stub.requests.append((kind, body))
+                    stub.arrived.notify_all()
                 reply = stub.script(kind, body) if stub.script else Reply(status=500)
+                if reply.hold is not None:
+                    reply.hold.wait(60)
                 if reply.delay_s:
                     time.sleep(reply.delay_s)
                 if reply.status != 200:
@@ -86,6 +94,12 @@ class ScriptedLLM:
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
+
+    def wait_for(self, kind: str, timeout_s: float = 60.0) -> None:
+        """Block until a request of this kind has arrived (since `requests` was last cleared)."""
+        with self.arrived:
+            if not self.arrived.wait_for(lambda: kind in self.kinds(), timeout_s):
+                raise AssertionError(f"no {kind} request reached the LLM within {timeout_s}s")
 
     def stop(self) -> None:
         if self.server:

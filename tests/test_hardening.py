@@ -20,7 +20,7 @@ from gateway.api import looksync_pb2 as pb
 from gateway.api import looksync_pb2_grpc as pb_grpc
 from gateway.errors import InvalidArgument
 from gateway.filters import build_filters
-from tests.conftest import free_port, looksync_env, start_gateway
+from tests.conftest import free_port, looksync_env, metric, start_gateway
 from tests.llm_stub import Reply, ScriptedLLM, candidate_ids
 
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
@@ -310,32 +310,46 @@ def test_admin_rpcs_need_the_token(guarded, gateway):
     assert "s3cret-admin-token" not in guarded.log.read_text()
 
 
-def test_over_the_concurrency_limit_is_resource_exhausted(guarded, catalog, products):
+def test_over_the_concurrency_limit_is_resource_exhausted(guarded, slow_llm, catalog, products):
     look = compose_look({"feet": catalog.parent / products[10].image_url})
     outcomes = []
+    release = threading.Event()
 
     def one():
         with guarded.client() as c:
             try:
-                c.search_look(look, k_per_layer=3, timeout_s=10)
+                c.search_look(look, k_per_layer=3, timeout_s=60)
                 outcomes.append("OK")
             except grpc.RpcError as exc:
                 outcomes.append(exc.code().name)
 
+    slow_llm.requests.clear()
+    slow_llm.script = lambda kind, body: (
+        Reply(status=500) if kind == "QueryAnswer" else Reply({"ranking": candidate_ids(body)}, hold=release)
+    )
     first = threading.Thread(target=one)
     first.start()
-    time.sleep(0.4)  # the first is now waiting for the slow LLM rerank
-    one()
-    first.join(15)
+    try:
+        slow_llm.wait_for("Ranking")  # the first request now holds the only slot
+        one()
+    finally:
+        release.set()
+    first.join(60)
     assert sorted(outcomes) == ["OK", "RESOURCE_EXHAUSTED"]
 
 
-def test_a_dead_cache_is_bypassed(guarded):
-    # LOOKSYNC_CACHE=redis points at a port nobody listens on: searches still answer.
+def test_a_dead_cache_is_bypassed(guarded, slow_llm, catalog, products):
+    # LOOKSYNC_CACHE=redis points at a port nobody listens on: look search, which reads and
+    # writes the result cache, still answers, and each lookup counts as a cache error.
+    slow_llm.script = lambda kind, body: Reply(status=500)  # fallbacks: no LLM time involved
+    look = compose_look({"feet": catalog.parent / products[12].image_url})
+    errors = metric(guarded.metrics_port, "looksync_cache_lookups_total", cache="look", result="error")
     with guarded.client() as c:
-        start = time.monotonic()
-        assert len(c.search_text("wool coat", k=2).hits) == 2
-        assert time.monotonic() - start < 2.0
+        assert c.search_look(look, k_per_layer=2, timeout_s=60).layers
+    assert (
+        metric(guarded.metrics_port, "looksync_cache_lookups_total", cache="look", result="error")
+        == errors + 1
+    )
 
 
 # --- TLS ----------------------------------------------------------------------------------

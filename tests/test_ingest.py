@@ -22,7 +22,7 @@ from gateway.index.lww import apply as lww_apply
 from gateway.ingest.enrich import standardise, vendor_category, vendor_gender, zero_shot_fill
 from gateway.ingest.events import DEAD_LETTERS, GROUP, STREAM, PoisonEvent, parse_event
 from gateway.ingest.fetch import FetchError, FetchPolicy, fetch_sync
-from tests.conftest import REPO, free_port, looksync_env, start_redis
+from tests.conftest import REPO, free_port, looksync_env, metric, start_redis, wait_for
 
 SPACE = EmbeddingSpace("clip", 1, 64)
 
@@ -267,6 +267,24 @@ def _wait_drained(client, timeout_s=120):
         time.sleep(0.2)
 
 
+def _group(client) -> dict:
+    """The consumer group's counters, with `acked` = delivered and acknowledged."""
+    if not client.exists(STREAM):
+        return {"entries-read": 0, "pending": 0, "lag": 0, "acked": 0}
+    groups = {g["name"].decode(): g for g in client.xinfo_groups(STREAM)}
+    group = dict(groups.get(GROUP) or {"entries-read": 0, "pending": 0, "lag": 0})
+    group["acked"] = (group.get("entries-read") or 0) - group["pending"]
+    return group
+
+
+def _pending_of(client, consumer: str) -> int:
+    """Entries delivered to `consumer` and not yet acknowledged (work in its hands)."""
+    for c in client.xinfo_consumers(STREAM, GROUP):
+        if c["name"].decode() == consumer:
+            return int(c["pending"])
+    return 0
+
+
 def _publish(client, events):
     for event in events:
         client.xadd(STREAM, {"event": json.dumps(event)})
@@ -288,15 +306,13 @@ def _record(catalog, products, n, image_server, **changes):
 
 
 def _env(triton, tmp_path, redis_url, **extra):
-    return looksync_env(
-        triton,
-        tmp_path / "data",
-        LOOKSYNC_REDIS_URL=redis_url,
-        LOOKSYNC_FETCH_ALLOW_LOOPBACK="true",
-        LOOKSYNC_INGEST_CLAIM_IDLE_MS="300",
-        LOOKSYNC_WORKER_METRICS_PORT="0",
-        **extra,
-    )
+    settings = {
+        "LOOKSYNC_REDIS_URL": redis_url,
+        "LOOKSYNC_FETCH_ALLOW_LOOPBACK": "true",
+        "LOOKSYNC_INGEST_CLAIM_IDLE_MS": "300",
+        "LOOKSYNC_WORKER_METRICS_PORT": "0",
+    }
+    return looksync_env(triton, tmp_path / "data", **{**settings, **extra})
 
 
 def _fold(events):
@@ -513,12 +529,23 @@ def test_worker_killed_at_random_points_loses_and_duplicates_nothing(
     env = _env(triton, tmp_path, redis_url, LOOKSYNC_INGEST_MAX_TRIES="1000", LOOKSYNC_INGEST_BATCH_SIZE="50")
     kills = 0
     for round_ in range(6):
-        worker = _worker(env, tmp_path / "worker.log", f"crashy-{round_}")
+        name = f"crashy-{round_}"
+        worker = _worker(env, tmp_path / "worker.log", name)
         if round_ < 5:
-            time.sleep(rng.uniform(1.5, 3.0))  # start-up is ~1 s: kills land mid-stream
+            # Kill after measured progress: this worker has acknowledged some events and holds
+            # others unacknowledged, so the kill interrupts real work, whatever the machine's speed.
+            target = _group(stream)["acked"] + rng.randint(20, 250)
+            wait_for(
+                lambda t=target, n=name: _group(stream)["acked"] >= t and _pending_of(stream, n) > 0,
+                timeout_s=120,
+                what=f"{name} to make progress",
+                interval_s=0.02,
+            )
             os.kill(worker.pid, signal.SIGKILL)
             worker.wait()
             kills += 1
+            assert _pending_of(stream, name) > 0, "the kill interrupted nothing"
+            assert _group(stream)["lag"] + _group(stream)["pending"] > 0, "the stream was already drained"
         else:
             try:
                 _wait_drained(stream, timeout_s=180)
@@ -538,38 +565,125 @@ def test_worker_killed_at_random_points_loses_and_duplicates_nothing(
 
 
 def test_redis_going_down_pauses_ingestion_and_loses_nothing(
-    triton, catalog, products, image_server, tmp_path
+    triton, catalog, products, image_server, held_images, tmp_path
 ):
     port = free_port()
     rdir = tmp_path / "redis"
     rdir.mkdir()
 
     proc, client = start_redis(port, rdir, durable=True)
-    events = [
-        {"schema": 1, "type": "product.upsert", "product": _record(catalog, products, n, image_server)}
-        for n in range(120, 160)
-    ]
     rng = random.Random(5)
-    for i in range(400):
-        n = rng.randrange(120, 160)
-        events.append(
-            {"schema": 1, "type": "product.update", "id": f"p{n:05d}", "fields": {"price": float(i)}}
-        )
-    _publish(client, events)
+    first = [
+        {"schema": 1, "type": "product.upsert", "product": _record(catalog, products, n, image_server)}
+        for n in range(120, 150)
+    ]
+    # Upserts whose images are held: their fetches are in flight when Redis dies.
+    held = [
+        {
+            "schema": 1,
+            "type": "product.upsert",
+            "product": _record(
+                catalog, products, n, image_server, image_url=f"{image_server}/held/{products[n].image_url}"
+            ),
+        }
+        for n in range(150, 160)
+    ]
+    updates = [
+        {
+            "schema": 1,
+            "type": "product.update",
+            "id": f"p{rng.randrange(120, 150):05d}",
+            "fields": {"price": float(i)},
+        }
+        for i in range(200)
+    ]
+    later = [
+        {
+            "schema": 1,
+            "type": "product.update",
+            "id": f"p{rng.randrange(120, 160):05d}",
+            "fields": {"price": float(i)},
+        }
+        for i in range(200, 400)
+    ]
+    _publish(client, first)
     env = _env(triton, tmp_path, f"redis://127.0.0.1:{port}/0", LOOKSYNC_INGEST_MAX_TRIES="1000")
-    worker = _worker(env, tmp_path / "worker.log", "w-redis")
+    log = tmp_path / "worker.log"
+    worker = _worker(env, log, "w-redis")
     try:
-        time.sleep(2.5)
-        proc.kill()  # Redis crashes mid-stream
+        wait_for(lambda: _group(client)["acked"] == len(first), what="the first upserts")
+        _publish(client, held + updates)
+        # The held upserts are in the worker's hands: now Redis crashes.
+        wait_for(lambda: _pending_of(client, "w-redis") > 0, what="work in flight")
+        proc.kill()
         proc.wait()
-        time.sleep(2.0)
+        wait_for(lambda: "redis unavailable; pausing" in log.read_text(), what="the worker to notice")
+        held_images.set()  # the fetches finish while Redis is away; their acks must wait
         assert worker.poll() is None, "the worker must survive Redis going away"
         proc, client = start_redis(port, rdir, durable=True)
+        _publish(client, later)
         _wait_drained(client)
     finally:
         _stop(worker)
         proc.terminate()
         proc.wait(10)
     got = _index_state(tmp_path / "data", {f"p{n:05d}" for n in range(120, 160)})
+    _assert_matches(got, _fold(first + held + updates + later))
+
+
+def test_a_worker_started_before_redis_and_triton_waits_then_ingests(
+    tiny_repo, catalog, products, image_server, tmp_path
+):
+    from gateway.tritonserver import TritonServer
+
+    redis_port, metrics_port = free_port(), free_port()
+    triton = TritonServer(tiny_repo, free_port(), free_port(), free_port(), work_dir=tmp_path / "triton")
+    env = _env(
+        triton,
+        tmp_path,
+        f"redis://127.0.0.1:{redis_port}/0",
+        LOOKSYNC_WORKER_METRICS_PORT=str(metrics_port),
+    )
+    log = tmp_path / "worker.log"
+    worker = _worker(env, log, "w-early")
+    proc = None
+    try:
+        # Nothing is up: the worker waits for Redis, alive and reporting not ready.
+        wait_for(lambda: '"dependency": "redis"' in log.read_text(), what="the worker to wait for Redis")
+        wait_for(lambda: _ready(metrics_port) is not None, what="worker metrics")
+        assert _ready(metrics_port) == 0.0
+        proc, client = start_redis(redis_port, tmp_path)
+        events = [
+            {"schema": 1, "type": "product.upsert", "product": _record(catalog, products, n, image_server)}
+            for n in range(160, 170)
+        ]
+        events.append({"schema": 1, "type": "product.update", "id": "p00161", "fields": {"price": 3.5}})
+        _publish(client, events)
+        # Redis is there, Triton is not: no embedding space yet, still waiting, still alive.
+        wait_for(
+            lambda: '"dependency": "embedding space"' in log.read_text(),
+            what="the worker to wait for Triton",
+        )
+        assert worker.poll() is None and _ready(metrics_port) == 0.0
+        triton.start(timeout_s=120, log_file=open(tmp_path / "triton.log", "a"))
+        try:
+            _wait_drained(client)
+            assert _ready(metrics_port) == 1.0
+        finally:
+            _stop(worker)
+            triton.stop()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+    got = _index_state(tmp_path / "data", {f"p{n:05d}" for n in range(160, 170)})
     _assert_matches(got, _fold(events))
-    assert "redis unavailable; pausing" in (tmp_path / "worker.log").read_text()
+
+
+def _ready(port: int) -> float | None:
+    try:
+        return metric(port, "looksync_ingest_ready")
+    except OSError:  # not listening yet
+        return None

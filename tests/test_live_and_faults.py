@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from clients.sample_catalog import generate
-from tests.conftest import looksync, looksync_env, start_gateway, start_triton
+from tests.conftest import looksync, looksync_env, start_gateway, start_triton, wait_for
 
 
 def test_products_indexed_while_the_gateway_runs_become_searchable(gateway, triton, indexed, tmp_path):
@@ -55,25 +55,28 @@ def test_triton_down_gives_unavailable_fast_and_recovers(own_stack):
         assert len(client.search_text("dress", k=3).hits) == 3
         server.kill()
         for _ in range(3):
+            # "Fast" is against the request's own deadline: the gateway says UNAVAILABLE long
+            # before it (a refused connection), instead of waiting the deadline out.
+            deadline_s = 30.0
             start = time.monotonic()
             with pytest.raises(grpc.RpcError) as err:
-                client.search_text("dress", k=3, timeout_s=5)
+                client.search_text("dress", k=3, timeout_s=deadline_s)
             elapsed = time.monotonic() - start
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
             assert "Triton" in err.value.details()
-            assert elapsed < 3.0, f"took {elapsed:.1f}s to report Triton down"
+            assert elapsed < deadline_s / 3, f"took {elapsed:.1f}s to report Triton down"
 
         # Same ports again: the gateway's channel reconnects on its own.
         server.start(timeout_s=120, log_file=open(tmp_path / "triton-again.log", "a"))
-        deadline = time.monotonic() + 15
-        while True:
+
+        def answers():
             try:
-                assert len(client.search_text("dress", k=3).hits) == 3
-                break
+                return len(client.search_text("dress", k=3).hits) == 3
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.UNAVAILABLE
-                assert time.monotonic() < deadline, "gateway did not recover after Triton came back"
-                time.sleep(0.2)
+                return False
+
+        wait_for(answers, what="the gateway to recover after Triton came back")
         assert gw.process.poll() is None, "the gateway must not have restarted"
 
 

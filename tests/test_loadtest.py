@@ -147,21 +147,25 @@ def test_closed_loop_mix_against_the_gateway(gateway, inputs):
 
 
 def test_open_loop_holds_the_target_rate(gateway, inputs):
+    # A rate a busy 2-core machine serves with room to spare: this checks the generator, not
+    # the server's speed (benchmarks/ does that).
     cfg = LoadConfig(
         address=gateway.address,
-        rate=25.0,
+        rate=10.0,
         schedule="fixed",
-        duration_s=2.0,
+        duration_s=3.0,
         texts=QUERIES,
         images=read_images(inputs[1]),
         k=5,
-        timeout_s=10.0,
+        timeout_s=30.0,
     )
-    t0 = time.monotonic()
     report = asyncio.run(run_load(cfg))
-    assert time.monotonic() - t0 < 6
-    assert abs(report.sent - 50) <= 1 and report.ok == report.sent, report.errors
-    assert report.throughput == pytest.approx(25.0, rel=0.3)
+    # Send i is due at start + i / rate: exactly rate x duration sends fall in the window.
+    assert report.sent == 30 and report.ok == report.sent, report.errors
+    worker = report.to_dict()["generator"]["workers"][0]
+    assert worker["mean_send_lag_ms"] < 250, worker  # sends kept to their schedule
+    # Answers may trail the last send, never outpace the schedule.
+    assert 5.0 < report.throughput <= 30 / 2.9 + 0.01  # 30 answers span at least 29 gaps
     _assert_sane(report.latency.summary_ms())
     # From the scheduled send time, never less than from the actual one.
     for p in (50, 90, 99):

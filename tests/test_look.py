@@ -2,6 +2,7 @@
 OpenAI-compatible server that the real `openai` client talks to."""
 
 import json
+import threading
 import time
 
 import grpc
@@ -14,7 +15,7 @@ from gateway.catalog import Product
 from gateway.index.base import ScoredProduct
 from gateway.look.dedup import dedup
 from gateway.look.types import Candidate
-from tests.conftest import looksync, looksync_env, start_gateway
+from tests.conftest import looksync, looksync_env, start_gateway, wait_for
 from tests.llm_stub import Reply, ScriptedLLM, candidate_ids
 
 ZONE_CATEGORIES = {
@@ -145,13 +146,17 @@ def test_planted_duplicates_collapse_in_look_search(gateway, triton, indexed, ca
     extra = tmp_path / "dups.jsonl"
     extra.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     assert looksync("index", str(extra), "--quiet", env=looksync_env(triton, indexed)).returncode == 0
-    time.sleep(0.5)
     image = compose_look({"feet": catalog.parent / source.image_url})
+    group = {source.id, *(r["id"] for r in records)}
     with gateway.client() as client:
+        shoe = (catalog.parent / source.image_url).read_bytes()
+        wait_for(
+            lambda: group <= {h.product.id for h in client.search_image(shoe, k=10).hits},
+            what="the gateway to see the new listings",
+        )
         resp = client.search_look(image, k_per_layer=10)
     feet = _layer_for(resp, "feet")
     ids = [h.product.id for h in feet.hits]
-    group = {source.id, *(r["id"] for r in records)}
     assert len(group & set(ids)) == 1, ids
     kept = next(h for h in feet.hits if h.product.id in group)
     assert kept.duplicates == 3
@@ -181,6 +186,11 @@ GOOD_QUERIES = {
         },
     ]
 }
+
+
+# The deadline a slow-LLM request sets: long enough for the fallbacks on a busy 2-core machine,
+# far shorter than the LLM's own budget (LOOKSYNC_LLM_TIMEOUT_S, 8 s), which it must cut short.
+SLOW_LLM_DEADLINE_S = 2.0
 
 
 def reverse_ranking(kind, body):
@@ -274,12 +284,15 @@ def test_rerank_failures_fall_back_to_embedding_cosine(llm, llm_gateway, look, f
             "malformed": Reply("ranking: first, second"),
             "unknown_ids": Reply({"ranking": ["not-a-candidate", *ids]}),
             "duplicate_ids": Reply({"ranking": [ids[0], ids[0], *ids[1:]]}),
-            "slow": Reply({"ranking": ids}, delay_s=3.0),
+            "slow": Reply({"ranking": ids}, hold=release),
         }[failure]
 
-    start = time.monotonic()
-    resp = _run(llm, llm_gateway, script, look[0], timeout_s=1.5 if failure == "slow" else 10)
-    assert time.monotonic() - start < 2.0
+    release = threading.Event()
+    timeout_s = SLOW_LLM_DEADLINE_S if failure == "slow" else 30
+    try:
+        resp = _run(llm, llm_gateway, script, look[0], timeout_s=timeout_s)
+    finally:
+        release.set()
     assert all(lr.query_source == "llm" for lr in resp.layers)
     assert all(lr.rerank_source == "embedding" for lr in resp.layers), [
         lr.rerank_source for lr in resp.layers
@@ -288,15 +301,24 @@ def test_rerank_failures_fall_back_to_embedding_cosine(llm, llm_gateway, look, f
         assert len(layer.hits) >= 2
 
 
-def test_300ms_deadline_with_a_slow_llm_returns_fallback_results(llm, llm_gateway, look):
-    def script(kind, body):
-        return Reply(GOOD_QUERIES if kind == "QueryAnswer" else {"ranking": candidate_ids(body)}, delay_s=2.0)
+def test_a_slow_llm_never_makes_the_answer_late(llm, llm_gateway, look):
+    release = threading.Event()
+
+    def script(kind, body):  # the LLM answers nothing until the test is over
+        return Reply(
+            GOOD_QUERIES if kind == "QueryAnswer" else {"ranking": candidate_ids(body)}, hold=release
+        )
 
     _run(llm, llm_gateway, lambda k, b: Reply(status=500), look[0])  # warm the zero-shot prompts
-    start = time.monotonic()
-    resp = _run(llm, llm_gateway, script, look[0], timeout_s=0.3)
-    elapsed = time.monotonic() - start
-    assert elapsed < 0.3 + 0.05
+    try:
+        start = time.monotonic()
+        # An answer after the deadline would be DEADLINE_EXCEEDED here, not a response.
+        resp = _run(llm, llm_gateway, script, look[0], timeout_s=SLOW_LLM_DEADLINE_S)
+        elapsed = time.monotonic() - start
+    finally:
+        release.set()
+    assert elapsed < SLOW_LLM_DEADLINE_S + 0.5  # the client's own overhead on a busy machine
+    assert "QueryAnswer" in llm.kinds(), "the LLM was never asked"
     assert len(resp.layers) == 3
     assert all(lr.query_source == "fallback" for lr in resp.layers)
     assert all(lr.rerank_source in ("embedding", "none") for lr in resp.layers)
@@ -322,7 +344,12 @@ def test_product_titles_are_data_not_instructions(
     extra = tmp_path / "inject.jsonl"
     extra.write_text(json.dumps(rec) + "\n")
     assert looksync("index", str(extra), "--quiet", env=looksync_env(triton, indexed)).returncode == 0
-    time.sleep(0.5)
+    with gateway.client() as client:
+        injected = (tmp_path / "inject.jpg").read_bytes()
+        wait_for(
+            lambda: client.search_image(injected, k=1).hits[0].product.id == "inject-1",
+            what="the gateway to see the new product",
+        )
 
     def script(kind, body):
         if kind == "QueryAnswer":

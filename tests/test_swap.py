@@ -21,7 +21,7 @@ from gateway.index.elastic import ElasticIndex
 from gateway.index.embedded import EmbeddedIndex
 from gateway.ingest.events import STREAM
 from gateway.models import Swap, TritonModels
-from tests.conftest import looksync, looksync_env, start_gateway, start_triton
+from tests.conftest import looksync, looksync_env, start_gateway, start_triton, wait_for
 from tests.test_index_elasticsearch import FakeElasticsearch
 from tests.test_ingest import _drained, _stop, _worker
 
@@ -60,20 +60,24 @@ class Load(threading.Thread):
         super().__init__(daemon=True)
         self.client, self.image, self.product_id = client, image, product_id
         self.stop = threading.Event()
+        # (sent at, version answered, the probe product came first)
         self.results: list[tuple[float, int, bool]] = []
         self.errors: list[str] = []
 
     def run(self):
         while not self.stop.is_set():
             try:
-                resp = self.client.search_image(self.image, k=3, timeout_s=5)
-                self.results.append(
-                    (time.monotonic(), resp.space.version, resp.hits[0].product.id == self.product_id)
-                )
-                text = self.client.search_text("striped shirt", k=3, timeout_s=5)
-                self.results.append((time.monotonic(), text.space.version, True))
+                sent = time.monotonic()
+                resp = self.client.search_image(self.image, k=3, timeout_s=30)
+                self.results.append((sent, resp.space.version, resp.hits[0].product.id == self.product_id))
+                sent = time.monotonic()
+                text = self.client.search_text("striped shirt", k=3, timeout_s=30)
+                self.results.append((sent, text.space.version, True))
             except grpc.RpcError as exc:
                 self.errors.append(f"{exc.code().name}: {exc.details()}")
+
+    def sent_after(self, t: float) -> list[int]:
+        return [v for sent, v, _ in self.results if sent > t]
 
 
 def test_swap_under_load_with_live_ingestion_then_rollback(
@@ -104,20 +108,22 @@ def test_swap_under_load_with_live_ingestion_then_rollback(
         with gw.client() as client:
             load = Load(client, (catalog.parent / probe.image_url).read_bytes(), probe.id)
             load.start()
-            time.sleep(0.5)
-            switched_at = asyncio.run(
+            wait_for(lambda: len(load.results) >= 4, what="the load to run")
+            asyncio.run(
                 _activate(server, swap_repo, open_index(data), catalog, products, r, image_server, redis_url)
             )
-            time.sleep(1.5)
+            # The swap has returned: its grace period is over, every gateway has seen the
+            # alias move. Requests sent from now on must all be answered by version 2.
+            swapped = time.monotonic()
+            wait_for(lambda: len(load.sent_after(swapped)) >= 6, what="requests after the swap")
             load.stop.set()
-            load.join(10)
+            load.join(60)
 
             assert load.errors == []
             assert all(ok for _, _, ok in load.results), "a query met an index of another space"
             versions = {v for _, v, _ in load.results}
             assert versions == {1, 2}
-            late = [v for t, v, _ in load.results if t > switched_at + 1.0]
-            assert late and set(late) == {2}
+            assert set(load.sent_after(swapped)) == {2}
 
             # Live products written during the reindex are in the new index.
             async def live_in_v2():
@@ -135,10 +141,7 @@ def test_swap_under_load_with_live_ingestion_then_rollback(
 
             rolled = looksync("models", "rollback", env=env)
             assert rolled.returncode == 0, rolled.stderr
-            deadline = time.monotonic() + 10
-            while client.search_text("dress", k=1).space.version != 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+            wait_for(lambda: client.search_text("dress", k=1).space.version == 1, what="the rollback")
             resp = client.search_image((catalog.parent / probe.image_url).read_bytes(), k=1)
             assert resp.space.version == 1 and resp.hits[0].product.id == probe.id
             status = looksync("models", "status", env=env)
@@ -175,7 +178,7 @@ async def _loaded(url, repo):
         await models.close()
 
 
-async def _activate(server, repo, index, catalog, products, r, image_server, redis_url) -> float:
+async def _activate(server, repo, index, catalog, products, r, image_server, redis_url) -> None:
     url = f"127.0.0.1:{server.grpc_port}"
     embedder = TritonEmbedder(url)
     models = TritonModels(url, repo, "clip")
@@ -216,9 +219,7 @@ async def _activate(server, repo, index, catalog, products, r, image_server, red
         vec, _ = await embedder.embed_texts("clip", 1, ["shirt"], 10)
         with pytest.raises(FailedPrecondition):
             await index.search(vec[0], V1, build_filters(), 3, index=V2.index_name)
-        switched_at = time.monotonic()
         await swap.switch(grace_s=1.0)
-        return switched_at
     finally:
         await embedder.close()
         await models.close()

@@ -9,14 +9,25 @@ Size, time, content type and decodability are all enforced.
 from __future__ import annotations
 
 import asyncio
+import functools
 import http.client
 import ipaddress
 import socket
 import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 from export.triton.preprocess import InvalidImage, decode_image
+
+
+@functools.cache
+def _fetch_pool() -> ThreadPoolExecutor:
+    """Fetch threads of their own: slow vendor hosts hold these until their deadline, and
+    must never hold the event loop's default executor, which asyncio also uses to resolve
+    host names (a Redis reconnect would wait behind them)."""
+    return ThreadPoolExecutor(max_workers=16, thread_name_prefix="fetch")
 
 
 class FetchError(Exception):
@@ -50,24 +61,30 @@ def _check_address(ip: str, policy: FetchPolicy) -> None:
 
 def resolve(url: str, policy: FetchPolicy) -> tuple[str, str, int, str, str]:
     """(scheme, host, port, path, checked ip) or FetchError; connects to nothing."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise FetchError("forbidden_scheme", f"{parts.scheme or 'no'} scheme in {url[:100]!r}")
-    host = parts.hostname
+    try:
+        parts = urlsplit(url)
+        scheme, host = parts.scheme, parts.hostname
+        port = parts.port  # a bad port ("99999", "x") raises here
+    except ValueError as exc:  # malformed IPv6 brackets, port out of range, ...
+        raise FetchError("bad_url", f"{exc} in {url[:100]!r}") from None
+    if scheme not in ("http", "https"):
+        raise FetchError("forbidden_scheme", f"{scheme or 'no'} scheme in {url[:100]!r}")
     if not host:
         raise FetchError("bad_url", f"no host in {url[:100]!r}")
     if policy.allowed_hosts and host.lower() not in policy.allowed_hosts:
         raise FetchError("forbidden_host", f"{host} is not in the allowed hosts")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    port = port or (443 if scheme == "https" else 80)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise FetchError("dns", f"{host}: {exc}") from None
+    except UnicodeError as exc:  # a label over 63 characters, an IDNA-invalid name
+        raise FetchError("bad_url", f"host {host[:80]!r}: {exc}") from None
     ips = sorted({info[4][0] for info in infos})
     for ip in ips:  # every address must pass: any one of them could be the one connected to
         _check_address(ip, policy)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return parts.scheme, host, port, path, ips[0]
+    return scheme, host, port, path, ips[0]
 
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
@@ -81,22 +98,38 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
 
 
 def fetch_sync(url: str, policy: FetchPolicy) -> bytes:
+    """The image bytes, or FetchError. One deadline (`policy.timeout_s`) covers the whole
+    fetch: every hop's connect, each read of the body (a host trickling one byte at a time
+    is cut off at the deadline, not kept alive by it)."""
+    deadline = time.monotonic() + policy.timeout_s
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FetchError("timeout", f"no complete image within {policy.timeout_s:g}s")
+        return remaining
+
     for _ in range(policy.max_redirects + 1):
         scheme, host, port, path, ip = resolve(url, policy)
         if scheme == "https":
-            conn = _PinnedHTTPS(ip, host, port, policy.timeout_s)
+            conn = _PinnedHTTPS(ip, host, port, left())
         else:
-            conn = http.client.HTTPConnection(ip, port, timeout=policy.timeout_s)
+            conn = http.client.HTTPConnection(ip, port, timeout=left())
         try:
             conn.request(
                 "GET", path, headers={"Host": host, "User-Agent": "looksync-ingest/1", "Accept": "image/*"}
             )
+            sock = conn.sock
+            sock.settimeout(left())
             resp = conn.getresponse()
             if resp.status in (301, 302, 303, 307, 308):
                 location = resp.getheader("Location")
                 if not location:
                     raise FetchError("bad_redirect", f"HTTP {resp.status} without Location")
-                url = urljoin(url, location)
+                try:
+                    url = urljoin(url, location)
+                except ValueError as exc:
+                    raise FetchError("bad_redirect", f"Location {location[:100]!r}: {exc}") from None
                 continue
             if resp.status != 200:
                 raise FetchError("http_status", f"HTTP {resp.status} from {host}")
@@ -106,13 +139,15 @@ def fetch_sync(url: str, policy: FetchPolicy) -> bytes:
             length = resp.getheader("Content-Length")
             if length and length.isdigit() and int(length) > policy.max_bytes:
                 raise FetchError("too_large", f"{length} bytes > {policy.max_bytes}")
-            data = resp.read(policy.max_bytes + 1)
-            if len(data) > policy.max_bytes:
-                raise FetchError("too_large", f"more than {policy.max_bytes} bytes")
+            data = _read_body(resp, sock, policy.max_bytes, left)
+        except TimeoutError:
+            raise FetchError("timeout", f"{host}: no complete image within {policy.timeout_s:g}s") from None
         except (OSError, http.client.HTTPException) as exc:
             raise FetchError("network", f"{host}: {exc}") from None
         finally:
             conn.close()
+        if not data:
+            raise FetchError("not_image", "empty body")
         try:
             decode_image(data, policy.max_pixels)
         except InvalidImage as exc:
@@ -121,5 +156,30 @@ def fetch_sync(url: str, policy: FetchPolicy) -> bytes:
     raise FetchError("too_many_redirects", f"more than {policy.max_redirects}")
 
 
+def _read_body(resp, sock, max_bytes: int, left) -> bytes:
+    """Read in chunks, re-arming the socket timeout with what is left of the deadline."""
+    chunks, size = [], 0
+    while not resp.isclosed():  # http.client closes it once the whole body is in
+        sock.settimeout(left())
+        chunk = resp.read1(64 << 10)
+        if not chunk:
+            if resp.length:  # the server closed before Content-Length bytes arrived
+                raise FetchError("network", f"body cut off, {resp.length} bytes missing")
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_bytes:
+            raise FetchError("too_large", f"more than {max_bytes} bytes")
+    return b"".join(chunks)
+
+
 async def fetch(url: str, policy: FetchPolicy) -> bytes:
-    return await asyncio.to_thread(fetch_sync, url, policy)
+    """fetch_sync in a thread; whatever goes wrong comes back as FetchError (a vendor feed
+    can put anything in a URL: one bad URL must never end a worker)."""
+    try:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_fetch_pool(), fetch_sync, url, policy)
+    except FetchError:
+        raise
+    except Exception as exc:
+        raise FetchError("bad_url", f"{type(exc).__name__}: {exc}"[:300]) from None

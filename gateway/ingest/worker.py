@@ -38,6 +38,7 @@ DEAD = Counter("looksync_ingest_dead_letters_total", "Events sent to the dead-le
 LAG = Gauge("looksync_ingest_lag", "Entries in the stream not yet delivered to the group")
 PENDING = Gauge("looksync_ingest_pending", "Delivered but not yet acknowledged entries")
 BATCH_SECONDS = Histogram("looksync_ingest_batch_seconds", "Time to write one batch of new products")
+READY = Gauge("looksync_ingest_ready", "1 while Redis, the index and Triton answer; 0 while waiting")
 
 
 @dataclass
@@ -47,6 +48,14 @@ class WorkerSettings:
     claim_idle_ms: int = 30_000  # a message pending this long is taken from its consumer
     max_tries: int = 5
     embed_batches_in_flight: int = 2
+    drain_timeout_s: float = 30.0  # SIGTERM: time to finish the operations in hand
+
+
+def is_redis_outage(exc: BaseException) -> bool:
+    """Redis unreachable, restarting or still loading its data: wait, never give up."""
+    import redis.exceptions as rx
+
+    return isinstance(exc, rx.ConnectionError | rx.TimeoutError | ConnectionError | TimeoutError)
 
 
 class IngestWorker:
@@ -55,25 +64,31 @@ class IngestWorker:
         redis,
         make_indexer,
         index: CatalogIndex,
-        space: EmbeddingSpace,
+        space,
         fetch_policy: FetchPolicy,
         settings: WorkerSettings,
         consumer: str | None = None,
         stream: str = STREAM,
     ):
+        """`space`: the embedding space to write when no alias names one yet, or an async
+        function that finds it (asks Triton), called until it succeeds."""
         self.redis = redis
         self.make_indexer = make_indexer  # space -> Indexer
         self._indexers: dict[EmbeddingSpace, Indexer] = {}
         self.index = index
-        self.space = space
+        self._resolve_space = space if callable(space) else None
+        self.space: EmbeddingSpace | None = None if callable(space) else space
         self.fetch_policy = fetch_policy
         self.settings = settings
         self.stream = stream
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self._chains: dict[str, asyncio.Task] = {}  # product id -> its last scheduled operation
+        # Stream ids this worker is working on now. Kept fresh in the group (`_keep_alive`) so
+        # no consumer, this one included, reclaims them as stuck, and skipped if reclaimed anyway.
+        self._held: set[str] = set()
         self._inflight: set[asyncio.Task] = set()
         self._embed_slots = asyncio.Semaphore(settings.embed_batches_in_flight)
-        self.report = IndexReport(space=space)
+        self.report = IndexReport(space=self.space)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -84,8 +99,40 @@ class IngestWorker:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    async def start(self, stop: asyncio.Event) -> bool:
+        """Wait, with backoff, until Redis answers and the embedding space is known (an index
+        behind the alias, or a READY model in Triton). A worker started before its dependencies
+        stays up and not ready (`looksync_ingest_ready` 0) instead of exiting. False: stopped."""
+        backoff = 0.5
+        while not stop.is_set():
+            waiting_for = "redis"
+            try:
+                await self.ensure_group()
+                if self.space is None:
+                    waiting_for = "embedding space"
+                    self.space = await self.index.space() or await self._resolve_space()
+                    self.report = IndexReport(space=self.space)
+                READY.set(1)
+                return True
+            except Exception as exc:
+                if not (is_redis_outage(exc) or isinstance(exc, LookSyncError)):
+                    raise
+                log(
+                    logger,
+                    logging.WARNING,
+                    "waiting for a dependency",
+                    dependency=waiting_for,
+                    error=_one_line(exc),
+                    sleep_s=backoff,
+                )
+            await _sleep_unless(stop, backoff)
+            backoff = min(backoff * 2, 10.0)
+        return False
+
     async def run(self, stop: asyncio.Event) -> None:
-        await self.ensure_group()
+        READY.set(0)
+        if not await self.start(stop):
+            return
         log(
             logger,
             logging.INFO,
@@ -94,28 +141,64 @@ class IngestWorker:
             stream=self.stream,
             space=str(self.space),
         )
+        keep_alive = asyncio.create_task(self._keep_alive(stop))
+        try:
+            await self._loop(stop)
+        finally:
+            keep_alive.cancel()
+        await self.drain()
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         backoff = 0.5
         while not stop.is_set():
             try:
                 await self.step()
                 backoff = 0.5
+                READY.set(1)
+                continue
             except LookSyncError as exc:  # Triton or the index down: messages stay pending
                 log(
                     logger,
                     logging.WARNING,
                     "dependency unavailable; retrying",
-                    error=str(exc),
+                    error=_one_line(exc),
                     sleep_s=backoff,
                 )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
             except Exception as exc:  # Redis down: pause, then resume where the group left off
-                if "redis" not in type(exc).__module__ and "Connection" not in type(exc).__name__:
+                if "NOGROUP" in str(exc):  # Redis came back without its data: start the group again
+                    log(logger, logging.WARNING, "consumer group missing; creating it", error=_one_line(exc))
+                    await self.ensure_group()
+                    continue
+                if not is_redis_outage(exc):
                     raise
-                log(logger, logging.WARNING, "redis unavailable; pausing", error=str(exc), sleep_s=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-        await self.drain()
+                log(
+                    logger,
+                    logging.WARNING,
+                    "redis unavailable; pausing",
+                    error=_one_line(exc),
+                    sleep_s=backoff,
+                )
+            READY.set(0)
+            await _sleep_unless(stop, backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def _keep_alive(self, stop: asyncio.Event) -> None:
+        """Reset the idle time of the entries in hand, well before `claim_idle_ms`, so a slow
+        batch is never mistaken for a dead consumer's. JUSTID: no delivery is counted, so
+        `times_delivered` grows only when an entry really is delivered again (a failure
+        left it pending, or its consumer died)."""
+        period = max(self.settings.claim_idle_ms / 3000, 0.05)
+        while not stop.is_set():
+            await _sleep_unless(stop, period)
+            held = sorted(self._held)
+            for i in range(0, len(held), 500):
+                try:
+                    await self.redis.xclaim(
+                        self.stream, GROUP, self.consumer, 0, held[i : i + 500], justid=True
+                    )
+                except Exception as exc:  # Redis away: the main loop pauses; nothing to refresh
+                    log(logger, logging.DEBUG, "keep-alive failed", error=_one_line(exc))
+                    break
 
     async def targets(self) -> list[EmbeddingSpace]:
         """Where writes go: the alias's index first (it decides acks), then any index being
@@ -139,7 +222,7 @@ class IngestWorker:
             start_id="0-0",
             count=self.settings.batch_size,
         )
-        messages = [(m[0], m[1]) for m in claimed if m[1] is not None]
+        messages = [(m[0], m[1]) for m in claimed if m[1] is not None and _sid(m[0]) not in self._held]
         block = None if messages else self.settings.block_ms
         read = await self.redis.xreadgroup(
             GROUP, self.consumer, {self.stream: ">"}, count=self.settings.batch_size, block=block
@@ -154,8 +237,16 @@ class IngestWorker:
         return len(messages)
 
     async def drain(self) -> None:
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+        """SIGTERM: finish the operations in hand, up to `drain_timeout_s`; what is cut off
+        stays pending (an index write is idempotent, an ack comes only after it)."""
+        if not self._inflight:
+            return
+        done, cut = await asyncio.wait(self._inflight, timeout=self.settings.drain_timeout_s)
+        for task in cut:
+            task.cancel()
+        if cut:
+            await asyncio.wait(cut)
+        log(logger, logging.INFO, "drained", finished=len(done), left_pending=len(cut))
 
     # --- per message ------------------------------------------------------------------------
 
@@ -179,9 +270,9 @@ class IngestWorker:
             else:
                 events.append(event)
         if upserts:
-            self._chain([e.product_id for e in upserts], lambda: self._apply_upserts(upserts))
+            self._chain(upserts, self._apply_upserts)
         if events:
-            self._chain([e.product_id for e in events], lambda: self._apply_small(events))
+            self._chain(events, self._apply_small)
         # Let the quick operations run now; new-image batches continue in the background,
         # up to a bound, so a slow Triton applies back-pressure instead of growing memory.
         await asyncio.sleep(0)
@@ -198,14 +289,19 @@ class IngestWorker:
             if task.exception():
                 raise task.exception()
 
-    def _chain(self, product_ids: list[str], work) -> None:
-        """Run `work` after every earlier operation on these products has finished."""
+    def _chain(self, events: list[Event], apply) -> None:
+        """Run `apply(events)` after every earlier operation on these products has finished."""
+        product_ids = [e.product_id for e in events]
         before = [self._chains[p] for p in set(product_ids) if p in self._chains]
+        self._held.update(e.stream_id for e in events)
 
         async def run():
-            if before:
-                await asyncio.gather(*before, return_exceptions=True)
-            await work()
+            try:
+                if before:
+                    await asyncio.gather(*before, return_exceptions=True)
+                await self._isolated(events, apply)
+            finally:
+                self._held.difference_update(e.stream_id for e in events)
 
         task = asyncio.create_task(run())
         self._inflight.add(task)
@@ -214,6 +310,22 @@ class IngestWorker:
         task.add_done_callback(
             lambda t: [self._chains.pop(p) for p in product_ids if self._chains.get(p) is t]
         )
+
+    async def _isolated(self, events: list[Event], apply) -> None:
+        """Apply a batch; when it fails for a reason other than a dependency being down, apply
+        its events one by one, so one bad event is retried (and in the end dead-lettered with
+        the error) without holding back, or ending, anything else."""
+        try:
+            await apply(events)
+        except Exception as exc:
+            if is_redis_outage(exc) or isinstance(exc, LookSyncError):
+                raise  # messages stay pending; the loop pauses and retries
+            if len(events) > 1:
+                for event in events:
+                    await self._isolated([event], apply)
+                return
+            logger.exception("event failed", extra={"fields": {"stream_id": events[0].stream_id}})
+            await self._retry_or_dead(events[0], "internal_error", _one_line(exc))
 
     async def _apply_small(self, events: list[Event]) -> None:
         """Metadata updates and deletes of one read, in one index write per target index:
@@ -239,18 +351,20 @@ class IngestWorker:
                 await self._ack(event.stream_id, event.type, outcome)
 
     async def _apply_upserts(self, upserts: list[Event]) -> None:
+        # Fetching happens outside the embed slots: a slow vendor host must not hold Triton's
+        # share of the worker (each fetch has one overall deadline).
+        start = time.perf_counter()
+        images = await asyncio.gather(
+            *(fetch(e.record["image_url"], self.fetch_policy) for e in upserts), return_exceptions=True
+        )
         async with self._embed_slots:
-            start = time.perf_counter()
-            images = await asyncio.gather(
-                *(fetch(e.record["image_url"], self.fetch_policy) for e in upserts), return_exceptions=True
-            )
             items, by_ref = [], {}
             for event, image in zip(upserts, images):
-                if isinstance(image, FetchError):
+                if isinstance(image, BaseException):
+                    if not isinstance(image, FetchError):  # fetch() converts everything; belt and braces
+                        image = FetchError("failed", _one_line(image))
                     await self._retry_or_dead(event, f"fetch_{image.reason}", str(image))
                     continue
-                if isinstance(image, BaseException):
-                    raise image
                 items.append(IngestItem(event.record, image, event.seq, ref=event.stream_id))
                 by_ref[event.stream_id] = event
             if items:
@@ -323,3 +437,19 @@ class IngestWorker:
                     PENDING.set(group.get("pending") or 0)
         except Exception:
             pass
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep, but wake at once on SIGTERM."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+def _sid(raw) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw

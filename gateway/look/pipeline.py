@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
+from collections import deque
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -35,10 +37,27 @@ from gateway.search import Deadline, Timings, check_image, request_space
 FALLBACKS = Counter("looksync_fallbacks_total", "LLM stages answered by their fallback", ["stage", "reason"])
 logger = logging.getLogger("looksync.look")
 
-# Time kept back from the LLM stages for their fallbacks (measured: fallback query generation
-# ~40 ms and retrieval ~20 ms on the 2-core CPU target with the tiny model).
+# Least time kept back from the LLM stages for their fallbacks (measured on an idle 2-core CPU
+# target with the tiny model: fallback query generation ~40 ms, retrieval ~20 ms). A busy host
+# is slower, so the reserve grows with what the fallbacks recently took (`Reserve`).
 FALLBACK_RESERVE_S = 0.12
 RERANK_RESERVE_S = 0.03
+
+
+class Reserve:
+    """Time an LLM stage leaves for its fallback: the floor, or 1.5x the slowest of the last
+    runs of that fallback when the host is slower than the floor assumes. Without it, a loaded
+    machine turns "the LLM was slow" into "the answer was late"."""
+
+    def __init__(self, floor_s: float, window: int = 32):
+        self.floor_s = floor_s
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def observe(self, seconds: float) -> None:
+        self.recent.append(seconds)
+
+    def seconds(self) -> float:
+        return max(self.floor_s, 1.5 * max(self.recent, default=0.0))
 
 
 @dataclass
@@ -83,6 +102,8 @@ class LookSearcher:
         self.result_cache = result_cache
         self.text_cache = text_cache
         self.segmenter = segmenter  # FlorenceSam2Localizer: garment masks for the rerank fallback
+        self.query_reserve = Reserve(FALLBACK_RESERVE_S)  # fallback queries + embed + retrieve
+        self.rerank_reserve = Reserve(RERANK_RESERVE_S)  # fallback rerank
 
     async def search_look(
         self,
@@ -104,13 +125,15 @@ class LookSearcher:
 
         # 1 queries
         with timings.stage("queries"):
-            queries = await self._queries(image, look, space, deadline)
+            queries, fallback_started = await self._queries(image, look, space, deadline)
         # 2 vectors
         with timings.stage("embed"):
             await self._embed_queries(queries, look, space, deadline)
         # 3 retrieve + 3b dedup, all layers at once
         with timings.stage("retrieve"):
             outcomes = await asyncio.gather(*(self._retrieve(q, space, filters) for q in queries))
+        if fallback_started is not None:
+            self.query_reserve.observe(time.monotonic() - fallback_started)
         # 4 rerank, all layers at once; segmentation (if configured) runs once, for whichever
         # layers fall back
         segmented = _Once(lambda: self._segment(image, outcomes, space, deadline))
@@ -121,11 +144,12 @@ class LookSearcher:
         await self.result_cache.set(cache_key, outcomes)
         return LookResult(list(outcomes), space, timings)
 
-    async def _queries(self, image, look, space, deadline) -> list[LayerQuery]:
+    async def _queries(self, image, look, space, deadline) -> tuple[list[LayerQuery], float | None]:
+        """The layer queries, and when the fallback started (None: the LLM answered)."""
         if self.llm_queries is not None:
-            budget = min(self.settings.llm_timeout_s, deadline.left() - FALLBACK_RESERVE_S)
+            budget = min(self.settings.llm_timeout_s, deadline.left() - self.query_reserve.seconds())
             try:
-                return await self.llm_queries.generate(image, budget)
+                return await self.llm_queries.generate(image, budget), None
             except LLMError as exc:
                 FALLBACKS.labels("query_generation", exc.reason).inc()
                 log(
@@ -133,7 +157,11 @@ class LookSearcher:
                 )
         else:
             FALLBACKS.labels("query_generation", "no_llm").inc()
-        return await self.fallback_queries.generate(look, space, deadline.left(self.triton_timeout_s), image)
+        started = time.monotonic()
+        queries = await self.fallback_queries.generate(
+            look, space, deadline.left(self.triton_timeout_s), image
+        )
+        return queries, started
 
     async def _embed_queries(self, queries: list[LayerQuery], look, space, deadline) -> None:
         """Text vectors for every query (cached) and, for LLM queries, the image vector of the
@@ -227,7 +255,7 @@ class LookSearcher:
         if len(outcome.candidates) < 2:
             return
         if self.llm_reranker is not None:
-            budget = min(self.settings.llm_timeout_s, deadline.left() - RERANK_RESERVE_S)
+            budget = min(self.settings.llm_timeout_s, deadline.left() - self.rerank_reserve.seconds())
             try:
                 outcome.candidates = await self.llm_reranker.rerank(
                     image, outcome.query, outcome.candidates, budget
@@ -245,6 +273,13 @@ class LookSearcher:
                 )
         else:
             FALLBACKS.labels("rerank", "no_llm").inc()
+        started = time.monotonic()
+        try:
+            await self._fallback_rerank(outcome, segmented)
+        finally:
+            self.rerank_reserve.observe(time.monotonic() - started)
+
+    async def _fallback_rerank(self, outcome: LayerOutcome, segmented) -> None:
         if segmented is not None and self.segmenter is not None:
             vector = (await segmented.get()).get(outcome.query.layer)
             if vector is not None:
