@@ -18,7 +18,7 @@ import fcntl
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -173,6 +173,7 @@ class EmbeddedIndex(CatalogIndex):
         self._tables: dict[tuple[str, bool], object] = {}
         self._manifest_checked = 0.0
         self._lock = asyncio.Lock()
+        self._write_locks: dict[str, asyncio.Lock] = {}
 
     async def _connect(self, strong: bool = False):
         """Searches may lag other processes' commits by refresh_s (cheap); read-modify-write
@@ -395,6 +396,26 @@ class EmbeddedIndex(CatalogIndex):
         if not ops:
             return []
         table = await self._table(await self.ensure(space), strong=True)
+        async with self._writer(space.index_name):
+            return await self._apply_locked(space, table, ops, attempts)
+
+    @asynccontextmanager
+    async def _writer(self, name: str):
+        """One writer per table at a time, across processes (workers, `looksync index`, a swap
+        rebuild). Lance's merge_insert does not see a row that another writer is inserting at
+        the same moment, so two writers of one new id would both insert it; under this lock each
+        read-merge-write sees every earlier commit. flock: released by the kernel when a writer
+        dies, SIGKILL included."""
+        local = self._write_locks.setdefault(name, asyncio.Lock())
+        async with local:  # one thread at most per table waits on the file lock
+            fd = os.open(self.root / f".{name}.write.lock", os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # closing the descriptor releases the lock
+
+    async def _apply_locked(self, space: EmbeddingSpace, table, ops: list[Op], attempts: int) -> list[str]:
         ids = list(dict.fromkeys(op.product_id for op in ops))
         for _ in range(attempts):
             stored = await self._rows(space, ids)
