@@ -162,9 +162,11 @@ def cmd_serve(args) -> int:
 def cmd_index(args) -> int:
     from gateway.embedder import TritonEmbedder
     from gateway.indexer import Indexer, index_catalog, resolve_space
+    from gateway.ingest.events import snapshot_seq
     from gateway.server import open_index
 
     s = _settings()
+    as_of = snapshot_seq(args.catalog, args.as_of)  # a missing file or bad --as-of: said first
 
     async def run():
         embedder = TritonEmbedder(s.triton_url)
@@ -173,7 +175,9 @@ def cmd_index(args) -> int:
             space = await resolve_space(embedder, args.model, args.version)
             print(f"indexing {args.catalog} into {space.index_name} ({space})", file=sys.stderr)
             indexer = Indexer(embedder, index, space, batch_size=args.batch_size)
-            report = await index_catalog(Path(args.catalog), indexer, progress=not args.quiet)
+            report = await index_catalog(
+                Path(args.catalog), indexer, progress=not args.quiet, as_of_seq=as_of
+            )
             if await index.optimize(space):
                 print(f"optimised {space.index_name} for search (ANN index built)", file=sys.stderr)
             return report
@@ -393,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batch-size", type=int, default=_settings().index_batch_size)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--as-of",
+        help="when the catalog snapshot was taken (stream id or ISO time; default: the file's mtime): "
+        "stream events newer than this are never undone by the file",
+    )
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search-text", help="search products by text")
@@ -469,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except LookSyncError as exc:  # refused or unavailable: one line, not a traceback
         print(f"error: {exc.code.name}: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # a missing file, a bad option value: one line too
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

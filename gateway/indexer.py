@@ -25,6 +25,7 @@ from gateway.embedder import TritonEmbedder
 from gateway.errors import FailedPrecondition, InvalidArgument
 from gateway.index.base import CatalogIndex, EmbeddingSpace
 from gateway.ingest.enrich import standardise, zero_shot_fill
+from gateway.ingest.events import snapshot_seq
 from gateway.look.querygen import ZeroShot
 from gateway.observability import INDEXED
 
@@ -210,8 +211,10 @@ async def index_catalog(
     path: Path, indexer: Indexer, progress: bool = True, as_of_seq: int | None = None
 ) -> IndexReport:
     """Index a catalog file. `as_of_seq` orders its writes with live catalog events (see
-    gateway/ingest/events.py): a rebuild for a model swap passes the file's age, so an update
-    or delete that live ingestion wrote after the file was exported is not undone by it."""
+    gateway/ingest/events.py); by default the file's age, so an update or delete that live
+    ingestion wrote after the file was exported is not undone by indexing it (again)."""
+    if as_of_seq is None:
+        as_of_seq = snapshot_seq(path)
     report = IndexReport(space=indexer.space)
     start = time.perf_counter()
     base = Path(path).resolve().parent

@@ -29,7 +29,7 @@ from gateway.errors import FailedPrecondition, Unavailable
 from gateway.filters import build_filters
 from gateway.index.base import EmbeddingSpace
 from gateway.indexer import Indexer, index_catalog, resolve_space
-from gateway.ingest.events import STREAM, PoisonEvent, parse_event, seq_at_ms
+from gateway.ingest.events import STREAM, PoisonEvent, parse_event, redis_time_ms, snapshot_seq
 
 TOWERS = ("image_encoder", "text_encoder", "image", "text")  # encoders first: wrappers call them
 
@@ -191,13 +191,28 @@ class Swap:
         self.report: SwapReport | None = None
         self._t0 = time.perf_counter()
 
+    async def _stream_now_ms(self) -> int:
+        """The swap's start on the stream's clock (Redis TIME), this host's clock without Redis."""
+        if not self.redis_url:
+            return int(time.time() * 1000)
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        client = aioredis.Redis.from_url(self.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        try:
+            return await redis_time_ms(client)
+        except RedisError as exc:
+            raise Unavailable(f"Redis at {self.redis_url} (the swap's catch-up clock): {exc}") from None
+        finally:
+            await client.aclose()
+
     def _step(self, name: str) -> None:
         self.report.steps.append((name, time.perf_counter() - self._t0))
         if self.progress:
             print(f"[swap {time.perf_counter() - self._t0:6.1f}s] {name}", flush=True)
 
     async def prepare(self) -> SwapReport:
-        self._since_ms = int(time.time() * 1000)
+        self._since_ms = await self._stream_now_ms()
         old = await self.index.space()
         loaded = (await self.models.loaded())[f"{self.models.model}_image"]
         await self.models.serve_versions(sorted(set(loaded) | {self.version}))
@@ -218,10 +233,13 @@ class Swap:
         indexer = Indexer(self.embedder, self.index, self.report.new, batch_size=self.batch_size)
         # The file is a snapshot: its writes are as old as the file, so live events written to
         # the new index meanwhile (newer) win field by field, deletes included.
-        as_of = seq_at_ms(int(Path(catalog).stat().st_mtime * 1000))
+        as_of = snapshot_seq(catalog)
         result = await index_catalog(catalog, indexer, progress=self.progress, as_of_seq=as_of)
         if self.redis_url:
-            n = await catch_up(self.index, self.report.new, self.redis_url, self._since_ms)
+            # From the earlier of the snapshot and the swap's start: an event between the two
+            # is newer than the file and was written to the old index only.
+            since_ms = min(self._since_ms, as_of // 1_000_000)
+            n = await catch_up(self.index, self.report.new, self.redis_url, since_ms)
             self._step(f"caught up {n} metadata updates and deletes published during the rebuild")
         await self.index.optimize(self.report.new)
         self.report.reindex_s = time.perf_counter() - start

@@ -687,3 +687,47 @@ def _ready(port: int) -> float | None:
         return metric(port, "looksync_ingest_ready")
     except OSError:  # not listening yet
         return None
+
+
+def test_reindexing_a_snapshot_never_undoes_newer_stream_events(
+    triton, catalog, products, image_server, stream, redis_url, tmp_path
+):
+    from tests.conftest import looksync
+
+    snapshot = tmp_path / "snapshot.jsonl"
+    records = [
+        {**products[n].to_dict(), "image_url": str(catalog.parent / products[n].image_url)}
+        for n in range(40, 52)
+    ]
+    snapshot.write_text("".join(json.dumps(r) + "\n" for r in records))
+    env = _env(triton, tmp_path, redis_url)
+    assert looksync("index", str(snapshot), "--quiet", env=env).returncode == 0
+    events = [upsert for upsert in ({"schema": 1, "type": "product.upsert", "product": r} for r in records)]
+    # Stream events after the snapshot: a price change, a rename, a delete, a re-listing.
+    newer = [
+        {"schema": 1, "type": "product.update", "id": "p00040", "fields": {"price": 1.25}},
+        {"schema": 1, "type": "product.update", "id": "p00041", "fields": {"title": "Renamed live"}},
+        {"schema": 1, "type": "product.delete", "id": "p00042"},
+        {
+            "schema": 1,
+            "type": "product.upsert",
+            "product": _record(catalog, products, 43, image_server, title="Relisted"),
+        },
+    ]
+    _publish(stream, newer)
+    worker = _worker(env, tmp_path / "worker.log", "w-snapshot")
+    try:
+        _wait_drained(stream)
+    finally:
+        _stop(worker)
+    ids = {r["id"] for r in records}
+    after_stream = _index_state(tmp_path / "data", ids)
+    _assert_matches(after_stream, _fold(events + newer))
+    # The same snapshot indexed again on the live system: nothing the stream wrote is undone.
+    again = looksync("index", str(snapshot), "--quiet", env=env)
+    assert again.returncode == 0, again.stderr
+    assert _index_state(tmp_path / "data", ids) == after_stream
+    # A snapshot stamped after the events (--as-of) is newer, and does win.
+    later = looksync("index", str(snapshot), "--quiet", "--as-of", "2200-01-01T00:00:00Z", env=env)
+    assert later.returncode == 0, later.stderr
+    assert _index_state(tmp_path / "data", {"p00040"})["p00040"].price == records[0]["price"]

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 
 from gateway.taxonomy import GENDERS, is_market
 
@@ -44,6 +47,34 @@ def seq_at_ms(ms: int, n: int = 0) -> int:
     """The event_seq of a moment: writes that do not come from the stream (a bulk index, a
     catalog snapshot) are ordered against stream events by their time."""
     return ms * 1_000_000 + n
+
+
+def snapshot_seq(path, as_of: str | None = None) -> int:
+    """The event_seq of a catalog file's writes (`looksync index`, a swap rebuild): the moment
+    the snapshot was taken, so that an update, delete or re-listing that reached the stream
+    after it is never undone by re-indexing the file. `as_of`: a stream id ("<ms>-<n>") or an
+    ISO-8601 time with a zone; default: the file's modification time."""
+    if as_of is None:
+        return seq_at_ms(Path(path).stat().st_mtime_ns // 1_000_000)
+    if re.fullmatch(r"\d+(-\d+)?", as_of):
+        return stream_seq(as_of)
+    try:
+        moment = datetime.fromisoformat(as_of.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"as of {as_of!r}: expected a stream id (<ms>-<n>) or an ISO-8601 time") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"as of {as_of!r}: give a time zone (e.g. Z or +01:00)")
+    seq = seq_at_ms(int(moment.timestamp() * 1000))
+    if not 0 <= seq < 2**63:  # stored as int64
+        raise ValueError(f"as of {as_of!r}: outside 1970..2262")
+    return seq
+
+
+async def redis_time_ms(redis) -> int:
+    """Now, on the stream's clock (Redis TIME): writers outside the stream order themselves
+    against stream ids with it, never with their own host's clock."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def _check_field(name: str, value):
