@@ -45,55 +45,87 @@ def standard_category(value: str) -> str | None:
     return _PLURALS.get(v)
 
 
+# Longest accepted value of each text field: vendor feeds send anything, and every stored
+# byte is served, cached and sent to the LLM.
+TEXT_LIMITS = {"id": 200, "title": 500, "brand": 200, "image_url": 2000, "category": 100, "gender": 20}
+MAX_SIZES, MAX_SIZE_CHARS = 100, 40
+
+
+def _text(name: str, value, required: bool = True) -> str:
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise RecordError(f"{name}: expected a string, got {type(value).__name__}")
+    value = value.strip()
+    if required and not value:
+        raise RecordError(f"{name}: missing")
+    if len(value) > TEXT_LIMITS.get(name, 500):
+        raise RecordError(f"{name}: longer than {TEXT_LIMITS.get(name, 500)} characters")
+    return value
+
+
+def check_field(name: str, value):
+    """One field of a catalog record, validated and normalised: the same rules for a full
+    record (parse_record) and for a metadata update event."""
+    if name == "category":
+        category = standard_category(_text(name, value))
+        if category is None:
+            raise RecordError(f"category: {value!r} is not a known category")
+        return category
+    if name == "gender":
+        gender = _text(name, value).lower()
+        if gender not in GENDERS:
+            raise RecordError(f"gender: {gender!r} is not one of {', '.join(GENDERS)}")
+        return gender
+    if name == "market":
+        market = _text(name, value).upper()
+        if not is_market(market):
+            raise RecordError(f"market: {market!r} is not an ISO 3166 alpha-2 code")
+        return market
+    if name == "currency":
+        currency = _text(name, value).upper()
+        if not (len(currency) == 3 and currency.isascii() and currency.isalpha()):
+            raise RecordError(f"currency: {value!r} is not an ISO 4217 code (three letters)")
+        return currency
+    if name == "price":
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise RecordError(f"price: {value!r} is not a non-negative number")
+        return float(value)
+    if name == "sizes":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise RecordError("sizes: expected a list of strings")
+        sizes = [v.strip() for v in value if v.strip()]
+        if len(sizes) > MAX_SIZES or any(len(v) > MAX_SIZE_CHARS for v in sizes):
+            raise RecordError(f"sizes: at most {MAX_SIZES} sizes of at most {MAX_SIZE_CHARS} characters")
+        return sizes
+    if name == "in_stock":
+        if not isinstance(value, bool):
+            raise RecordError(f"in_stock: expected true or false, got {value!r}")
+        return value
+    return _text(name, value)
+
+
 def parse_record(raw: dict) -> Product:
     """Validate one catalog record (DESIGN.md "Catalog records") into a Product."""
     if not isinstance(raw, dict):
         raise RecordError("record is not a JSON object")
-
-    def text(name: str, required: bool = True, limit: int = 500) -> str:
-        value = raw.get(name, "")
-        if value is None:
-            value = ""
-        if not isinstance(value, str):
-            raise RecordError(f"{name}: expected a string, got {type(value).__name__}")
-        value = value.strip()
-        if required and not value:
-            raise RecordError(f"{name}: missing")
-        if len(value) > limit:
-            raise RecordError(f"{name}: longer than {limit} characters")
-        return value
-
-    pid = text("id", limit=200)
-    category = standard_category(text("category"))
-    if category is None:
-        raise RecordError(f"category: {raw.get('category')!r} is not a known category")
-    gender = text("gender").lower()
-    if gender not in GENDERS:
-        raise RecordError(f"gender: {gender!r} is not one of {', '.join(GENDERS)}")
-    market = text("market").upper()
-    if not is_market(market):
-        raise RecordError(f"market: {market!r} is not an ISO 3166 alpha-2 code")
-    price = raw.get("price")
-    if isinstance(price, bool) or not isinstance(price, int | float) or not math.isfinite(price) or price < 0:
-        raise RecordError(f"price: {price!r} is not a non-negative number")
-    sizes = raw.get("sizes", [])
-    if not isinstance(sizes, list) or not all(isinstance(s, str) for s in sizes):
-        raise RecordError("sizes: expected a list of strings")
-    in_stock = raw.get("in_stock", True)
-    if not isinstance(in_stock, bool):
-        raise RecordError(f"in_stock: expected true or false, got {in_stock!r}")
     return Product(
-        id=pid,
-        title=text("title"),
-        brand=text("brand"),
-        category=category,
-        gender=gender,
-        market=market,
-        price=float(price),
-        currency=text("currency", limit=3).upper(),
-        sizes=[s.strip() for s in sizes if s.strip()],
-        in_stock=in_stock,
-        image_url=text("image_url", limit=2000),
+        id=check_field("id", raw.get("id")),
+        title=check_field("title", raw.get("title")),
+        brand=check_field("brand", raw.get("brand")),
+        category=check_field("category", raw.get("category")),
+        gender=check_field("gender", raw.get("gender")),
+        market=check_field("market", raw.get("market")),
+        price=check_field("price", raw.get("price")),
+        currency=check_field("currency", raw.get("currency")),
+        sizes=check_field("sizes", raw.get("sizes", [])),
+        in_stock=check_field("in_stock", raw.get("in_stock", True)),
+        image_url=check_field("image_url", raw.get("image_url")),
     )
 
 

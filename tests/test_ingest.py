@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -180,6 +181,41 @@ def test_zero_shot_decides_what_the_vendor_left_unknown():
 def test_invalid_events_are_poison_with_a_reason(entry, reason):
     with pytest.raises(PoisonEvent, match=reason):
         parse_event("1-0", entry)
+
+
+def _update(**fields) -> dict:
+    return {"event": json.dumps({"schema": 1, "type": "product.update", "id": "x", "fields": fields})}
+
+
+@pytest.mark.parametrize(
+    "fields, stored",
+    [
+        ({"category": "Kleid"}, {"category": "dress"}),  # vendor words, as for upserts
+        ({"gender": "Damen", "market": "de"}, {"gender": "women", "market": "DE"}),
+        ({"currency": "eur", "sizes": [" S ", "", "M"]}, {"currency": "EUR", "sizes": ["S", "M"]}),
+        ({"title": "  Linen shirt  "}, {"title": "Linen shirt"}),
+    ],
+)
+def test_updates_are_standardised_like_upserts(fields, stored):
+    assert parse_event("1-0", _update(**fields)).fields == stored
+
+
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"category": "spaceship"}, "fields.category: 'spaceship' is not a known category"),
+        ({"title": "x" * 501}, "fields.title: longer than 500"),
+        ({"brand": "b" * 201}, "fields.brand: longer than 200"),
+        ({"currency": "dollars"}, "fields.currency: 'dollars' is not an ISO 4217"),
+        ({"sizes": ["x" * 41]}, "fields.sizes: at most"),
+        ({"market": "Narnia"}, "fields.market"),
+        ({"in_stock": "yes"}, "fields.in_stock"),
+        ({"title": 7}, "fields.title: expected a string"),
+    ],
+)
+def test_bad_update_fields_are_poison_with_the_field_named(fields, reason):
+    with pytest.raises(PoisonEvent, match=re.escape(reason)):
+        parse_event("1-0", _update(**fields))
 
 
 # --- the fetcher ----------------------------------------------------------------------------

@@ -7,13 +7,13 @@ product in the index, so a replayed or late event never overwrites a newer state
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from gateway.taxonomy import GENDERS, is_market
+from gateway.catalog import RecordError, check_field
+from gateway.ingest.enrich import vendor_category, vendor_gender
 
 STREAM = "catalog-updates"
 DEAD_LETTERS = "catalog-updates:dead"
@@ -78,31 +78,14 @@ async def redis_time_ms(redis) -> int:
 
 
 def _check_field(name: str, value):
-    if name == "price":
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise PoisonEvent(f"fields.price: {value!r} is not a non-negative number")
-        return float(value)
-    if name == "in_stock":
-        if not isinstance(value, bool):
-            raise PoisonEvent(f"fields.in_stock: expected true or false, got {value!r}")
-        return value
-    if name == "sizes":
-        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-            raise PoisonEvent("fields.sizes: expected a list of strings")
-        return [s.strip() for s in value if s.strip()]
-    if not isinstance(value, str) or not value.strip():
-        raise PoisonEvent(f"fields.{name}: expected a non-empty string")
-    value = value.strip()
-    if name == "gender" and value.lower() not in GENDERS:
-        raise PoisonEvent(f"fields.gender: {value!r} is not one of {', '.join(GENDERS)}")
-    if name == "market" and not is_market(value.upper()):
-        raise PoisonEvent(f"fields.market: {value!r} is not an ISO 3166 alpha-2 code")
-    return value.lower() if name == "gender" else value.upper() if name in ("market", "currency") else value
+    """An update's field: vendor words standardised as for upserts, then the record's rules."""
+    standard = {"category": vendor_category, "gender": vendor_gender}.get(name)
+    if standard is not None:
+        value = standard(value) or value  # unknown words fall through to a clear error
+    try:
+        return check_field(name, value)
+    except RecordError as exc:
+        raise PoisonEvent(f"fields.{exc}") from None
 
 
 def parse_event(stream_id: str, entry: dict) -> Event:
