@@ -202,6 +202,7 @@ def cmd_ingest_worker(args) -> int:
 
     from gateway.embedder import TritonEmbedder
     from gateway.indexer import Indexer, resolve_space
+    from gateway.ingest.events import ATTRS
     from gateway.ingest.fetch import FetchPolicy
     from gateway.ingest.worker import IngestWorker, WorkerSettings
     from gateway.observability import setup_logging
@@ -220,7 +221,7 @@ def cmd_ingest_worker(args) -> int:
                 return await resolve_space(embedder, s.embedding_model, None)
 
             async def remember(product_id: str, attrs: dict) -> None:
-                await client.hset(f"looksync:attrs:{product_id}", mapping=attrs)
+                await client.hset(f"{ATTRS}{product_id}", mapping=attrs)
 
             def make_indexer(target):
                 return Indexer(
@@ -238,6 +239,7 @@ def cmd_ingest_worker(args) -> int:
                 allowed_hosts=tuple(h.strip().lower() for h in s.fetch_allowed_hosts.split(",") if h.strip()),
                 allow_private=s.fetch_allow_private,
                 allow_loopback=s.fetch_allow_loopback,
+                local_dir=s.fetch_local_dir,
             )
             worker = IngestWorker(
                 client,
@@ -249,6 +251,9 @@ def cmd_ingest_worker(args) -> int:
                     batch_size=s.ingest_batch_size,
                     claim_idle_ms=s.ingest_claim_idle_ms,
                     max_tries=s.ingest_max_tries,
+                    trim_every_s=s.ingest_trim_every_s,
+                    dead_letters_max=s.ingest_dead_letters_max,
+                    consumer_idle_s=s.ingest_consumer_idle_s,
                 ),
                 consumer=args.consumer,
             )

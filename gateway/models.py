@@ -29,7 +29,7 @@ from gateway.errors import FailedPrecondition, Unavailable
 from gateway.filters import build_filters
 from gateway.index.base import EmbeddingSpace
 from gateway.indexer import Indexer, index_catalog, resolve_space
-from gateway.ingest.events import STREAM, PoisonEvent, parse_event, redis_time_ms, snapshot_seq
+from gateway.ingest.events import HOLDS, STREAM, PoisonEvent, parse_event, redis_time_ms, snapshot_seq
 
 TOWERS = ("image_encoder", "text_encoder", "image", "text")  # encoders first: wrappers call them
 
@@ -129,7 +129,14 @@ def golden_queries(catalog: Path, n: int = 20) -> list[str]:
     return [t for t in titles[::step] if t][:n]
 
 
-async def catch_up(index, space: EmbeddingSpace, redis_url: str, since_ms: int, stream: str = STREAM) -> int:
+async def catch_up(
+    index,
+    space: EmbeddingSpace,
+    redis_url: str,
+    since_ms: int,
+    stream: str = STREAM,
+    release: str | None = None,
+) -> int:
     """Re-apply to a rebuilt index the metadata updates and deletes published since its
     rebuild began. While the rebuild has not reached a product, live ingestion's update of it
     finds nothing to update there; once the snapshot has written the product, the event (newer
@@ -145,6 +152,8 @@ async def catch_up(index, space: EmbeddingSpace, redis_url: str, since_ms: int, 
         while True:
             entries = await client.xrange(stream, min=start, max="+", count=500)
             if not entries:
+                if release:  # done: trimming may pass the swap's start now
+                    await client.hdel(HOLDS, release)
                 return applied
             ops = []
             for raw_id, fields in entries:
@@ -181,6 +190,7 @@ class Swap:
         redis_url: str | None = None,
     ):
         self.redis_url = redis_url  # live ingestion's stream, for the catch-up after the rebuild
+        self._hold = f"swap:{models.model}:{version}"
         self._since_ms = 0
         self.index = index
         self.embedder = embedder
@@ -200,7 +210,10 @@ class Swap:
 
         client = aioredis.Redis.from_url(self.redis_url, socket_timeout=10, socket_connect_timeout=5)
         try:
-            return await redis_time_ms(client)
+            now_ms = await redis_time_ms(client)
+            # Workers trim the stream; keep what the catch-up will read until it has run.
+            await client.hset(HOLDS, self._hold, f"{now_ms}-0")
+            return now_ms
         except RedisError as exc:
             raise Unavailable(f"Redis at {self.redis_url} (the swap's catch-up clock): {exc}") from None
         finally:
@@ -239,7 +252,7 @@ class Swap:
             # From the earlier of the snapshot and the swap's start: an event between the two
             # is newer than the file and was written to the old index only.
             since_ms = min(self._since_ms, as_of // 1_000_000)
-            n = await catch_up(self.index, self.report.new, self.redis_url, since_ms)
+            n = await catch_up(self.index, self.report.new, self.redis_url, since_ms, release=self._hold)
             self._step(f"caught up {n} metadata updates and deletes published during the rebuild")
         await self.index.optimize(self.report.new)
         self.report.reindex_s = time.perf_counter() - start

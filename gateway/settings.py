@@ -87,6 +87,14 @@ class Settings(BaseSettings):
     fetch_allowed_hosts: str = Field("", description="comma-separated; empty = any public host")
     fetch_allow_private: bool = False
     fetch_allow_loopback: bool = False
+    fetch_local_dir: Path | None = Field(
+        None, description="events may name local image files under this directory (refused otherwise)"
+    )
+    ingest_trim_every_s: float = Field(30.0, description="how often a worker trims the stream and group")
+    ingest_dead_letters_max: int = Field(100_000, description="dead letters kept (oldest dropped)")
+    ingest_consumer_idle_s: float = Field(
+        3600.0, description="a consumer with nothing pending, idle this long, is removed from the group"
+    )
 
     @property
     def embedded_dir(self) -> Path:

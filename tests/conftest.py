@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -250,6 +251,23 @@ def redis_url(tmp_path_factory):
     proc.wait(10)
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims a size and carries almost no data: a decompression bomb's first bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
 # `/held/<file>` answers only once this is set: a test keeps image fetches in flight while it
 # acts (kills Redis, ...) instead of hoping they are still running after a sleep.
 HELD_IMAGES = threading.Event()
@@ -264,6 +282,37 @@ class _Handler(SimpleHTTPRequestHandler):
             HELD_IMAGES.wait(120)
             self.path = self.path[len("/held") :]
             super().do_GET()
+        elif self.path.startswith("/redirect?to="):
+            self.send_response(302)
+            self.send_header("Location", urllib.parse.unquote(self.path[len("/redirect?to=") :]))
+            self.end_headers()
+        elif self.path == "/loop":
+            self.send_response(302)
+            self.send_header("Location", "/loop")
+            self.end_headers()
+        elif self.path == "/trickle.jpg":  # one byte at a time, forever (until the client leaves)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                for _ in range(600):
+                    self.wfile.write(b"\xff")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+        elif self.path == "/cut.jpg":  # promises 50 kB, sends 100 bytes, hangs up
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", "50000")
+            self.end_headers()
+            self.wfile.write(b"\xff\xd8" + b"\x00" * 98)
+            self.close_connection = True
+        elif self.path == "/empty.jpg":
+            self._send(b"", "image/jpeg")
+        elif self.path == "/bomb.png":
+            self._send(png_header(60_000, 60_000), "image/png")
         elif self.path == "/redirect-private":
             self.send_response(302)
             self.send_header("Location", "http://10.1.2.3/internal.jpg")

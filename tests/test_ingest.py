@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -767,3 +768,88 @@ def test_reindexing_a_snapshot_never_undoes_newer_stream_events(
     later = looksync("index", str(snapshot), "--quiet", "--as-of", "2200-01-01T00:00:00Z", env=env)
     assert later.returncode == 0, later.stderr
     assert _index_state(tmp_path / "data", {"p00040"})["p00040"].price == records[0]["price"]
+
+
+def _hostile_urls(image_server: str) -> dict[str, str]:
+    """Image URLs a vendor feed may carry, each with the dead-letter reason it must get."""
+    long_label = "a" * 70 + ".example.com"
+    q = urllib.parse.quote
+    return {
+        "http://127.0.0.1:99999/a.jpg": "fetch_bad_url",  # port out of range
+        "http://127.0.0.1:bad/a.jpg": "fetch_bad_url",
+        "http://[::1/a.jpg": "fetch_bad_url",  # malformed IPv6
+        f"http://{long_label}/a.jpg": "fetch_bad_url",  # a label over 63 characters
+        "http://exa\ud800mple.com/a.jpg": "fetch_bad_url",  # not encodable to IDNA
+        "http://a..b/a.jpg": "fetch_bad_url",  # empty label
+        "http://:80/a.jpg": "fetch_bad_url",  # no host
+        "http://10.1.2.3/a.jpg": "fetch_forbidden_address",
+        "http://169.254.169.254/latest/meta-data/": "fetch_forbidden_address",
+        "ftp://127.0.0.1/a.jpg": "fetch_forbidden_scheme",
+        "/etc/passwd": "fetch_forbidden_scheme",  # a local path, no local directory configured
+        "file:///etc/passwd": "fetch_forbidden_scheme",
+        f"{image_server}/redirect-private": "fetch_forbidden_address",
+        f"{image_server}/redirect?to={q('http://127.0.0.1:99999/x.jpg')}": "fetch_bad_url",
+        f"{image_server}/redirect?to={q('http://[::1/x.jpg')}": "fetch_bad_redirect",
+        f"{image_server}/redirect?to={q(f'http://{long_label}/x.jpg')}": "fetch_bad_url",
+        f"{image_server}/redirect?to={q('http://169.254.169.254/')}": "fetch_forbidden_address",
+        f"{image_server}/loop": "fetch_too_many_redirects",
+        f"{image_server}/trickle.jpg": "fetch_timeout",
+        f"{image_server}/cut.jpg": "fetch_network",
+        f"{image_server}/empty.jpg": "fetch_not_image",
+        f"{image_server}/page.jpg": "fetch_not_image",  # HTML
+        f"{image_server}/garbage.jpg": "fetch_not_image",
+        f"{image_server}/bomb.png": "fetch_not_image",  # 3.6 gigapixels claimed
+        f"{image_server}/huge.jpg": "fetch_too_large",
+        f"{image_server}/nothing-here.jpg": "fetch_http_status",
+    }
+
+
+def test_a_hostile_feed_is_dead_lettered_and_every_worker_survives(
+    triton, catalog, products, image_server, stream, redis_url, tmp_path
+):
+    hostile = _hostile_urls(image_server)
+    events, expected_dead = [], {}
+    good = list(range(60, 80))
+    for i, (url, reason) in enumerate(hostile.items()):
+        pid = f"hostile-{i}"
+        rec = _record(catalog, products, good[i % len(good)], image_server, id=pid, image_url=url)
+        events.append({"schema": 1, "type": "product.upsert", "product": rec})
+        expected_dead[pid] = reason
+        if i < len(good):  # good products in between
+            events.append(
+                {
+                    "schema": 1,
+                    "type": "product.upsert",
+                    "product": _record(catalog, products, good[i], image_server),
+                }
+            )
+    _publish(stream, events)
+    env = _env(
+        triton,
+        tmp_path,
+        redis_url,
+        LOOKSYNC_INGEST_MAX_TRIES="1",
+        LOOKSYNC_FETCH_TIMEOUT_S="2",
+        LOOKSYNC_FETCH_MAX_BYTES=str(1 << 20),
+    )
+    workers = [_worker(env, tmp_path / f"worker-{n}.log", f"w-hostile-{n}") for n in range(2)]
+    try:
+        _wait_drained(stream)
+        assert all(w.poll() is None for w in workers), "a worker died"
+    finally:
+        for w in workers:
+            _stop(w)
+    assert all(w.returncode == 0 for w in workers)  # SIGTERM: a clean exit
+    dead = {}
+    for _, fields in stream.xrange(DEAD_LETTERS):
+        doc = json.loads(fields[b"event"])
+        dead[doc["product"]["id"]] = fields[b"reason"].decode()
+    assert set(dead) == set(expected_dead)
+    wrong = {
+        pid: (dead[pid], reason)
+        for pid, reason in expected_dead.items()
+        if reason.split("_", 1)[1] not in dead[pid]
+    }
+    assert not wrong, wrong
+    got = _index_state(tmp_path / "data", {f"p{n:05d}" for n in good} | set(expected_dead))
+    assert set(got) == {f"p{n:05d}" for n in good}

@@ -17,6 +17,7 @@ import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 from export.triton.preprocess import InvalidImage, decode_image
@@ -45,6 +46,9 @@ class FetchPolicy:
     allow_private: bool = False
     allow_loopback: bool = False  # for tests and single-box setups serving images locally
     max_pixels: int = 40_000_000
+    # Local image paths (a single-box catalog): refused unless under this directory. Vendor
+    # feeds must never make a worker read the host's files.
+    local_dir: Path | None = None
 
 
 def _check_address(ip: str, policy: FetchPolicy) -> None:
@@ -97,10 +101,44 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
+def read_local(url: str, policy: FetchPolicy) -> bytes:
+    """A local path or file:// URL, allowed only inside `policy.local_dir` (links resolved
+    first, so a link cannot lead out of it)."""
+    if policy.local_dir is None:
+        raise FetchError(
+            "forbidden_scheme",
+            f"local path {url[:100]!r}: events may name local files only under "
+            "LOOKSYNC_FETCH_LOCAL_DIR, which is not set",
+        )
+    raw = url[len("file://") :] if url.startswith("file://") else url
+    root = Path(policy.local_dir).resolve()
+    try:
+        path = (root / raw).resolve()  # an absolute raw path replaces root here
+    except (OSError, ValueError) as exc:
+        raise FetchError("bad_url", f"{raw[:100]!r}: {exc}") from None
+    if not path.is_relative_to(root):
+        raise FetchError("forbidden_path", f"{raw[:100]!r} is outside {root}")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(policy.max_bytes + 1)
+    except OSError as exc:
+        raise FetchError("not_found", f"{raw[:100]!r}: {exc.strerror}") from None
+    if len(data) > policy.max_bytes:
+        raise FetchError("too_large", f"more than {policy.max_bytes} bytes")
+    try:
+        decode_image(data, policy.max_pixels)
+    except InvalidImage as exc:
+        raise FetchError("not_image", str(exc)) from None
+    return data
+
+
 def fetch_sync(url: str, policy: FetchPolicy) -> bytes:
     """The image bytes, or FetchError. One deadline (`policy.timeout_s`) covers the whole
     fetch: every hop's connect, each read of the body (a host trickling one byte at a time
     is cut off at the deadline, not kept alive by it)."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url.split("/", 1)[0] else ""
+    if scheme in ("", "file"):
+        return read_local(url, policy)
     deadline = time.monotonic() + policy.timeout_s
 
     def left() -> float:

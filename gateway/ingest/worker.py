@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from gateway.errors import LookSyncError
 from gateway.index.base import CatalogIndex, EmbeddingSpace
 from gateway.indexer import Indexer, IndexReport, IngestItem
-from gateway.ingest.events import DEAD_LETTERS, GROUP, STREAM, Event, PoisonEvent, parse_event
+from gateway.ingest.events import ATTRS, DEAD_LETTERS, GROUP, HOLDS, STREAM, Event, PoisonEvent, parse_event
 from gateway.ingest.fetch import FetchError, FetchPolicy, fetch
 from gateway.observability import log
 
@@ -49,6 +49,9 @@ class WorkerSettings:
     max_tries: int = 5
     embed_batches_in_flight: int = 2
     drain_timeout_s: float = 30.0  # SIGTERM: time to finish the operations in hand
+    trim_every_s: float = 30.0  # how often the stream, dead letters and consumers are tidied
+    dead_letters_max: int = 100_000
+    consumer_idle_s: float = 3600.0  # a consumer with nothing pending, idle this long, is removed
 
 
 def is_redis_outage(exc: BaseException) -> bool:
@@ -141,11 +144,12 @@ class IngestWorker:
             stream=self.stream,
             space=str(self.space),
         )
-        keep_alive = asyncio.create_task(self._keep_alive(stop))
+        helpers = [asyncio.create_task(self._keep_alive(stop)), asyncio.create_task(self._tidy(stop))]
         try:
             await self._loop(stop)
         finally:
-            keep_alive.cancel()
+            for task in helpers:
+                task.cancel()
         await self.drain()
 
     async def _loop(self, stop: asyncio.Event) -> None:
@@ -199,6 +203,63 @@ class IngestWorker:
                 except Exception as exc:  # Redis away: the main loop pauses; nothing to refresh
                     log(logger, logging.DEBUG, "keep-alive failed", error=_one_line(exc))
                     break
+
+    async def _tidy(self, stop: asyncio.Event) -> None:
+        """Keep Redis bounded while the worker runs (several workers doing it is harmless)."""
+        while not stop.is_set():
+            try:
+                await self.tidy()
+            except Exception as exc:  # Redis away: the main loop reports it; try next round
+                log(logger, logging.DEBUG, "tidy failed", error=_one_line(exc))
+            await _sleep_unless(stop, self.settings.trim_every_s)
+
+    async def tidy(self) -> dict:
+        """Trim the stream below the oldest entry anyone still needs, and forget consumers
+        that are gone. Needed: entries pending in any group, entries no group has read yet,
+        and any stream id held in HOLDS (a swap's catch-up point). So the stream holds what is
+        in flight, not its history; dead letters are capped at XADD."""
+        keep = []
+        for group in await self.redis.xinfo_groups(self.stream):
+            name = _sid(group["name"])
+            keep.append(_sid(group["last-delivered-id"]))
+            if group.get("pending"):
+                summary = await self.redis.xpending(self.stream, name)
+                keep.append(_sid(summary["min"]))
+        keep += [_sid(v) for v in (await self.redis.hgetall(HOLDS)).values()]
+        trimmed = 0
+        if keep:
+            # min by stream-id order; XTRIM MINID keeps `floor` itself and everything newer.
+            floor = min(keep, key=lambda i: tuple(int(p) for p in i.split("-")))
+            trimmed = await self.redis.xtrim(self.stream, minid=floor, approximate=False)
+        idle_ms = self.settings.consumer_idle_s * 1000
+        gone = [
+            _sid(c["name"])
+            for c in await self.redis.xinfo_consumers(self.stream, GROUP)
+            if c["pending"] == 0 and c["idle"] > idle_ms and _sid(c["name"]) != self.consumer
+        ]
+        removed = await self._forget_consumers(keys=[self.stream, GROUP], args=gone) if gone else 0
+        if trimmed or removed:
+            log(logger, logging.INFO, "tidied", trimmed_entries=trimmed, removed_consumers=removed)
+        return {"trimmed": trimmed, "removed_consumers": removed}
+
+    @property
+    def _forget_consumers(self):
+        # Check and delete in one step: a consumer that took an entry in between keeps it
+        # (DELCONSUMER drops a consumer's pending entries, which would lose them).
+        if not hasattr(self, "_forget_script"):
+            self._forget_script = self.redis.register_script(
+                """
+                local removed = 0
+                for _, name in ipairs(ARGV) do
+                  if #redis.call('XPENDING', KEYS[1], KEYS[2], '-', '+', 1, name) == 0 then
+                    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], KEYS[2], name)
+                    removed = removed + 1
+                  end
+                end
+                return removed
+                """
+            )
+        return self._forget_script
 
     async def targets(self) -> list[EmbeddingSpace]:
         """Where writes go: the alias's index first (it decides acks), then any index being
@@ -340,6 +401,11 @@ class IngestWorker:
             # "missing" there is fine: the rebuild has not reached the product yet, and its
             # snapshot write is older than this event, so it will not undo it.
             await self.index.apply_events(space, ops)
+        deleted = [
+            e.product_id for e, o in zip(events, outcomes) if e.type == "product.delete" and o == "applied"
+        ]
+        if deleted:  # its attribute record goes with the product
+            await self.redis.delete(*(f"{ATTRS}{pid}" for pid in deleted))
         for event, outcome in zip(events, outcomes):
             if outcome == "missing":
                 # Maybe its upsert is still on its way (another worker, or not yet published):
@@ -422,6 +488,8 @@ class IngestWorker:
         await self.redis.xadd(
             DEAD_LETTERS,
             {"event": event, "reason": reason, "stream_id": stream_id, "consumer": self.consumer},
+            maxlen=self.settings.dead_letters_max,
+            approximate=True,
         )
         await self.redis.xack(self.stream, GROUP, stream_id)
         DEAD.labels(kind).inc()
