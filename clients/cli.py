@@ -252,6 +252,7 @@ def cmd_ingest_worker(args) -> int:
                     claim_idle_ms=s.ingest_claim_idle_ms,
                     max_tries=s.ingest_max_tries,
                     trim_every_s=s.ingest_trim_every_s,
+                    drain_timeout_s=s.ingest_drain_timeout_s,
                     dead_letters_max=s.ingest_dead_letters_max,
                     consumer_idle_s=s.ingest_consumer_idle_s,
                 ),

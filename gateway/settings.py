@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     fetch_local_dir: Path | None = Field(
         None, description="events may name local image files under this directory (refused otherwise)"
     )
+    ingest_drain_timeout_s: float = Field(30.0, description="SIGTERM: time to finish the batch in hand")
     ingest_trim_every_s: float = Field(30.0, description="how often a worker trims the stream and group")
     ingest_dead_letters_max: int = Field(100_000, description="dead letters kept (oldest dropped)")
     ingest_consumer_idle_s: float = Field(

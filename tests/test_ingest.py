@@ -316,7 +316,11 @@ def _group(client) -> dict:
 
 def _pending_of(client, consumer: str) -> int:
     """Entries delivered to `consumer` and not yet acknowledged (work in its hands)."""
-    for c in client.xinfo_consumers(STREAM, GROUP):
+    try:
+        consumers = client.xinfo_consumers(STREAM, GROUP)
+    except redis_sync.ResponseError:  # no group yet: the worker has not started
+        return 0
+    for c in consumers:
         if c["name"].decode() == consumer:
             return int(c["pending"])
     return 0
@@ -523,82 +527,111 @@ def test_poison_messages_are_dead_lettered_and_the_stream_keeps_flowing(
     assert set(_index_state(tmp_path / "data", {"p00033", "broken", "html", "p00032"})) == {"p00033"}
 
 
-def test_worker_killed_at_random_points_loses_and_duplicates_nothing(
-    triton, catalog, products, image_server, stream, redis_url, tmp_path
-):
-    rng = random.Random(1234)
-    ids = list(range(60, 200))
+def _racing_events(catalog, products, image_server, ids, n_events, rng) -> list[dict]:
+    """Upserts, then updates of different fields of the same products (racing once several
+    workers take them), deletes and re-listings."""
     state: dict[str, dict] = {}
     events = []
-    for n in ids[:100]:
+    for n in ids[: len(ids) * 2 // 3]:
         events.append(
             {"schema": 1, "type": "product.upsert", "product": _record(catalog, products, n, image_server)}
         )
         state[f"p{n:05d}"] = events[-1]["product"]
-    while len(events) < 2100:
+    while len(events) < n_events:
         roll = rng.random()
-        if roll < 0.75 and state:
+        if roll < 0.8 and state:
             pid = rng.choice(sorted(state))
             fields = rng.choice(
                 [
                     {"price": round(rng.uniform(1, 500), 2)},
                     {"in_stock": rng.random() < 0.5},
                     {"title": f"Title {len(events)}"},
+                    {"brand": f"Brand {len(events) % 7}"},
                     {"price": 5.0, "in_stock": True},
                 ]
             )
             events.append({"schema": 1, "type": "product.update", "id": pid, "fields": fields})
-        elif roll < 0.85 and state:
+        elif roll < 0.88 and state:
             pid = rng.choice(sorted(state))
             events.append({"schema": 1, "type": "product.delete", "id": pid})
             state.pop(pid)
         else:
             n = rng.choice(ids)
-            events.append(
-                {
-                    "schema": 1,
-                    "type": "product.upsert",
-                    "product": _record(catalog, products, n, image_server, title=f"Upsert {len(events)}"),
-                }
-            )
-            state[f"p{n:05d}"] = events[-1]["product"]
-    _publish(stream, events)
-    env = _env(triton, tmp_path, redis_url, LOOKSYNC_INGEST_MAX_TRIES="1000", LOOKSYNC_INGEST_BATCH_SIZE="50")
-    kills = 0
-    for round_ in range(6):
-        name = f"crashy-{round_}"
-        worker = _worker(env, tmp_path / "worker.log", name)
-        if round_ < 5:
-            # Kill after measured progress: this worker has acknowledged some events and holds
-            # others unacknowledged, so the kill interrupts real work, whatever the machine's speed.
-            target = _group(stream)["acked"] + rng.randint(20, 250)
+            rec = _record(catalog, products, n, image_server, title=f"Upsert {len(events)}")
+            events.append({"schema": 1, "type": "product.upsert", "product": rec})
+            state[f"p{n:05d}"] = rec
+    return events
+
+
+def test_three_workers_killed_at_random_and_a_redis_restart_lose_and_duplicate_nothing(
+    triton, catalog, products, image_server, tmp_path
+):
+    rng = random.Random(1234)
+    ids = list(range(60, 200))
+    events = _racing_events(catalog, products, image_server, ids, 5000, rng)
+    port, rdir = free_port(), tmp_path / "redis"
+    rdir.mkdir()
+    proc, client = start_redis(port, rdir, durable=True)
+    pipe = client.pipeline(transaction=False)
+    for event in events:
+        pipe.xadd(STREAM, {"event": json.dumps(event)})
+    pipe.execute()
+    env = _env(
+        triton,
+        tmp_path,
+        f"redis://127.0.0.1:{port}/0",
+        LOOKSYNC_INGEST_MAX_TRIES="1000",
+        LOOKSYNC_INGEST_BATCH_SIZE="50",
+    )
+    log = tmp_path / "worker.log"
+    workers = {f"w{n}": _worker(env, log, f"w{n}") for n in range(3)}
+    kills, restarted = 0, False
+    try:
+        for round_ in range(6):
+            if round_ == 3:  # Redis crashes and comes back from its append-only file
+                wait_for(lambda c=client: _group(c)["acked"] >= 2500, timeout_s=180, what="half the stream")
+                proc.kill()
+                proc.wait()
+                proc, client = start_redis(port, rdir, durable=True)
+                restarted = True
+                continue
+            # Kill after measured progress: the victim holds unacknowledged entries, so the
+            # kill interrupts real work whatever the machine's speed.
+            victim = rng.choice(sorted(workers))
+            target = _group(client)["acked"] + rng.randint(100, 400)
             wait_for(
-                lambda t=target, n=name: _group(stream)["acked"] >= t and _pending_of(stream, n) > 0,
-                timeout_s=120,
-                what=f"{name} to make progress",
+                lambda t=target, v=victim, c=client: _group(c)["acked"] >= t and _pending_of(c, v) > 0,
+                timeout_s=180,
+                what=f"{victim} to make progress",
                 interval_s=0.02,
             )
-            os.kill(worker.pid, signal.SIGKILL)
-            worker.wait()
+            os.kill(workers[victim].pid, signal.SIGKILL)
+            workers[victim].wait()
             kills += 1
-            assert _pending_of(stream, name) > 0, "the kill interrupted nothing"
-            assert _group(stream)["lag"] + _group(stream)["pending"] > 0, "the stream was already drained"
-        else:
-            try:
-                _wait_drained(stream, timeout_s=180)
-            finally:
-                _stop(worker)
-    assert kills == 5
+            assert _pending_of(client, victim) > 0, "the kill interrupted nothing"
+            replacement = f"{victim}-r{round_}"
+            workers[replacement] = _worker(env, log, replacement)
+            del workers[victim]
+        _wait_drained(client, timeout_s=300)
+        assert all(w.poll() is None for w in workers.values()), "a worker died"
+    finally:
+        for w in workers.values():
+            if w.poll() is None:
+                _stop(w)
+        proc.terminate()
+        proc.wait(10)
+    assert kills == 5 and restarted
     expected = _fold(events)
     got = _index_state(tmp_path / "data", {f"p{n:05d}" for n in ids})
     _assert_matches(got, expected)
-    assert stream.xlen(DEAD_LETTERS) == 0
 
-    async def count():
-        return await EmbeddedIndex(tmp_path / "data" / "index", refresh_s=0).count(SPACE)
+    async def rows():
+        index = EmbeddedIndex(tmp_path / "data" / "index", refresh_s=0)
+        table = await index._table(SPACE.index_name, strong=True)
+        return (await table.query().select(["id"]).to_arrow()).column("id").to_pylist()
 
-    assert asyncio.run(count()) == len(expected)  # nothing duplicated
-    assert stream.xinfo_groups(STREAM)[0]["name"].decode() == GROUP
+    all_ids = asyncio.run(rows())
+    assert len(all_ids) == len(set(all_ids)), "a product has two rows"
 
 
 def test_redis_going_down_pauses_ingestion_and_loses_nothing(
@@ -853,3 +886,93 @@ def test_a_hostile_feed_is_dead_lettered_and_every_worker_survives(
     assert not wrong, wrong
     got = _index_state(tmp_path / "data", {f"p{n:05d}" for n in good} | set(expected_dead))
     assert set(got) == {f"p{n:05d}" for n in good}
+
+
+def test_redis_state_stays_bounded_after_10000_events(
+    triton, catalog, products, image_server, stream, redis_url, tmp_path
+):
+    ids = [f"p{n:05d}" for n in range(100, 110)]
+    events = [
+        {"schema": 1, "type": "product.upsert", "product": _record(catalog, products, n, image_server)}
+        for n in range(100, 110)
+    ]
+    events += [
+        {"schema": 1, "type": "product.update", "id": ids[i % 10], "fields": {"price": float(i)}}
+        for i in range(9985)
+    ]
+    events += [{"schema": 1, "type": "product.delete", "id": pid} for pid in ids[:5]]
+    env = _env(
+        triton,
+        tmp_path,
+        redis_url,
+        LOOKSYNC_INGEST_TRIM_EVERY_S="0.5",
+        LOOKSYNC_INGEST_CONSUMER_IDLE_S="1",
+        LOOKSYNC_INGEST_BATCH_SIZE="500",
+    )
+    log = tmp_path / "worker.log"
+    # A worker that dies leaves its name in the group; the live one must clear it.
+    doomed = _worker(env, log, "w-doomed")
+    _publish(stream, events[:10])
+    wait_for(lambda: _group(stream)["acked"] == 10, what="the first upserts")
+    doomed.kill()
+    doomed.wait()
+    live = _worker(env, log, "w-live")
+    try:
+        pipe = stream.pipeline(transaction=False)
+        for event in events[10:]:
+            pipe.xadd(STREAM, {"event": json.dumps(event)})
+        pipe.execute()
+        _wait_drained(stream, timeout_s=300)
+        # Drained: nothing pending or unread, so the stream keeps only its newest entry (XTRIM
+        # MINID keeps the floor itself), and the group only the live consumer.
+        wait_for(lambda: stream.xlen(STREAM) <= 1, what="the stream to be trimmed")
+        wait_for(
+            lambda: [c["name"].decode() for c in stream.xinfo_consumers(STREAM, GROUP)] == ["w-live"],
+            what="the dead consumer to be removed",
+        )
+        assert live.poll() is None
+    finally:
+        _stop(live)
+    # Attribute records die with their product.
+    assert not any(stream.exists(f"looksync:attrs:{pid}") for pid in ids[:5])
+    assert all(stream.exists(f"looksync:attrs:{pid}") for pid in ids[5:])
+    got = _index_state(tmp_path / "data", set(ids))
+    assert sorted(got) == ids[5:]
+    assert got[ids[9]].price == 9979.0  # the last update of p00109: i = 9979
+
+
+def test_sigterm_mid_batch_acknowledges_only_what_was_written(
+    triton, catalog, products, image_server, held_images, stream, redis_url, tmp_path
+):
+    held = [
+        {
+            "schema": 1,
+            "type": "product.upsert",
+            "product": _record(
+                catalog, products, n, image_server, image_url=f"{image_server}/held/{products[n].image_url}"
+            ),
+        }
+        for n in range(110, 116)
+    ]
+    env = _env(
+        triton, tmp_path, redis_url, LOOKSYNC_INGEST_DRAIN_TIMEOUT_S="1", LOOKSYNC_FETCH_TIMEOUT_S="60"
+    )
+    log = tmp_path / "worker.log"
+    worker = _worker(env, log, "w-term")
+    _publish(stream, held)
+    wait_for(lambda: _pending_of(stream, "w-term") == len(held), what="the batch in the worker's hands")
+    worker.send_signal(signal.SIGTERM)
+    # The fetches never finish: the drain gives up after its timeout and the worker exits,
+    # leaving the batch pending and unwritten, never acknowledged without its write.
+    assert worker.wait(60) == 0
+    assert _pending_of(stream, "w-term") == len(held)
+    assert _index_state(tmp_path / "data", {e["product"]["id"] for e in held}) == {}
+    assert "left_pending" in log.read_text()
+    held_images.set()
+    # A new worker takes the batch over and completes it.
+    worker = _worker(env, log, "w-after")
+    try:
+        _wait_drained(stream)
+    finally:
+        _stop(worker)
+    _assert_matches(_index_state(tmp_path / "data", {e["product"]["id"] for e in held}), _fold(held))

@@ -9,26 +9,49 @@ Size, time, content type and decodability are all enforced.
 from __future__ import annotations
 
 import asyncio
-import functools
 import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 from export.triton.preprocess import InvalidImage, decode_image
 
+FETCHES_AT_ONCE = 16
+_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its semaphore
 
-@functools.cache
-def _fetch_pool() -> ThreadPoolExecutor:
-    """Fetch threads of their own: slow vendor hosts hold these until their deadline, and
-    must never hold the event loop's default executor, which asyncio also uses to resolve
-    host names (a Redis reconnect would wait behind them)."""
-    return ThreadPoolExecutor(max_workers=16, thread_name_prefix="fetch")
+
+async def _in_daemon_thread(fn, *args):
+    """Run a blocking fetch in a daemon thread of its own. Not the event loop's default
+    executor: slow vendor hosts hold a thread until their deadline, and asyncio resolves host
+    names there (a Redis reconnect would wait behind them). Not a ThreadPoolExecutor either:
+    its threads are joined at exit, so a SIGTERM'd worker would wait for every fetch."""
+    loop = asyncio.get_running_loop()
+    slots = _slots.setdefault(loop, asyncio.Semaphore(FETCHES_AT_ONCE))
+    async with slots:
+        done = loop.create_future()
+
+        def settle(result, error):
+            if not done.done():
+                done.set_exception(error) if error is not None else done.set_result(result)
+
+        def run():
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # handed to the awaiting coroutine
+                result, error = None, exc
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the loop is gone (the worker exited): nobody waits for it
+                pass
+
+        threading.Thread(target=run, name="fetch", daemon=True).start()
+        return await done
 
 
 class FetchError(Exception):
@@ -215,8 +238,7 @@ async def fetch(url: str, policy: FetchPolicy) -> bytes:
     """fetch_sync in a thread; whatever goes wrong comes back as FetchError (a vendor feed
     can put anything in a URL: one bad URL must never end a worker)."""
     try:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_fetch_pool(), fetch_sync, url, policy)
+        return await _in_daemon_thread(fetch_sync, url, policy)
     except FetchError:
         raise
     except Exception as exc:
