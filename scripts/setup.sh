@@ -32,7 +32,7 @@ if [ ! -f "$stamp" ]; then
   start=$(date +%s)
   echo "setup: installing Python packages into .venv (torch for export makes this take a minute)"
   .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[export,dev]"
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[export,dev,bench]"
   # Only the tritonserver binary and python backend inside this wheel are used. Its own Python
   # requirements are for PyTriton's API, which LookSync does not import, so none are pulled in.
   .venv/bin/pip install -q --disable-pip-version-check --no-deps "nvidia-pytriton==0.7.0"
