@@ -69,6 +69,34 @@ def _png_zero_width() -> bytes:
 
 JPEG = _img("RGB", (120, 90), "JPEG")
 
+
+def _look_bytes(fmt: str) -> bytes:
+    """A noisy look-sized image (noise keeps the file large, so half of it is a real cut)."""
+    rng = np.random.default_rng(4)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (256, 192, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _eps() -> bytes:
+    # A minimal encapsulated PostScript header: Pillow's EPS plugin would hand it to Ghostscript.
+    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+
+
+def _psd() -> bytes:
+    # "8BPS", version 1, 6 reserved bytes, 3 channels, 10x10, depth 8, RGB: a valid PSD header.
+    return (
+        b"8BPS"
+        + (1).to_bytes(2, "big")
+        + bytes(6)
+        + (3).to_bytes(2, "big")
+        + (10).to_bytes(4, "big") * 2
+        + (8).to_bytes(2, "big")
+        + (3).to_bytes(2, "big")
+        + bytes(64)
+    )
+
+
 # name -> (rpc, request, expected code, fragment of the message)
 CORPUS = {
     "image: zero bytes": ("image", dict(image=b""), INVALID, "image is empty"),
@@ -98,6 +126,22 @@ CORPUS = {
     "image: 1x1 pixel": ("image", dict(image=_img("RGB", (1, 1))), OK, None),
     "image: huge but valid (20 MP)": ("image", dict(image=_img("RGB", (5000, 4000))), OK, None),
     "image: WebP": ("image", dict(image=_img("RGB", fmt="WEBP")), OK, None),
+    "image: truncated WebP": ("image", dict(image=_look_bytes("WEBP")[:2000]), INVALID, "image"),
+    # Formats outside JPEG, PNG, WebP, GIF: refused from the header, never decoded.
+    "image: TIFF": (
+        "image",
+        dict(image=_img("RGB", (32, 32), "TIFF")),
+        INVALID,
+        "not a supported image format",
+    ),
+    "image: BMP": (
+        "image",
+        dict(image=_img("RGB", (32, 32), "BMP")),
+        INVALID,
+        "not a supported image format",
+    ),
+    "image: EPS": ("image", dict(image=_eps()), INVALID, "not a supported image format"),
+    "image: PSD": ("image", dict(image=_psd()), INVALID, "not a supported image format"),
     "image: text weight 1.5": (
         "image",
         dict(image=JPEG, text_modifier="red", text_weight=1.5),
@@ -177,6 +221,20 @@ CORPUS = {
     ),
     "look: zero bytes": ("look", dict(image=b""), INVALID, "image is empty"),
     "look: not an image": ("look", dict(image=b"GIF87a"), INVALID, "not a supported image"),
+    "look: truncated JPEG": (
+        "look",
+        dict(image=_look_bytes("JPEG")[: len(_look_bytes("JPEG")) // 2]),
+        INVALID,
+        "truncated",
+    ),
+    "look: truncated PNG": ("look", dict(image=_look_bytes("PNG")[:3000]), INVALID, "image"),
+    "look: truncated WebP": ("look", dict(image=_look_bytes("WEBP")[:2000]), INVALID, "image"),
+    "look: TIFF": (
+        "look",
+        dict(image=_img("RGB", (64, 64), "TIFF")),
+        INVALID,
+        "not a supported image format",
+    ),
     "look: k_per_layer 0": ("look", dict(image=compose_look({}), k_per_layer=0), INVALID, "k_per_layer: 0"),
     "look: k_per_layer 1e6": (
         "look",

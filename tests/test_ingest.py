@@ -236,6 +236,21 @@ def test_fetcher_reads_a_real_image(image_server):
         ("ftp://example.com/a.jpg", LOCAL, "forbidden_scheme"),
         ("http://169.254.169.254/latest/meta-data/", LOCAL, "forbidden_address"),
         ("http://10.0.0.8/a.jpg", LOCAL, "forbidden_address"),
+        # Carrier-grade NAT (a cloud metadata service lives at 100.100.100.200), 6to4, IPv4
+        # inside IPv6, NAT64, and IPv4 spelled in decimal, hex and octal: none is global.
+        ("http://100.100.100.200/latest/meta-data/", LOCAL, "forbidden_address"),
+        ("http://100.64.0.1/a.jpg", LOCAL, "forbidden_address"),
+        ("http://[2002:a00:1::1]/a.jpg", LOCAL, "forbidden_address"),
+        ("http://[2002:808:808::1]/a.jpg", LOCAL, "forbidden_address"),
+        ("http://[::ffff:10.0.0.1]/a.jpg", LOCAL, "forbidden_address"),
+        ("http://[::ffff:169.254.169.254]/a.jpg", LOCAL, "forbidden_address"),
+        ("http://[64:ff9b::a9fe:a9fe]/a.jpg", LOCAL, "forbidden_address"),
+        ("http://167772161/a.jpg", LOCAL, "forbidden_address"),  # 10.0.0.1 in decimal
+        ("http://0x0a000001/a.jpg", LOCAL, "forbidden_address"),
+        ("http://012.0.0.1/a.jpg", LOCAL, "forbidden_address"),  # 10.0.0.1 in octal
+        ("http://198.18.0.1/a.jpg", LOCAL, "forbidden_address"),  # benchmarking range
+        ("http://[fc00::1]/a.jpg", LOCAL, "forbidden_address"),
+        ("http://2130706433/a.jpg", FetchPolicy(), "forbidden_address"),  # 127.0.0.1, loopback off
         ("http://[::1]:1/a.jpg", FetchPolicy(), "forbidden_address"),
         ("{server}/images/p00001.jpg", FetchPolicy(), "forbidden_address"),  # loopback not allowed by default
         ("{server}/redirect-private", LOCAL, "forbidden_address"),

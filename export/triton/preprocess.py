@@ -55,6 +55,11 @@ class ImageSpec:
         )
 
 
+# JPEG, PNG and WebP are what shops and image generators serve; GIF stays for the animated
+# product shots some vendor feeds still carry (its first frame is used).
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+
+
 def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image and check its header: format and dimensions, no pixel decoding.
 
@@ -64,13 +69,17 @@ def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
     if not data:
         raise InvalidImage("image is empty (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        # Only the formats product and look images come in: Pillow would otherwise try ~40
+        # decoders on untrusted bytes (EPS hands them to Ghostscript where it is installed).
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.DecompressionBombError:
         # Pillow's own guard (~179 MP) fired while reading the header.
         raise InvalidImage(f"image dimensions are over the limit of {max_pixels} pixels") from None
     except Exception:  # Pillow raises many types for garbage input
         head = data[:8].hex()
-        raise InvalidImage(f"bytes are not a supported image format (first bytes: {head})") from None
+        raise InvalidImage(
+            f"bytes are not a supported image format ({', '.join(ALLOWED_FORMATS)}; first bytes: {head})"
+        ) from None
     width, height = img.size
     if width < 1 or height < 1:
         raise InvalidImage(f"image has invalid dimensions {width}x{height}")

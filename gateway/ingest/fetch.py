@@ -74,16 +74,29 @@ class FetchPolicy:
     local_dir: Path | None = None
 
 
+_SIX_TO_FOUR = ipaddress.ip_network("2002::/16")  # deprecated relay tunnels into any IPv4 address
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # embeds an IPv4 address in its last 32 bits
+
+
 def _check_address(ip: str, policy: FetchPolicy) -> None:
+    """Only globally routable addresses, unless loopback or private networks are allowed.
+    `is_global` rather than a list of private ranges: it also refuses carrier-grade NAT
+    (100.64.0.0/10, where some clouds put their metadata service), benchmarking, reserved and
+    documentation ranges. IPv6 forms that carry an IPv4 address are judged by that address."""
     addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        elif addr in _NAT64:
+            addr = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        elif addr in _SIX_TO_FOUR:
+            raise FetchError("forbidden_address", f"{ip} is a 6to4 address (it can reach any IPv4 host)")
     if addr.is_loopback:
         if not policy.allow_loopback:
             raise FetchError("forbidden_address", f"{ip} is a loopback address")
         return
-    if (
-        addr.is_private or addr.is_link_local or addr.is_reserved or addr.is_multicast or addr.is_unspecified
-    ) and not policy.allow_private:
-        raise FetchError("forbidden_address", f"{ip} is a private, link-local or reserved address")
+    if not addr.is_global and not policy.allow_private:
+        raise FetchError("forbidden_address", f"{ip} is not a globally routable address")
 
 
 def resolve(url: str, policy: FetchPolicy) -> tuple[str, str, int, str, str]:

@@ -116,7 +116,7 @@ class LookSearcher:
         timings = Timings()
         with timings.stage("validate_image"):
             check_image(image, self.max_image_pixels)
-            look = decode_look(image)
+            look = decode_look(image, self.max_image_pixels)
         space = await request_space(self.index, space)
         cache_key = _cache_key(image, filters, k, space)
         cached = await self.result_cache.get(cache_key)

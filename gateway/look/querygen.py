@@ -7,7 +7,6 @@ prompts names each one ("a red striped t-shirt") so the response stays readable.
 
 from __future__ import annotations
 
-import io
 from dataclasses import replace
 from typing import Literal
 
@@ -15,8 +14,9 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from export.triton.preprocess import InvalidImage, decode_image
 from gateway.embedder import TritonEmbedder
-from gateway.errors import LookSyncError
+from gateway.errors import InvalidArgument, LookSyncError
 from gateway.index.base import EmbeddingSpace
 from gateway.llm import LLMClient, LLMError, image_part, load_prompt
 from gateway.look.localizer import Localizer
@@ -216,5 +216,9 @@ def _image_only_queries(regions: list[Region], vectors) -> list[LayerQuery]:
     return queries
 
 
-def decode_look(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+def decode_look(data: bytes, max_pixels: int) -> Image.Image:
+    """The look, fully decoded: a truncated or corrupt file is the client's error."""
+    try:
+        return decode_image(data, max_pixels)
+    except InvalidImage as exc:
+        raise InvalidArgument(f"image: {exc}") from None
