@@ -104,16 +104,30 @@ class TritonServer:
         env.setdefault("OMP_NUM_THREADS", "1")
         return env
 
-    def start(self, timeout_s: float = 120.0, log_file=None) -> TritonServer:
+    def start(self, timeout_s: float = 120.0, log_file=None, attempts: int = 2) -> TritonServer:
+        """Start and wait until ready. A server that dies while starting is started once more:
+        on a busy host the python backend's stub start-up occasionally aborts
+        (`boost::interprocess::lock_exception`, exit -6) and a second start succeeds; a real
+        configuration error fails both times and is reported."""
         Path(self.work_dir).mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            self.command(),
-            env=self.environment(),
-            stdout=log_file or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT if log_file else subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.wait_ready(timeout_s)
+        for attempt in range(1, attempts + 1):
+            self.process = subprocess.Popen(
+                self.command(),
+                env=self.environment(),
+                stdout=log_file or subprocess.DEVNULL,
+                stderr=subprocess.STDOUT if log_file else subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            try:
+                self.wait_ready(timeout_s)
+                return self
+            except TritonStartError:
+                if attempt == attempts or self.process.poll() is None:
+                    raise  # timed out (already stopped), or the last attempt
+                try:  # its python stubs (same process group) may outlive it
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         return self
 
     def ready(self) -> bool:
