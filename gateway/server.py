@@ -53,6 +53,9 @@ def open_index(settings: Settings) -> CatalogIndex:
         num_candidates_factor=settings.es_num_candidates_factor,
         m=settings.es_hnsw_m,
         ef_construction=settings.es_hnsw_ef_construction,
+        index_type=settings.es_index_type,
+        shards=settings.es_shards,
+        replicas=settings.es_replicas,
     )
 
 

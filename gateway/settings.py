@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     es_hnsw_m: int = Field(16, description="HNSW graph degree of new Elasticsearch indexes")
     es_hnsw_ef_construction: int = Field(100, description="HNSW build beam of new Elasticsearch indexes")
     es_timeout_s: float = Field(5.0, description="deadline for one Elasticsearch request")
+    es_index_type: Literal["hnsw", "int8_hnsw", "bbq_hnsw"] = Field(
+        "int8_hnsw", description="vector index of new Elasticsearch indexes (docs/DEPLOYMENT.md sizes them)"
+    )
+    es_shards: int = Field(1, ge=1, description="primary shards of new Elasticsearch indexes")
+    es_replicas: int | None = Field(
+        None, ge=0, description="replicas of new indexes (None: the cluster's default)"
+    )
     # How often the embedded backend looks for writes of other processes (seconds).
     index_refresh_s: float = 0.5
     ann_min_rows: int = Field(50_000, description="embedded index: build an ANN index from this size on")

@@ -1,22 +1,18 @@
 """The Elasticsearch index: exact request bodies, filter semantics, and the index contract.
 
 The contract scenarios (the same ones tests/test_index_embedded.py runs on LanceDB) run twice:
-against `FakeElasticsearch`, a small in-process HTTP server that speaks the handful of REST
-calls ElasticIndex makes and answers kNN by brute force with the clause evaluator below, and
-against a real cluster when LOOKSYNC_ES_URL is set (each run uses its own alias and index
+against `ElasticsearchDouble` (tests/es_double.py), an in-process HTTP server that implements
+the documented Elasticsearch 8.17 behaviour of every call ElasticIndex makes and refuses
+anything else, and against a real cluster when LOOKSYNC_ES_URL is set (each run uses its own alias and index
 names and deletes them afterwards).
 """
 
 import asyncio
-import fnmatch
 import itertools
 import json
 import os
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pytest
@@ -28,19 +24,25 @@ from gateway.errors import FailedPrecondition, InvalidArgument, Unavailable
 from gateway.filters import build_filters
 from gateway.index.base import EmbeddingSpace
 from gateway.index.elastic import (
+    _FIELDS,
     ElasticIndex,
     alias_actions,
-    bulk_actions,
+    check_update,
     filter_clauses,
     index_body,
     knn_body,
     num_candidates,
+    product_source,
+    row_from_doc,
     score_to_cosine,
     set_alias_actions,
     space_from_meta,
     unit,
-    update_body,
+    write_actions,
 )
+from gateway.index.lww import Op
+from gateway.index.lww import apply as lww_apply
+from tests.es_double import ElasticsearchDouble
 from tests.test_index_embedded import FILTER_CASES  # the same cases on both backends
 
 SPACE64 = EmbeddingSpace("clip", 1, 64)
@@ -114,6 +116,11 @@ def test_index_body_for_a_64d_space():
                     "similarity": "dot_product",
                     "index_options": {"type": "int8_hnsw", "m": 16, "ef_construction": 100},
                 },
+                # per-field last-writer-wins state and tombstones (not searchable but deleted)
+                "field_seqs": {"type": "object", "enabled": False},
+                "deleted": {"type": "boolean"},
+                "deleted_seq": {"type": "long"},
+                "event_seq": {"type": "long"},
             },
         },
     }
@@ -171,15 +178,21 @@ def test_knn_body_with_every_filter_kind():
             "query_vector": [0.6, 0.8],
             "k": 5,
             "num_candidates": 100,
-            "filter": [
-                {"terms": {"category": ["dress", "jeans"]}},
-                {"terms": {"gender": ["women", "unisex"]}},
-                {"term": {"market": "US"}},
-                {"terms": {"brand": ["Kumo", "O'Neil"]}},
-                {"terms": {"sizes": ["M", "38"]}},
-                {"range": {"price": {"gte": 10.0, "lte": 99.5}}},
-                {"term": {"in_stock": True}},
-            ],
+            "filter": {
+                "bool": {
+                    "filter": [
+                        {"terms": {"category": ["dress", "jeans"]}},
+                        {"terms": {"gender": ["women", "unisex"]}},
+                        {"term": {"market": "US"}},
+                        {"terms": {"brand": ["Kumo", "O'Neil"]}},
+                        {"terms": {"sizes": ["M", "38"]}},
+                        {"range": {"price": {"gte": 10.0, "lte": 99.5}}},
+                        {"term": {"in_stock": True}},
+                    ],
+                    # Tombstones stay as documents; no search ever returns them.
+                    "must_not": [{"term": {"deleted": True}}],
+                }
+            },
         },
         "size": 5,
         "track_total_hits": False,
@@ -189,7 +202,13 @@ def test_knn_body_with_every_filter_kind():
 
 def test_knn_body_without_filters():
     assert knn_body([1.0, 0.0], 50, build_filters(), num_candidates_factor=10, with_vectors=True) == {
-        "knn": {"field": "vector", "query_vector": [1.0, 0.0], "k": 50, "num_candidates": 500},
+        "knn": {
+            "field": "vector",
+            "query_vector": [1.0, 0.0],
+            "k": 50,
+            "num_candidates": 500,
+            "filter": {"bool": {"filter": [], "must_not": [{"term": {"deleted": True}}]}},
+        },
         "size": 50,
         "track_total_hits": False,
         "_source": True,
@@ -213,54 +232,61 @@ def test_score_is_converted_back_to_cosine():
     assert score_to_cosine(0.0) == -1.0
 
 
-def test_bulk_actions_for_two_products():
+def test_write_actions_create_new_products_and_update_stored_ones_under_their_seq_no():
     a = Product("a1", "Red dress", "Kumo", "dress", "women", "US", 49.99, "USD", ["S", "M"], True, "a.jpg")
-    b = Product("b2", "Jeans", "Brisa", "jeans", "men", "DE", 80.0, "EUR", [], False, "")
-    vectors = [np.array([0.6, 0.8], dtype=np.float32), np.array([1.0, 0.0], dtype=np.float32)]
-    actions = bulk_actions("products-clip-v1", [(a, "ha", vectors[0]), (b, "hb", vectors[1])])
-    assert actions == [
-        {
-            "_op_type": "index",
-            "_index": "products-clip-v1",
-            "_id": "a1",
-            "_source": {
-                "id": "a1",
-                "title": "Red dress",
-                "brand": "Kumo",
-                "category": "dress",
-                "gender": "women",
-                "market": "US",
-                "price": 49.99,
-                "currency": "USD",
-                "sizes": ["S", "M"],
-                "in_stock": True,
-                "image_url": "a.jpg",
-                "image_hash": "ha",
-                "vector": [float(np.float32(0.6)), float(np.float32(0.8))],
-            },
+    vector = np.array([0.6, 0.8], dtype=np.float32)
+    fields = product_source(a, "ha", vector)
+    fields.pop("id")
+    new, _ = lww_apply(None, Op("upsert", "a1", 100, fields))
+    stored = {**new, "field_seqs": dict(new["field_seqs"])}
+    updated, outcome = lww_apply(stored, Op("update", "a1", 200, {"price": 39.0}))
+    assert outcome == "applied"
+    actions = write_actions(
+        "products-clip-v1",
+        [("a1", None, new, None), ("a1", stored, updated, {"_seq_no": 7, "_primary_term": 1})],
+    )
+    assert actions[0] == {
+        "_op_type": "create",  # refused (409) if another writer created it first
+        "_index": "products-clip-v1",
+        "_id": "a1",
+        "_source": {
+            "id": "a1",
+            "title": "Red dress",
+            "brand": "Kumo",
+            "category": "dress",
+            "gender": "women",
+            "market": "US",
+            "price": 49.99,
+            "currency": "USD",
+            "sizes": ["S", "M"],
+            "in_stock": True,
+            "image_url": "a.jpg",
+            "image_hash": "ha",
+            "vector": [float(np.float32(0.6)), float(np.float32(0.8))],
+            "deleted": False,
+            "deleted_seq": 0,
+            "field_seqs": {f: 100 for f in _FIELDS if f != "id"} | {"image": 100},
+            "event_seq": 100,
         },
-        {
-            "_op_type": "index",
-            "_index": "products-clip-v1",
-            "_id": "b2",
-            "_source": {
-                "id": "b2",
-                "title": "Jeans",
-                "brand": "Brisa",
-                "category": "jeans",
-                "gender": "men",
-                "market": "DE",
-                "price": 80.0,
-                "currency": "EUR",
-                "sizes": [],
-                "in_stock": False,
-                "image_url": "",
-                "image_hash": "hb",
-                "vector": [1.0, 0.0],
-            },
-        },
-    ]
+    }
     assert all(type(x) is float for x in actions[0]["_source"]["vector"])  # plain JSON numbers
+    # A metadata update sends only what changed: the price and its position, never the vector.
+    assert actions[1] == {
+        "_op_type": "update",
+        "_index": "products-clip-v1",
+        "_id": "a1",
+        "if_seq_no": 7,
+        "if_primary_term": 1,
+        "doc": {"price": 39.0, "field_seqs": {**stored["field_seqs"], "price": 200}, "event_seq": 200},
+    }
+
+
+def test_documents_from_before_per_field_ordering_count_their_version_for_every_field():
+    row = row_from_doc(
+        {"_id": "x", "_version": 55, "_source": {"title": "t", "price": 1.0, "image_hash": "h"}}
+    )
+    assert row["field_seqs"] == {"title": 55, "price": 55, "image": 55}
+    assert row["deleted"] is False and row["event_seq"] == 55
 
 
 def test_alias_actions():
@@ -268,7 +294,8 @@ def test_alias_actions():
         {"add": {"index": "products-clip-v1", "alias": "products"}}
     ]
     assert alias_actions("products", "products-clip-v2", ["products-clip-v1"]) == [
-        {"remove": {"index": "products-clip-v1", "alias": "products"}},
+        # must_exist: a remove of an alias another process already moved fails the whole call
+        {"remove": {"index": "products-clip-v1", "alias": "products", "must_exist": True}},
         {"add": {"index": "products-clip-v2", "alias": "products"}},
     ]
     assert alias_actions("products", "products-clip-v2", ["products-clip-v2"]) == [
@@ -278,22 +305,22 @@ def test_alias_actions():
     assert alias_actions(
         "products", "products-clip-v2", ["products-clip-v1"], "products.previous", ["products-clip-v0"]
     ) == [
-        {"remove": {"index": "products-clip-v1", "alias": "products"}},
+        {"remove": {"index": "products-clip-v1", "alias": "products", "must_exist": True}},
         {"add": {"index": "products-clip-v2", "alias": "products"}},
-        {"remove": {"index": "products-clip-v0", "alias": "products.previous"}},
+        {"remove": {"index": "products-clip-v0", "alias": "products.previous", "must_exist": True}},
         {"add": {"index": "products-clip-v1", "alias": "products.previous"}},
     ]
     assert set_alias_actions("products.write-also", ["b", "c"], ["a", "b"]) == [
-        {"remove": {"index": "a", "alias": "products.write-also"}},
+        {"remove": {"index": "a", "alias": "products.write-also", "must_exist": True}},
         {"add": {"index": "c", "alias": "products.write-also"}},
     ]
 
 
-def test_update_body_never_carries_the_vector():
-    assert update_body({"price": 10.0, "in_stock": False}) == {"doc": {"price": 10.0, "in_stock": False}}
+def test_updates_never_carry_the_vector():
+    check_update({"price": 10.0, "in_stock": False})
     for bad in ({"vector": [1.0]}, {"id": "other"}, {"colour": "red"}):
         with pytest.raises(InvalidArgument):
-            update_body(bad)
+            check_update(bad)
 
 
 def test_unit_keeps_unit_vectors_and_normalises_others():
@@ -386,319 +413,19 @@ def test_filter_clauses_agree_with_matches():
 # ---------------------------------------------------------------------------------------------
 
 
-def _error(status: int, kind: str, reason: str) -> tuple[int, dict]:
-    return status, {
-        "error": {"root_cause": [{"type": kind, "reason": reason}], "type": kind, "reason": reason},
-        "status": status,
-    }
-
-
-class FakeElasticsearch:
-    VERSION = "9.2.0"
-
-    def __init__(self):
-        self.indices: dict[str, dict] = {}
-        self.aliases: dict[str, set[str]] = {}
-        self.requests: list[tuple[str, str, object]] = []
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                parts = urlsplit(self.path)
-                with fake.lock:
-                    status, body = fake.handle(self.command, unquote(parts.path), parts.query, raw)
-                data = b"" if body is None or self.command == "HEAD" else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("X-Elastic-Product", "Elasticsearch")
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _serve
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def concrete(self, name: str) -> list[str] | None:
-        names = []
-        for part in name.split(","):
-            if "*" in part:  # a wildcard matches zero or more indices (allow_no_indices)
-                names.extend(sorted(i for i in self.indices if fnmatch.fnmatchcase(i, part)))
-            elif part in self.indices:
-                names.append(part)
-            elif part in self.aliases:
-                names.extend(sorted(self.aliases[part]))
-            else:
-                return None
-        return names
-
-    def handle(self, method: str, path: str, query: str, raw: bytes) -> tuple[int, dict | None]:
-        parts = [p for p in path.split("/") if p]
-        if parts == ["_bulk"]:
-            lines = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
-            self.requests.append((method, path, lines))
-            return self.bulk(lines)
-        body = json.loads(raw) if raw else None
-        self.requests.append((method, path, body))
-        if not parts and method == "GET":
-            return 200, {
-                "name": "fake",
-                "version": {"number": self.VERSION},
-                "tagline": "You Know, for Search",
-            }
-        if parts == ["_aliases"] and method == "POST":
-            # Atomic, as in Elasticsearch: every action is checked before any is applied; a
-            # remove of an alias the index does not have fails the whole call.
-            for action in body["actions"]:
-                ((op, spec),) = action.items()
-                if spec["index"] not in self.indices:
-                    return _error(404, "index_not_found_exception", spec["index"])
-                if op == "remove" and spec["index"] not in self.aliases.get(spec["alias"], set()):
-                    return _error(404, "aliases_not_found_exception", spec["alias"])
-            for action in body["actions"]:
-                ((op, spec),) = action.items()
-                targets = self.aliases.setdefault(spec["alias"], set())
-                (targets.add if op == "add" else targets.discard)(spec["index"])
-                if not targets:
-                    del self.aliases[spec["alias"]]
-            return 200, {"acknowledged": True}
-        if len(parts) == 2 and parts[0] == "_alias":
-            if parts[1] not in self.aliases:
-                return (
-                    (404, None) if method == "HEAD" else _error(404, "aliases_not_found_exception", parts[1])
-                )
-            targets = sorted(self.aliases[parts[1]])
-            return 200, (None if method == "HEAD" else {t: {"aliases": {parts[1]: {}}} for t in targets})
-        name = parts[0]
-        if len(parts) == 1 and method == "PUT":
-            if name in self.indices or name in self.aliases:
-                return _error(400, "resource_already_exists_exception", f"index [{name}] already exists")
-            self.indices[name] = {
-                "settings": body["settings"],
-                "mappings": body["mappings"],
-                "docs": {},
-                "versions": {},
-            }
-            return 200, {"acknowledged": True, "index": name}
-        if len(parts) == 1 and method == "DELETE":
-            if any(index not in self.indices for index in name.split(",")):
-                return _error(404, "index_not_found_exception", name)
-            for index in name.split(","):
-                self.indices.pop(index, None)
-                for targets in self.aliases.values():
-                    targets.discard(index)
-            self.aliases = {a: t for a, t in self.aliases.items() if t}
-            return 200, {"acknowledged": True}
-        targets = self.concrete(name)
-        if targets is None:
-            return _error(404, "index_not_found_exception", f"no such index [{name}]")
-        op = parts[1] if len(parts) > 1 else ""
-        if op == "_mapping" and method == "GET":
-            return 200, {t: {"mappings": self.indices[t]["mappings"]} for t in targets}
-        if op in ("_refresh", "_forcemerge"):
-            return 200, {"_shards": {"failed": 0}}
-        if op == "_doc":
-            (index,) = targets
-            docs, versions = self.indices[index]["docs"], self.indices[index]["versions"]
-            if method == "GET":
-                if parts[2] not in docs:
-                    return 404, {"_index": index, "_id": parts[2], "found": False}
-                return 200, {
-                    "_index": index,
-                    "_id": parts[2],
-                    "_version": versions.get(parts[2], 1),
-                    "found": True,
-                    "_source": docs[parts[2]],
-                }
-            version = self.version_conflict(
-                index, parts[2], dict(p.split("=") for p in query.split("&") if p)
-            )
-            if version is None:
-                return _error(409, "version_conflict_engine_exception", parts[2])
-            docs[parts[2]], versions[parts[2]] = body, version
-            return 200, {"_index": index, "_id": parts[2], "result": "updated", "_version": version}
-        if op == "_count":
-            return 200, {"count": sum(len(self.indices[t]["docs"]) for t in targets)}
-        if op == "_mget":
-            (index,) = targets
-            docs = self.indices[index]["docs"]
-            return 200, {
-                "docs": [
-                    {"_index": index, "_id": i, "found": True, "_source": docs[i]}
-                    if i in docs
-                    else {"_index": index, "_id": i, "found": False}
-                    for i in body["ids"]
-                ]
-            }
-        if op == "_update":
-            (index,) = targets
-            doc = self.indices[index]["docs"].get(parts[2])
-            if doc is None:
-                return _error(404, "document_missing_exception", parts[2])
-            merged = {**doc, **body["doc"]}
-            problem = self.invalid(index, merged)
-            if problem:
-                return _error(400, *problem)
-            self.indices[index]["docs"][parts[2]] = merged
-            return 200, {"result": "updated", "_id": parts[2]}
-        if op == "_search":
-            return self.search(targets, body)
-        return _error(400, "unsupported", f"{method} {path}")
-
-    def version_conflict(self, index: str, doc_id: str, meta: dict) -> int | None:
-        """The version a write gets, or None when external versioning refuses it (409)."""
-        stored = self.indices[index]["versions"].get(doc_id)
-        if meta.get("version_type") in ("external", "external_gte"):
-            version = int(meta["version"])
-            if stored is None:
-                return version
-            too_old = version < stored if meta["version_type"] == "external_gte" else version <= stored
-            return None if too_old else version
-        return (stored or 0) + 1
-
-    def invalid(self, index: str, source: dict) -> tuple[str, str] | None:
-        properties = self.indices[index]["mappings"]["properties"]
-        unknown = set(source) - set(properties)
-        if unknown:
-            return "strict_dynamic_mapping_exception", f"unknown fields {sorted(unknown)}"
-        vector = source.get("vector")
-        if vector is not None and "dims" in properties.get("vector", {}):
-            if len(vector) != properties["vector"]["dims"]:
-                return "document_parsing_exception", "wrong number of dimensions"
-            if abs(float(np.dot(np.float32(vector), np.float32(vector))) - 1.0) > 1e-4:
-                return "document_parsing_exception", "dot_product needs unit-length vectors"
-        return None
-
-    def bulk(self, lines: list[dict]) -> tuple[int, dict]:
-        items = []
-        i = 0
-        while i < len(lines):
-            ((op, meta),) = lines[i].items()
-            index, doc_id = meta["_index"], meta["_id"]
-            if index not in self.indices and op == "index":
-                # Elasticsearch creates a missing index on write, with a dynamic mapping: no
-                # _meta, no dense_vector (what drop() must never let a late writer cause).
-                self.indices[index] = {
-                    "settings": {},
-                    "mappings": {
-                        "dynamic": "true",
-                        "properties": {k: {"type": "object"} for k in lines[i + 1]},
-                    },
-                    "docs": {},
-                    "versions": {},
-                }
-            if index not in self.indices:
-                items.append(
-                    {
-                        op: {
-                            "_index": index,
-                            "_id": doc_id,
-                            "status": 404,
-                            "error": {"type": "index_not_found_exception", "reason": index},
-                        }
-                    }
-                )
-                i += 1
-                continue
-            docs = self.indices[index]["docs"]
-            if op == "index":
-                source = lines[i + 1]
-                i += 2
-                problem = self.invalid(index, source)
-                if problem:
-                    items.append(
-                        {
-                            op: {
-                                "_index": index,
-                                "_id": doc_id,
-                                "status": 400,
-                                "error": {"type": problem[0], "reason": problem[1]},
-                            }
-                        }
-                    )
-                    continue
-                version = self.version_conflict(index, doc_id, meta)
-                if version is None:
-                    items.append({op: {"_index": index, "_id": doc_id, "status": 409}})
-                    continue
-                status = 200 if doc_id in docs else 201
-                docs[doc_id] = source
-                self.indices[index]["versions"][doc_id] = version
-                items.append({op: {"_index": index, "_id": doc_id, "status": status}})
-            elif op == "delete":
-                i += 1
-                version = self.version_conflict(index, doc_id, meta)
-                if version is None:
-                    items.append({op: {"_index": index, "_id": doc_id, "status": 409}})
-                    continue
-                found = docs.pop(doc_id, None) is not None
-                # A tombstone keeps the version, as Elasticsearch does for index.gc_deletes
-                # (60 s): an older re-listing arriving late is refused.
-                self.indices[index]["versions"][doc_id] = version
-                items.append(
-                    {
-                        op: {
-                            "_index": index,
-                            "_id": doc_id,
-                            "status": 200 if found else 404,
-                            "result": "deleted" if found else "not_found",
-                        }
-                    }
-                )
-            else:
-                return _error(400, "unsupported", op)
-        return 200, {
-            "errors": any(not 200 <= next(iter(it.values()))["status"] < 300 for it in items),
-            "items": items,
-        }
-
-    def search(self, targets: list[str], body: dict) -> tuple[int, dict]:
-        unknown = set(body) - {"knn", "size", "track_total_hits", "_source"}
-        if unknown:
-            return _error(400, "parsing_exception", f"unknown keys {sorted(unknown)}")
-        knn = body["knn"]
-        assert knn["field"] == "vector" and knn["k"] <= knn["num_candidates"] <= 10_000
-        query = np.asarray(knn["query_vector"], dtype=np.float32)
-        if abs(float(query @ query) - 1.0) > 1e-4:
-            return _error(400, "illegal_argument_exception", "dot_product needs a unit-length query vector")
-        hits = []
-        for index in targets:
-            for doc_id, source in self.indices[index]["docs"].items():
-                if clauses_match(knn.get("filter", []), source):
-                    dot = float(np.asarray(source["vector"], dtype=np.float32) @ query)
-                    hits.append((-(1.0 + dot) / 2.0, doc_id, index, source))
-        hits.sort(key=lambda h: (h[0], h[1]))
-        out = []
-        for neg, doc_id, index, source in hits[: min(knn["k"], body.get("size", 10))]:
-            if body.get("_source") is not True:
-                source = {k: v for k, v in source.items() if k not in body["_source"]["excludes"]}
-            out.append({"_index": index, "_id": doc_id, "_score": -neg, "_source": source})
-        return 200, {"hits": {"hits": out}}
-
-
 # ---------------------------------------------------------------------------------------------
 # The contract: the scenarios of tests/test_index_embedded.py
 # ---------------------------------------------------------------------------------------------
 
 
 class Env:
-    def __init__(self, runner, index, space, products, vectors, es_url):
+    def __init__(self, runner, index, space, products, vectors, es_url, advance_clock=None):
         self.runner, self.index, self.space = runner, index, space
         self.products, self.vectors, self.es_url = products, vectors, es_url
         self.created: list[str] = [space.index_name]
+        # The double's clock can move (refresh interval, gc_deletes); a live cluster's cannot,
+        # and the tests that use it hold without it.
+        self.advance_clock = advance_clock or (lambda seconds: None)
 
     def run(self, coro):
         return self.runner.run(coro)
@@ -712,13 +439,17 @@ class IndexContract:
     INDEX_TYPE = "hnsw"
 
     @pytest.fixture(scope="class")
-    def env(self, es_url):
+    def clock(self):
+        return None  # a live cluster's clock cannot be moved
+
+    @pytest.fixture(scope="class")
+    def env(self, es_url, clock):
         runner = asyncio.Runner()
         tag = uuid.uuid4().hex[:10]
         space = EmbeddingSpace(f"looksynctest{tag}", 1, 16)
         index = ElasticIndex(es_url, alias=f"looksync-test-{tag}", refresh_s=0.0, index_type=self.INDEX_TYPE)
         products, vectors = _products(), _vectors(120)
-        env = Env(runner, index, space, products, vectors, es_url)
+        env = Env(runner, index, space, products, vectors, es_url, clock)
         try:
             env.run(index.upsert(space, [(p, f"h{p.id}", v) for p, v in zip(products, vectors)]))
             env.run(index.refresh(space))
@@ -883,15 +614,125 @@ class IndexContract:
         """The remove actions of a swap come from a read; if the aliases changed in between,
         the whole call is refused and nothing moves."""
         before = env.run(env.index.alias_target())
-        actions = [
-            {"remove": {"index": env.space.index_name, "alias": f"{env.index.alias}.never-there"}},
-            {"add": {"index": env.space.index_name, "alias": f"{env.index.alias}.half-done"}},
-        ]
+        # What a swap sends when another process moved the alias after our read: the remove
+        # of the alias we saw (gone now) and the add. must_exist makes the whole call fail.
+        stale = alias_actions(f"{env.index.alias}.half-done", env.space.index_name)
+        stale.insert(
+            0,
+            {
+                "remove": {
+                    "index": env.space.index_name,
+                    "alias": f"{env.index.alias}.moved",
+                    "must_exist": True,
+                }
+            },
+        )
         with pytest.raises(FailedPrecondition, match="changed meanwhile"):
-            env.run(env.index._update_aliases("move", actions))
+            env.run(env.index._update_aliases("move", stale))
         es = env.index._es.options(ignore_status=404)
         assert env.run(es.indices.exists_alias(name=f"{env.index.alias}.half-done")).body is False
         assert env.run(env.index.alias_target()) == before
+
+    def test_without_must_exist_a_stale_remove_is_skipped_and_the_rest_applies(self, env):
+        """Why every remove says must_exist: 8.14+ applies the other actions and only reports
+        the missing alias (errors: true), which the backend refuses to call a success."""
+        es = env.index._es.options(ignore_status=404)
+        half = f"{env.index.alias}.half-moved"
+        actions = [
+            {"remove": {"index": env.space.index_name, "alias": f"{env.index.alias}.moved-away"}},
+            {"add": {"index": env.space.index_name, "alias": half}},
+        ]
+        with pytest.raises(FailedPrecondition, match="only in part"):
+            env.run(env.index._update_aliases("move", actions))
+        assert env.run(es.indices.exists_alias(name=half)).body is True  # the half-move happened
+        env.run(
+            env.index._update_aliases("undo", [{"remove": {"index": env.space.index_name, "alias": half}}])
+        )
+
+    def _fresh(self, env, tag: str) -> EmbeddingSpace:
+        space = EmbeddingSpace(f"{env.space.model}{tag}", 1, 16)
+        env.created.append(space.index_name)
+        return space
+
+    def test_writers_racing_updates_of_different_fields_lose_none(self, env):
+        """Four clients (four connections, as four workers) apply interleaved updates of
+        different fields of the same products, each in its own order."""
+        space = self._fresh(env, "race")
+        ids = [p.id for p in env.products[:6]]
+        env.run(env.index.upsert(space, [(p, "h", v, 100) for p, v in zip(env.products[:6], env.vectors)]))
+        fields = [
+            ("price", lambda i: float(i)),
+            ("title", lambda i: f"t{i}"),
+            ("in_stock", lambda i: i % 2 == 0),
+            ("brand", lambda i: f"b{i}"),
+        ]
+        ops = [
+            (name, pid, 1000 + n, value(n))
+            for n in range(40)
+            for pid in ids
+            for name, value in [fields[n % 4]]
+        ]
+        rng = __import__("random").Random(3)
+        clients = [
+            ElasticIndex(env.es_url, alias=env.index.alias, refresh_s=0.0, index_type=self.INDEX_TYPE)
+            for _ in range(4)
+        ]
+        try:
+            shares = [ops[w::4] for w in range(4)]
+            for share in shares:
+                rng.shuffle(share)
+
+            async def writer(client, share):
+                for name, pid, seq, value in share:
+                    assert await client.update_fields(space, pid, {name: value}, seq) in ("applied", "stale")
+
+            async def race():
+                await asyncio.gather(*(writer(c, share) for c, share in zip(clients, shares)))
+
+            env.run(race())
+        finally:
+            for c in clients:
+                env.run(c.close())
+        got = env.run(env.index.get(space, ids))
+        for pid in ids:
+            last = {
+                name: max((seq, value) for n2, p2, seq, value in ops if p2 == pid and n2 == name)
+                for name, _ in fields
+            }
+            p = got[pid].product
+            assert (p.price, p.title, p.in_stock, p.brand) == tuple(
+                last[n][1] for n in ("price", "title", "in_stock", "brand")
+            ), pid
+
+    def test_an_older_upsert_after_a_newer_update_keeps_the_update(self, env):
+        space = self._fresh(env, "older")
+        p = env.products[0]
+        env.run(env.index.upsert(space, [(p, "h100", env.vectors[0], 100)]))
+        assert env.run(env.index.update_fields(space, p.id, {"price": 5.0}, 300)) == "applied"
+        relisted = Product(**{**p.to_dict(), "title": "Renamed at 200", "price": 2.0})
+        env.run(env.index.upsert(space, [(relisted, "h200", env.vectors[1], 200)]))
+        got = env.run(env.index.get(space, [p.id]))[p.id]
+        # The upsert at 200 wins every field the update at 300 did not set, image included.
+        assert (got.product.title, got.product.price, got.image_hash) == ("Renamed at 200", 5.0, "h200")
+        np.testing.assert_allclose(got.vector, unit(env.vectors[1]), atol=1e-6)
+
+    def test_a_redelivered_older_upsert_after_a_delete_never_resurrects(self, env):
+        """Deletes are tombstone documents: however long after the delete an older upsert is
+        redelivered (past index.gc_deletes, when Elasticsearch has forgotten its own delete
+        tombstones), the product stays deleted; a newer upsert re-lists it."""
+        space = self._fresh(env, "tomb")
+        p = env.products[1]
+        env.run(env.index.upsert(space, [(p, "h", env.vectors[2], 100)]))
+        env.run(env.index.delete(space, [p.id], 300))
+        env.advance_clock(120)  # past the default index.gc_deletes (60 s)
+        env.run(env.index.upsert(space, [(p, "h", env.vectors[2], 200)]))
+        assert env.run(env.index.get(space, [p.id])) == {}
+        env.run(env.index.refresh(space))
+        assert env.run(env.index.count(space)) == 0
+        hits = env.run(env.index.search(env.vectors[2], space, build_filters(), 5))[1]
+        assert hits == []
+        env.run(env.index.upsert(space, [(p, "h", env.vectors[2], 400)]))
+        assert list(env.run(env.index.get(space, [p.id]))) == [p.id]
 
     def test_missing_alias_is_none(self, env):
         lonely = ElasticIndex(env.es_url, alias=f"looksync-test-none-{uuid.uuid4().hex[:8]}")
@@ -904,10 +745,12 @@ class IndexContract:
             env.run(lonely.close())
 
 
-class TestElasticFake(IndexContract):
+class TestElasticDouble(IndexContract):
+    """The contract against tests/es_double.py, the in-process Elasticsearch 8.17 double."""
+
     @pytest.fixture(scope="class")
     def fake(self):
-        server = FakeElasticsearch()
+        server = ElasticsearchDouble(version="8.17.6")
         yield server
         server.stop()
 
@@ -915,24 +758,51 @@ class TestElasticFake(IndexContract):
     def es_url(self, fake):
         return fake.url
 
+    @pytest.fixture(scope="class")
+    def clock(self, fake):
+        def advance(seconds: float) -> None:
+            before = fake.now
+            fake.now = lambda: before() + seconds
+
+        return advance
+
     def test_wire_requests(self, env, fake):
         """What went over the wire: the index body, a concrete-index search with size k."""
         name = env.space.index_name
-        create = [b for m, p, b in fake.requests if m == "PUT" and p == f"/{name}"]
+        create = [b for m, p, q, b in fake.requests if m == "PUT" and p == f"/{name}"]
         assert (
             create
-            and create[0]["mappings"] == index_body(env.space, server=(9, 2), index_type="hnsw")["mappings"]
+            and create[0]["mappings"] == index_body(env.space, server=(8, 17), index_type="hnsw")["mappings"]
         )
-        assert create[0]["settings"]["index.mapping.exclude_source_vectors"] is False
         fake.requests.clear()
         env.run(env.index.search(env.vectors[1], env.space, build_filters(gender="women"), 7))
-        searches = [(p, b) for m, p, b in fake.requests if p.endswith("/_search")]
+        searches = [(p, b) for m, p, q, b in fake.requests if p.endswith("/_search")]
         assert searches == [
             (
                 f"/{name}/_search",
                 knn_body(env.vectors[1].tolist(), 7, build_filters(gender="women"), 10),
             )
         ]
+
+    def test_client_and_server_share_a_major(self, env, fake):
+        """The 8.x client's compatibility headers, which the 8.x server accepts (a 9.x client's
+        compatible-with=9 is refused by an 8.x server: the double models that)."""
+        import elasticsearch
+
+        assert elasticsearch.__version__[0] == 8
+        fake.requests.clear()
+        env.run(env.index.count(env.space))
+        assert fake.requests  # the call went through the header check
+
+    def test_metadata_updates_never_resend_the_vector(self, env, fake):
+        space, p = self._fresh(env, "novec"), env.products[5]
+        env.run(env.index.upsert(space, [(p, "h", env.vectors[5], 100)]))
+        fake.requests.clear()
+        assert env.run(env.index.update_fields(space, p.id, {"price": 77.0}, 200)) == "applied"
+        bulks = [b for m, path, q, b in fake.requests if path.endswith("_bulk")]
+        assert bulks and all("vector" not in json.dumps(b) for b in bulks)
+        reads = [q for m, path, q, b in fake.requests if path.endswith("_mget")]
+        assert reads and all(q.get("_source_excludes") == "vector" for q in reads)
 
 
 @pytest.mark.skipif(
@@ -990,3 +860,25 @@ def test_closed_port_is_unavailable_quickly(call):
         asyncio.run(scenario())
     assert time.monotonic() - start < 3.0
     assert "http://127.0.0.1:1" in str(caught.value)
+
+
+def test_one_elasticsearch_major_in_every_install_and_deployment():
+    """Client and server must share a major (an 8.x server refuses a 9.x client's headers):
+    pyproject, the gateway image and compose's server all name the same one."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    pins = {
+        "pyproject.toml": (root / "pyproject.toml").read_text(),
+        "deploy/Dockerfile": (root / "deploy/Dockerfile").read_text(),
+    }
+    for where, text in pins.items():
+        (pin,) = re.findall(r'"elasticsearch\[async\]([^"]+)"', text)
+        assert ">=8." in pin and "<9" in pin, (where, pin)
+    compose = (root / "deploy/docker-compose.yml").read_text()
+    (server,) = re.findall(r"elasticsearch/elasticsearch:(\d+)\.", compose)
+    assert server == "8"
+    import elasticsearch
+
+    assert elasticsearch.__version__[0] == 8

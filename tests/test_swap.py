@@ -1,5 +1,5 @@
 """Swapping model versions under load and with live ingestion, on both index backends (the
-Elasticsearch one against tests/test_index_elasticsearch.py's FakeElasticsearch: the same REST
+Elasticsearch one against tests/es_double.py's ElasticsearchDouble: the same REST
 calls a cluster gets, from the gateway, the worker and the CLI as separate processes)."""
 
 import asyncio
@@ -22,7 +22,7 @@ from gateway.index.embedded import EmbeddedIndex
 from gateway.ingest.events import STREAM
 from gateway.models import Swap, TritonModels
 from tests.conftest import looksync, looksync_env, start_gateway, start_triton, wait_for
-from tests.test_index_elasticsearch import FakeElasticsearch
+from tests.es_double import ElasticsearchDouble
 from tests.test_ingest import _drained, _stop, _worker
 
 V1, V2 = EmbeddingSpace("clip", 1, 64), EmbeddingSpace("clip", 2, 64)
@@ -44,7 +44,7 @@ def backend(request):
     if request.param == "embedded":
         yield {}, lambda data: EmbeddedIndex(data / "index", refresh_s=0.2)
         return
-    fake = FakeElasticsearch()
+    fake = ElasticsearchDouble()
     try:
         env = {"LOOKSYNC_INDEX_BACKEND": "elasticsearch", "LOOKSYNC_ES_URL": fake.url}
         yield env, lambda data: ElasticIndex(fake.url, refresh_s=0.2)

@@ -57,7 +57,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 from elastic_transport import ConnectionError as TransportConnectionError
 from elastic_transport import ConnectionTimeout, TransportError
-from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, ConflictError, NotFoundError
+from elasticsearch import ApiError, AsyncElasticsearch, BadRequestError, NotFoundError
 from elasticsearch.helpers import async_streaming_bulk
 
 from gateway.catalog import Product
@@ -70,6 +70,9 @@ from gateway.index.base import (
     StoredProduct,
     check_query,
 )
+from gateway.index.lww import IMAGE, Op
+from gateway.index.lww import apply as lww_apply
+from gateway.ingest.events import seq_at_ms
 
 _FIELDS = [f for f in Product.__dataclass_fields__]
 META_KEY = "looksync"
@@ -78,7 +81,8 @@ MIN_NUM_CANDIDATES = 100
 # The oldest server version each vector index type works on.
 INDEX_TYPES = {"hnsw": (8, 0), "int8_hnsw": (8, 12), "bbq_hnsw": (8, 16)}
 MIN_SERVER = (8, 12)
-# Elasticsearch refuses dot_product vectors whose squared length is off 1 by more than ~1e-4;
+# Elasticsearch refuses dot_product vectors whose squared length is off 1 by more than 1e-4
+# (1e-3 from 8.15 on);
 # vectors within this of unit length are sent as they are, others are normalised first.
 _UNIT_TOLERANCE = 1e-5
 
@@ -147,9 +151,23 @@ def index_body(
                 "image_url": keyword,
                 "image_hash": keyword,
                 "vector": vector_mapping(space.dim, m, ef_construction, index_type),
+                **BOOKKEEPING,
             },
         },
     }
+
+
+# Per-field last-writer-wins state (gateway/index/lww.py) stored with each product: the stream
+# position that set each field, and tombstones (deleted products stay as documents, excluded
+# from every search, so Elasticsearch's own delete tombstones, forgotten after index.gc_deletes,
+# never decide whether an old event may resurrect a product).
+BOOKKEEPING = {
+    "field_seqs": {"type": "object", "enabled": False},
+    "deleted": {"type": "boolean"},
+    "deleted_seq": {"type": "long"},
+    "event_seq": {"type": "long"},
+}
+NOT_DELETED = {"bool": {"must_not": [{"term": {"deleted": True}}]}}
 
 
 def space_from_meta(name: str, meta: dict | None) -> EmbeddingSpace:
@@ -210,9 +228,9 @@ def knn_body(
         "k": k,
         "num_candidates": num_candidates(k, num_candidates_factor),
     }
-    clauses = filter_clauses(filters)
-    if clauses:
-        knn["filter"] = clauses
+    # must_not rather than term deleted=false: documents written before tombstones existed
+    # have no `deleted` field and must still match.
+    knn["filter"] = {"bool": {"filter": filter_clauses(filters), "must_not": [{"term": {"deleted": True}}]}}
     if rescore_oversample is not None:
         # 8.18+/9.0+: re-rank oversampled quantised hits with the raw float vectors.
         knn["rescore_vector"] = {"oversample": rescore_oversample}
@@ -237,45 +255,67 @@ def product_source(product: Product, image_hash: str, vector: np.ndarray) -> dic
     }
 
 
-def _versioned(action: dict, event_seq: int | None) -> dict:
-    """Catalog events carry an order (event_seq): Elasticsearch's external versioning then
-    refuses a write older than the stored document, as the embedded backend's event_seq does.
-    `external_gte` keeps replays of the same event idempotent."""
-    if event_seq is not None:
-        action.update(version=int(event_seq), version_type="external_gte")
-    return action
-
-
-def bulk_actions(index: str, items: Iterable[tuple]) -> list[dict]:
-    """`index` actions (insert or replace by id) for the bulk helper; items are
-    (product, image_hash, vector[, event_seq])."""
-    return [
-        _versioned(
-            {
-                "_op_type": "index",
-                "_index": index,
-                "_id": item[0].id,
-                "_source": product_source(item[0], item[1], item[2]),
-            },
-            item[3] if len(item) > 3 else None,
-        )
-        for item in items
-    ]
-
-
-def delete_actions(index: str, ids: Iterable[str], event_seq: int | None = None) -> list[dict]:
-    return [_versioned({"_op_type": "delete", "_index": index, "_id": pid}, event_seq) for pid in ids]
-
-
 UPDATABLE = frozenset(_FIELDS) - {"id"} | {"image_hash"}
 
 
-def update_body(fields: dict) -> dict:
-    """A partial update of product fields; never the vector (re-embedding goes through upsert)."""
+def check_update(fields: dict) -> None:
+    """Metadata updates change product fields, never the vector (a new image is an upsert)."""
     unknown = sorted(set(fields) - UPDATABLE)
     if unknown:
         raise InvalidArgument(f"cannot update {', '.join(unknown)}: updatable fields are {sorted(UPDATABLE)}")
-    return {"doc": dict(fields)}
+
+
+def row_from_doc(doc: dict) -> dict:
+    """A stored document as an lww row. Documents written before per-field positions existed
+    count every field as set at their `_version` (then their external version = event_seq)."""
+    source = dict(doc["_source"])
+    row = {**source, "id": doc["_id"]}
+    seqs = source.get("field_seqs")
+    if seqs is None:
+        version = int(doc.get("_version", 0))
+        seqs = {
+            f: version for f in source if f not in BOOKKEEPING and f not in ("vector", "image_hash", "id")
+        }
+        seqs[IMAGE] = version
+    row["field_seqs"] = dict(seqs)
+    row.setdefault("deleted", False)
+    row.setdefault("deleted_seq", 0)
+    row.setdefault("event_seq", max(seqs.values(), default=0))
+    return row
+
+
+def doc_of_row(row: dict) -> dict:
+    """The _source for an lww row (the id is stored too: it is a keyword field of the mapping)."""
+    return dict(row)
+
+
+def row_changes(old: dict, new: dict) -> dict:
+    """The partial document that turns `old` into `new`: what `_update` sends (the vector only
+    when the image changed)."""
+    return {k: v for k, v in doc_of_row(new).items() if k not in old or old[k] != v}
+
+
+def write_actions(index: str, writes: list[tuple[str, dict | None, dict, dict | None]]) -> list[dict]:
+    """Bulk actions for merged rows: (id, stored row or None, new row, stored _seq_no/_primary_term).
+    A new product is a `create` (refused if another writer created it first); a stored one is a
+    partial `update` under `if_seq_no`/`if_primary_term` (refused if it changed since it was read).
+    Either refusal is a 409, after which the writer re-reads and merges again."""
+    actions = []
+    for pid, old, new, cas in writes:
+        if old is None:
+            actions.append({"_op_type": "create", "_index": index, "_id": pid, "_source": doc_of_row(new)})
+        else:
+            actions.append(
+                {
+                    "_op_type": "update",
+                    "_index": index,
+                    "_id": pid,
+                    "if_seq_no": cas["_seq_no"],
+                    "if_primary_term": cas["_primary_term"],
+                    "doc": row_changes(old, new),
+                }
+            )
+    return actions
 
 
 def alias_actions(
@@ -289,18 +329,26 @@ def alias_actions(
     the same call moves that alias (now on `previous_now`) to the index `alias` leaves, so the
     rollback target can never disagree with the move."""
     leaving = [old for old in current if old != index]
-    actions: list[dict] = [{"remove": {"index": old, "alias": alias}} for old in leaving]
+    actions: list[dict] = [_remove(old, alias) for old in leaving]
     actions.append({"add": {"index": index, "alias": alias}})
     if previous_alias and leaving:
-        actions += [{"remove": {"index": old, "alias": previous_alias}} for old in previous_now]
+        actions += [_remove(old, previous_alias) for old in previous_now]
         actions.append({"add": {"index": leaving[0], "alias": previous_alias}})
     return actions
+
+
+def _remove(index: str, alias: str) -> dict:
+    """A remove that fails the whole `_aliases` call when the alias is no longer there, i.e.
+    when another process changed the aliases since we read them. Without must_exist, a stale
+    remove is skipped (8.14+: reported in action_results) and the other actions still apply,
+    leaving a half-moved alias. https://www.elastic.co/guide/en/elasticsearch/reference/8.17/indices-aliases.html"""
+    return {"remove": {"index": index, "alias": alias, "must_exist": True}}
 
 
 def set_alias_actions(alias: str, wanted: Iterable[str], current: Iterable[str]) -> list[dict]:
     """Make `alias` name exactly the `wanted` indexes (the write-also list), in one call."""
     wanted, current = list(wanted), list(current)
-    return [{"remove": {"index": n, "alias": alias}} for n in current if n not in wanted] + [
+    return [_remove(n, alias) for n in current if n not in wanted] + [
         {"add": {"index": n, "alias": alias}} for n in wanted if n not in current
     ]
 
@@ -318,6 +366,10 @@ def unit(vector: np.ndarray) -> np.ndarray:
     if not np.isfinite(squared) or squared == 0.0:
         raise FailedPrecondition("a zero or non-finite vector cannot be indexed or searched")
     return (v / np.sqrt(squared)).astype(np.float32)
+
+
+def _now_seq() -> int:
+    return seq_at_ms(int(time.time() * 1000))
 
 
 def parse_version(number: str) -> tuple[int, int]:
@@ -573,6 +625,12 @@ class ElasticIndex(CatalogIndex):
         recorded = space_from_meta(name, mappings[name].get("_meta"))
         if recorded != space:
             raise FailedPrecondition(f"index {name} holds {recorded}, not {space}")
+        missing = {k: v for k, v in BOOKKEEPING.items() if k not in mappings[name].get("properties", {})}
+        if missing:  # an index made before per-field ordering: adding fields is allowed when strict
+            await self._call(
+                f"add ordering fields to {name}",
+                self._client().indices.put_mapping(index=name, properties=missing),
+            )
 
     async def set_current(self, space: EmbeddingSpace) -> str:
         """Move the alias to the index of `space` (atomically, away from whatever it named;
@@ -593,13 +651,19 @@ class ElasticIndex(CatalogIndex):
         another process changed the aliases in between, Elasticsearch refuses the whole call
         (404) and nothing changes: say so instead of failing obscurely."""
         try:
-            await self._call(what, self._client().indices.update_aliases(actions=actions))
+            resp = await self._call(what, self._client().indices.update_aliases(actions=actions))
         except NotFoundError as exc:
             self._forget()
             self._writes = None
             raise FailedPrecondition(
                 f"{what}: the aliases changed meanwhile (another swap or rollback?); run it again ({exc})"
             ) from None
+        if resp.body.get("errors"):  # 8.14+: some action did not apply (cannot happen with must_exist)
+            self._forget()
+            self._writes = None
+            raise FailedPrecondition(
+                f"{what}: Elasticsearch applied it only in part: {resp.body.get('action_results')}"
+            )
 
     def _aux(self, role: str) -> str:
         return f"{self.alias}.{role}"
@@ -674,8 +738,10 @@ class ElasticIndex(CatalogIndex):
         )
         return True
 
-    async def _bulk(self, what: str, actions: list[dict], ok_statuses: tuple[int, ...] = ()) -> None:
-        failed: list[dict] = []
+    async def _bulk(self, what: str, actions: list[dict]) -> dict[str, dict]:
+        """Send actions through the bulk helper (chunked, retried on 429); {id: item result}
+        of the items that failed."""
+        failed: dict[str, dict] = {}
         stream = async_streaming_bulk(
             self._client(self.bulk_timeout_s),
             actions,
@@ -685,90 +751,119 @@ class ElasticIndex(CatalogIndex):
             initial_backoff=self.bulk_initial_backoff_s,
             max_backoff=30,
             raise_on_error=False,
+            raise_on_exception=True,
             yield_ok=False,
         )
 
         async def drain():
             async for ok, item in stream:
                 (result,) = item.values()
-                if not ok and result.get("status") not in ok_statuses:
-                    failed.append(result)
+                if not ok:
+                    failed[result.get("_id")] = result
 
         await self._call(what, drain())
-        if failed:
-            first = failed[0]
-            reason = first.get("error", {})
-            if isinstance(reason, dict):
-                reason = f"{reason.get('type')}: {reason.get('reason')}"
-            raise Unavailable(
-                f"{what}: {len(failed)} of {len(actions)} documents failed at {safe_url(self.url)}; "
-                f"first: id {first.get('_id')!r} status {first.get('status')} ({reason})"
+        return failed
+
+    async def _read_rows(self, name: str, ids: list[str]) -> dict[str, tuple[dict, dict]]:
+        """{id: (lww row, {_seq_no, _primary_term})} of stored documents, tombstones included.
+        Real-time reads (mget), without vectors: merges never need the stored one."""
+        found = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            resp = await self._call(
+                f"read products from {name}",
+                self._client().mget(index=name, ids=chunk, source_excludes=["vector"]),
             )
+            for doc in resp["docs"]:
+                if "error" in doc:
+                    raise Unavailable(f"reading {doc.get('_id')!r} from {name} failed: {doc['error']}")
+                if doc.get("found"):
+                    found[doc["_id"]] = (row_from_doc(doc), {k: doc[k] for k in ("_seq_no", "_primary_term")})
+        return found
+
+    async def apply_ops(self, space: EmbeddingSpace, ops: list[Op], attempts: int = 10) -> list[str]:
+        """Apply catalog operations with per-field last-writer-wins (gateway/index/lww.py, the
+        same merge as the embedded backend): read the stored rows, merge, and write back only
+        if nobody wrote them in between (create / if_seq_no); the ids another writer got to
+        first are read and merged again. Any number of writers, any arrival order: the same
+        final document, field by field."""
+        if not ops:
+            return []
+        name = await self.ensure(space)
+        outcomes: list[str | None] = [None] * len(ops)
+        todo = list(range(len(ops)))
+        for _ in range(attempts):
+            ids = list(dict.fromkeys(ops[i].product_id for i in todo))
+            stored = await self._read_rows(name, ids)
+            rows = {pid: stored[pid][0] for pid in stored}
+            for i in todo:
+                new, outcome = lww_apply(rows.get(ops[i].product_id), ops[i])
+                outcomes[i] = outcome
+                if new is not None:
+                    rows[ops[i].product_id] = new
+            writes = [
+                (
+                    pid,
+                    stored[pid][0] if pid in stored else None,
+                    rows[pid],
+                    stored[pid][1] if pid in stored else None,
+                )
+                for pid in ids
+                if pid in rows and (pid not in stored or row_changes(stored[pid][0], rows[pid]))
+            ]
+            if not writes:
+                return outcomes
+            failed = await self._bulk(f"write to {name}", write_actions(name, writes))
+            conflicts = {pid for pid, item in failed.items() if item.get("status") == 409}
+            broken = {pid: item for pid, item in failed.items() if pid not in conflicts}
+            if broken:
+                self._forget(name)
+                pid, item = next(iter(broken.items()))
+                reason = item.get("error", {})
+                if isinstance(reason, dict):
+                    reason = f"{reason.get('type')}: {reason.get('reason')}"
+                raise Unavailable(
+                    f"write to {name}: {len(broken)} of {len(writes)} documents failed at "
+                    f"{safe_url(self.url)}; first: id {pid!r} status {item.get('status')} ({reason})"
+                )
+            if not conflicts:
+                return outcomes
+            todo = [i for i in todo if ops[i].product_id in conflicts]
+        raise Unavailable(f"index {name}: too many concurrent writers for the same products")
 
     async def upsert(self, space, items):
-        if not items:
-            return
-        name = await self.ensure(space)
-        prepared = []
+        """items: (product, image_hash, vector[, event_seq]); without an event_seq the write is
+        ordered by this host's clock (use one for anything that races with catalog events)."""
+        ops = []
         for item in items:
             product, image_hash, vector = item[:3]
             if vector.shape != (space.dim,):
                 raise FailedPrecondition(f"vector for {product.id} is not {space.dim}-d")
-            prepared.append((product, image_hash, unit(vector), *item[3:4]))
-        try:
-            # 409: a newer event already wrote that product (external versioning).
-            await self._bulk(f"index into {name}", bulk_actions(name, prepared), ok_statuses=(409,))
-        except Unavailable:
-            self._forget(name)
-            raise
+            seq = item[3] if len(item) > 3 and item[3] is not None else _now_seq()
+            fields = product_source(product, image_hash, unit(vector))
+            fields.pop("id")
+            ops.append(Op("upsert", product.id, seq, fields))
+        await self.apply_ops(space, ops)
 
     async def update_fields(
         self, space: EmbeddingSpace, product_id: str, fields: dict, event_seq: int | None = None
     ) -> str:
         """Change some fields of one stored product: "applied", "missing" or "stale"."""
-        body = update_body(fields)
-        name = await self.ensure(space, make_current_if_none=False)
-        if event_seq is None:
-            try:
-                await self._call(
-                    f"update {product_id} in {name}",
-                    self._client().update(index=name, id=product_id, doc=body["doc"], retry_on_conflict=3),
-                )
-            except NotFoundError:
-                return "missing"
-            return "applied"
-        # Ordered update: _update cannot take an external version, so read, merge and write
-        # the whole document back under the event's version (the vector is only re-sent, never
-        # recomputed).
-        try:
-            doc = await self._call(
-                f"read {product_id} from {name}", self._client().get(index=name, id=product_id)
-            )
-        except NotFoundError:
-            return "missing"
-        if int(doc["_version"]) > int(event_seq):
-            return "stale"
-        source = {**doc["_source"], **body["doc"]}
-        try:
-            await self._call(
-                f"update {product_id} in {name}",
-                self._client().index(
-                    index=name,
-                    id=product_id,
-                    document=source,
-                    version=int(event_seq),
-                    version_type="external_gte",
-                ),
-            )
-        except ConflictError:
-            return "stale"
-        return "applied"
+        check_update(fields)
+        seq = _now_seq() if event_seq is None else event_seq
+        return (await self.apply_ops(space, [Op("update", product_id, seq, dict(fields))]))[0]
 
     async def delete(self, space: EmbeddingSpace, ids: list[str], event_seq: int | None = None) -> None:
-        if not ids:
-            return
-        name = await self.ensure(space, make_current_if_none=False)
-        await self._bulk(f"delete from {name}", delete_actions(name, ids, event_seq), ok_statuses=(404, 409))
+        seq = _now_seq() if event_seq is None else event_seq
+        await self.apply_ops(space, [Op("delete", pid, seq) for pid in ids])
+
+    async def apply_events(self, space, events):
+        for kind, _, _, fields in events:
+            if kind == "update":
+                check_update(fields or {})
+        return await self.apply_ops(
+            space, [Op(kind, pid, seq, dict(fields or {})) for kind, pid, seq, fields in events]
+        )
 
     async def get(self, space, ids):
         if not ids:
@@ -781,7 +876,7 @@ class ElasticIndex(CatalogIndex):
             for doc in resp["docs"]:
                 if "error" in doc:
                     raise Unavailable(f"reading {doc.get('_id')!r} from {name} failed: {doc['error']}")
-                if doc.get("found"):
+                if doc.get("found") and not doc["_source"].get("deleted"):
                     source = doc["_source"]
                     found[doc["_id"]] = StoredProduct(
                         product_from_source(source),
@@ -793,7 +888,7 @@ class ElasticIndex(CatalogIndex):
     async def count(self, space):
         """Documents visible to search (written ones appear after the index refresh interval)."""
         name = await self.ensure(space, make_current_if_none=False)
-        resp = await self._call(f"count {name}", self._client().count(index=name))
+        resp = await self._call(f"count {name}", self._client().count(index=name, query=NOT_DELETED))
         return int(resp["count"])
 
     async def refresh(self, space: EmbeddingSpace) -> None:
