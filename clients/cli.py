@@ -1,4 +1,4 @@
-"""`looksync`: the command line of DESIGN.md ("Public interfaces")."""
+"""`looksync`: the command line (docs/ARCHITECTURE.md, "Public interfaces"): add commands, never rename."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Turns model checkpoints into Triton model-repository versions (see DESIGN.md, `export/`)."""
+"""Turns model checkpoints into Triton model-repository versions (see docs/ARCHITECTURE.md, "Export")."""

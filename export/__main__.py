@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         weights.add_argument("--checkpoint", help="local Hugging Face model directory (never downloaded)")
         weights.add_argument("--random-init", action="store_true", help="random weights (the default)")
         vision.add_argument(
-            "--tiny", action="store_true", help="the tiny config of EXPORT_NOTES.md (random-init only)"
+            "--tiny", action="store_true", help="the smallest config on the same code path (random-init only)"
         )
         vision.add_argument("--version", type=int, required=True, help="Triton version number to write")
         vision.add_argument("--target", choices=["cpu", "gpu"], default="cpu")

@@ -60,7 +60,7 @@ def _export_onnx(module, example, input_name: str, path: Path, opset: int) -> No
 
     from export.vision_common import export_onnx
 
-    # The legacy exporter cannot trace the fused MHA fast path (EXPORT_NOTES.md).
+    # The legacy exporter fails on the fused MHA fast path (aten::_native_multi_head_attention).
     torch.backends.mha.set_fastpath_enabled(False)
     export_onnx(
         module,

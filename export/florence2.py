@@ -17,10 +17,11 @@ is constant work. The cost is two graphs instead of one and the cache tensors cr
 session boundary, which stays small (6 layers x 2 x (B, 12, L, 64)).
 
 Tokenizer and processor: a checkpoint directory brings its own; with random weights they are
-built offline (byte-level BART vocabulary, task and `<loc_0>`..`<loc_999>` tokens,
-EXPORT_NOTES.md). Either way `save_pretrained` writes them into the version folder, and the
-python model in Triton tokenizes with a plain-Python reader of that `tokenizer.json`, which
-is checked against transformers' tokenizer here.
+built offline (byte-level BART vocabulary, task and `<loc_0>`..`<loc_999>` tokens, and a
+`post_processor_config` with the task keys: docs/ARCHITECTURE.md, "Export"). Either way
+`save_pretrained` writes them into the version folder, and the python model in Triton tokenizes
+with a plain-Python reader of that `tokenizer.json`, which is checked against transformers'
+tokenizer here.
 
 `--tiny` with random weights also "imprints" the model: a few seconds of fitting so that it
 answers every grounding prompt with one fixed phrase and box. Random weights alone almost
@@ -300,7 +301,7 @@ def wrappers(model):
                 cross.update(past[4 * i + 2], past[4 * i + 3], i)
             cache = EncoderDecoderCache(own, cross)
             # encoder_hidden_states must be passed even with the cross K/V cached: without it
-            # BART skips cross-attention altogether (EXPORT_NOTES.md).
+            # BART skips cross-attention altogether (found by running transformers' BART decoder).
             out = self.core.language_model.decoder(
                 input_ids=input_ids,
                 encoder_hidden_states=encoder_hidden_states,

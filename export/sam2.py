@@ -10,7 +10,7 @@ Two graphs, split where SAM2 itself splits its work:
                    -> pred_masks (B,N,S/4,S/4) logits, iou_scores (B,N)
 
 The prompt encoder + mask decoder is exported with the legacy exporter: the dynamo export fails
-in onnxruntime when batch > 1 and boxes > 1 (`repeat_interleave`, EXPORT_NOTES.md).
+in onnxruntime when batch > 1 and boxes > 1 (`repeat_interleave` in the mask decoder).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from export.vision_common import (
 )
 from export.vision_configs import VisionPlan, onnx_io, part_config, sam2_mask_config
 
-# EXPORT_NOTES.md: the smallest config on the same code path (1.4 M params, 256 px).
+# The smallest config on the same code path (1.4 M params, 256 px). `model_type` in
+# backbone_config is required: without it transformers fails with `KeyError: None`.
 TINY_CONFIG = dict(
     vision_config=dict(
         backbone_config=dict(

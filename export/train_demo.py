@@ -3,10 +3,12 @@
     python -m export.train_demo --minutes 10 --out export/weights/looksync-demo.pt
 
 Contrastive (image, caption) pairs: catalog renderings, and the body-zone crops of looks that
-wear variations of catalog items, captioned exactly like the item they came from (training on
-the query distribution is what makes look -> garment work; see EXPORT_NOTES.md). Reproducible
-from the seed up to the number of steps the time budget allows; the record next to the weights
-says how many ran, the loss curve and the evaluation.
+wear variations of catalog items, captioned exactly like the item they came from. Training on
+the query distribution is what makes look -> garment work: without the crops, look -> garment
+recall in a prototype was far lower, and crops captioned "a person wearing ..." lost most of
+the gain (docs/ARCHITECTURE.md, "Export"). Reproducible from the seed up to the number of steps
+the time budget allows; the record next to the weights says how many ran, the loss curve and
+the evaluation.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class ServingPlan:
     image_size: int
     context_length: int
     batching: Batching = field(default_factory=Batching)
-    # Versions kept loaded: the serving one and the incoming one during a swap (DESIGN.md).
+    # Versions kept loaded: the serving one and the incoming one during a swap (gateway/models.py).
     versions_kept: int = 2
     cpu_instances: int = 1
     gpu_instances: int = 1

@@ -111,7 +111,7 @@ def check_field(name: str, value):
 
 
 def parse_record(raw: dict) -> Product:
-    """Validate one catalog record (DESIGN.md "Catalog records") into a Product."""
+    """Validate one catalog record (docs/ARCHITECTURE.md, "Catalog records and events") into a Product."""
     if not isinstance(raw, dict):
         raise RecordError("record is not a JSON object")
     return Product(

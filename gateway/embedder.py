@@ -1,8 +1,8 @@
 """Embeddings from Triton: `<model>_text` and `<model>_image` at an explicit model version.
 
-The version always comes from the index being searched (DESIGN.md, "Embedding identity"), so
-this client never picks "latest" on its own. Every call has a deadline; Triton's failures are
-translated into the gateway's errors here and nowhere else.
+The version always comes from the index being searched (docs/ARCHITECTURE.md, "Embedding
+identity"), so this client never picks "latest" on its own. Every call has a deadline; Triton's
+failures are translated into the gateway's errors here and nowhere else.
 """
 
 from __future__ import annotations

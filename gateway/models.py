@@ -1,4 +1,4 @@
-"""Model versions and swaps (DESIGN.md "Model versions and swaps").
+"""Model versions and swaps (docs/ARCHITECTURE.md, "Model versions and swaps").
 
     activate N+1:  load N+1 in Triton (N stays) -> create products-<model>-v<N+1> and have live
                    ingestion write to it too -> re-embed the catalog into it (bulk path,

@@ -1,4 +1,4 @@
-"""Catalog events (DESIGN.md "Catalog events"): parsing, validation and ordering.
+"""Catalog events (docs/ARCHITECTURE.md, "Catalog records and events"): parsing, validation, ordering.
 
 Each Redis stream id ("<ms>-<seq>") becomes an integer `event_seq` that orders writes of one
 product in the index, so a replayed or late event never overwrites a newer state.
