@@ -178,6 +178,7 @@ def main() -> None:
         catalog = generate(work / "catalog", n=args.products, seed=3)
         triton = TritonServer(work / "repo", free_port(), free_port(), free_port(), work_dir=work / "triton")
         triton.start(log_file=open(work / "triton.log", "w"))
+        procs.append(triton.process)
         rport = free_port()
         procs.append(
             subprocess.Popen(
