@@ -3,6 +3,7 @@ a real headless Chromium (Debian's, installed by `scripts/setup.sh --test`) agai
 prepared from real look searches through the gateway."""
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -18,7 +19,6 @@ import pytest
 from benchmarks.mos.agreement import krippendorff_alpha_interval, within_one
 from benchmarks.mos.report import agreement_table, preference_table, score_table
 from benchmarks.mos.store import CRITERIA
-from benchmarks.mos.tasks import System, prepare, world_looks
 from clients.world import write_world
 from tests.conftest import REPO
 
@@ -107,8 +107,15 @@ def study(client, gateway, catalog, tmp_path_factory):
     (so the space a request names is exercised too)."""
     root = tmp_path_factory.mktemp("mos")
     write_world(root / "world", products=40, looks=3, seed=5)
-    systems = [System.parse(f"alias={gateway.address}"), System.parse(f"named={gateway.address}/clip:1")]
-    tasks = prepare(world_looks(root / "world"), systems, root / "tasks", catalog.parent, k=3, progress=False)
+    # As the README writes it: relative paths, run from the folder that holds the world.
+    prepared = subprocess.run(
+        [sys.executable, "-m", "benchmarks.mos", "prepare", "--world", "world", "--out", "tasks",
+         "--looks", "3", "--k", "3", "--catalog-root", str(catalog.parent),
+         "--system", f"alias={gateway.address}", "--system", f"named={gateway.address}/clip:1"],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    tasks = json.loads((root / "tasks" / "tasks.json").read_text())
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.mos", "serve", "--tasks", str(root / "tasks"),
          "--db", str(root / "mos.sqlite"), "--port", "0"],
@@ -166,6 +173,9 @@ def _score_all(driver, url: str, annotator: str, score_of) -> dict[str, dict[str
             return given
         page = driver.page_source
         assert "alias" not in page and "named" not in page  # blind: no system name on the page
+        assert "no image" not in page  # every item shows its look (and its products)
+        look = driver.find_element(By.CSS_SELECTOR, "img[alt='look']")
+        assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", look) > 0
         item = driver.find_element(By.NAME, "item").get_attribute("value")
         scores = {c: score_of(item, c) for c in CRITERIA}
         for c, v in scores.items():

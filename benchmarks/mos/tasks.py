@@ -87,12 +87,15 @@ def prepare(
 ) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    catalog_root = Path(catalog_root).resolve()
     if len({s.name for s in systems}) != len(systems):
         raise ValueError("system names must be distinct")
     items, pairs = [], []
     for n, look in enumerate(looks, 1):
         image = Path(look["image"]).read_bytes()
-        look_image = _copy_image(str(look["image"]), Path("/"), out, "looks")
+        # Resolved here: a relative world path (`--world .looksync/world`) is relative to where
+        # the command runs, not to the filesystem root.
+        look_image = _copy_image(str(Path(look["image"]).resolve()), Path("/"), out, "looks")
         per_system = {}
         for system in systems:
             with LookSyncClient(system.address) as client:
