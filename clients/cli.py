@@ -21,6 +21,15 @@ def _settings():
     return get_settings()
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("looksync")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown (not installed)"
+
+
 def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--category", action="append", default=[], help="standard category (repeatable)")
     p.add_argument("--gender", default="", help="women | men | unisex")
@@ -32,7 +41,25 @@ def _add_filters(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-stock", action="store_true")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--json", action="store_true", help="print the response as JSON")
+    p.add_argument("--space", help="search this embedding space, MODEL:VERSION (default: the alias's)")
+    _add_connection(p)
+
+
+def _add_connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gateway", help="gateway address (default from LOOKSYNC_GATEWAY_URL)")
+    p.add_argument("--tls", action="store_true", help="connect over TLS (LOOKSYNC_GATEWAY_TLS)")
+    p.add_argument("--ca-file", help="PEM roots of a private CA (LOOKSYNC_GATEWAY_CA_FILE); implies --tls")
+    p.add_argument("--server-name", help="the name in the gateway's certificate, when not its address")
+    p.add_argument("--token", help="Admin token (default LOOKSYNC_ADMIN_TOKEN)")
+
+
+def _space(args):
+    if not getattr(args, "space", None):
+        return None
+    model, sep, version = args.space.partition(":")
+    if not sep or not version.isdigit():
+        raise ValueError(f"--space {args.space!r}: expected MODEL:VERSION, e.g. clip:2 (0 = newest)")
+    return (model, int(version))
 
 
 def _filters(args):
@@ -73,12 +100,22 @@ def _print_response(resp, as_json: bool) -> None:
 def _client(args):
     from clients.client import LookSyncClient
 
-    return LookSyncClient(args.gateway or _settings().gateway_url)
+    s = _settings()
+    ca_file = args.ca_file or s.gateway_ca_file
+    token = args.token or (s.admin_token.get_secret_value() if s.admin_token else None)
+    return LookSyncClient(
+        args.gateway or s.gateway_url,
+        tls=args.tls or s.gateway_tls or bool(ca_file),
+        root_certificates=Path(ca_file).read_bytes() if ca_file else None,
+        server_name=args.server_name,
+        admin_token=token,
+    )
 
 
 def cmd_search_text(args) -> int:
     with _client(args) as client:
-        _print_response(client.search_text(args.text, k=args.k, filters=_filters(args)), args.json)
+        resp = client.search_text(args.text, k=args.k, filters=_filters(args), space=_space(args))
+        _print_response(resp, args.json)
     return 0
 
 
@@ -86,7 +123,12 @@ def cmd_search_image(args) -> int:
     image = Path(args.image).read_bytes()
     with _client(args) as client:
         resp = client.search_image(
-            image, k=args.k, filters=_filters(args), text_modifier=args.text, text_weight=args.text_weight
+            image,
+            k=args.k,
+            filters=_filters(args),
+            text_modifier=args.text,
+            text_weight=args.text_weight,
+            space=_space(args),
         )
         _print_response(resp, args.json)
     return 0
@@ -95,7 +137,7 @@ def cmd_search_image(args) -> int:
 def cmd_search_look(args) -> int:
     image = Path(args.image).read_bytes()
     with _client(args) as client:
-        resp = client.search_look(image, k_per_layer=args.k, filters=_filters(args))
+        resp = client.search_look(image, k_per_layer=args.k, filters=_filters(args), space=_space(args))
     if args.json:
         _print_response(resp, True)
         return 0
@@ -373,6 +415,26 @@ def cmd_demo(args) -> int:
     return run_demo(keep_running=args.keep_running)
 
 
+def cmd_admin(args) -> int:
+    """The gateway's Admin service over gRPC (status, activate, rollback), for operators who
+    reach the gateway but not Triton or the index."""
+    with _client(args) as client:
+        if args.action == "status":
+            resp = client.model_status(args.model)
+        elif args.action == "rollback":
+            resp = client.rollback_model(args.model)
+        else:
+            if args.version is None or not args.catalog:
+                raise ValueError("admin activate needs --version and --catalog (a path on the gateway)")
+            resp = client.activate_model(
+                args.version, args.catalog, args.model, args.grace_s, args.min_overlap, args.force
+            )
+    from google.protobuf.json_format import MessageToJson
+
+    print(MessageToJson(resp, preserving_proto_field_name=True))
+    return 0
+
+
 def cmd_loadtest(args) -> int:
     from clients.loadtest import run_cli
 
@@ -381,6 +443,7 @@ def cmd_loadtest(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="looksync", description="LookSync: match looks to products")
+    parser.add_argument("--version", action="version", version=f"looksync {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("triton", help="start Triton on the CPU target and wait until ready")
@@ -458,6 +521,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser(
+        "admin", help="the gateway's Admin RPCs: status | activate | rollback (needs the token)"
+    )
+    p.add_argument("action", choices=["status", "activate", "rollback"])
+    p.add_argument("--model", default="", help="default: the gateway's embedding model")
+    p.add_argument("--version", type=int, help="activate: the new version (exported already)")
+    p.add_argument("--catalog", help="activate: the catalog file, as a path on the gateway")
+    p.add_argument("--grace-s", type=float, default=60.0)
+    p.add_argument("--min-overlap", type=float, default=0.5)
+    p.add_argument("--force", action="store_true")
+    _add_connection(p)
+    p.set_defaults(func=cmd_admin)
 
     p = sub.add_parser("sample-catalog", help="generate the synthetic sample catalog")
     p.add_argument("out")

@@ -41,11 +41,31 @@ class FilterArgs:
 class LookSyncClient:
     """One channel per client object: create it once and reuse it (channels are expensive)."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 10.0):
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        timeout_s: float = 10.0,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        server_name: str | None = None,
+        admin_token: str | None = None,
+    ):
+        """tls: connect over TLS (with `root_certificates`, PEM, for a private CA; the system's
+        roots otherwise; `server_name` when the certificate names another host than the address).
+        admin_token: sent as `authorization: Bearer ...` on Admin calls only."""
         self.address = address
         self.timeout_s = timeout_s
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+        self.admin_token = admin_token
+        options = [("grpc.max_send_message_length", 64 << 20)]
+        if tls or root_certificates:
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self.channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.LookSearchStub(self.channel)
+        self.admin = pb_grpc.AdminStub(self.channel)
 
     def search_text(
         self,
@@ -103,6 +123,48 @@ class LookSyncClient:
         stub = health_pb2_grpc.HealthStub(self.channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    # --- Admin (operators; needs the token) -----------------------------------------------
+
+    def _admin_meta(self):
+        if not self.admin_token:
+            raise ValueError("Admin calls need an admin token (LOOKSYNC_ADMIN_TOKEN or --token)")
+        return (("authorization", f"Bearer {self.admin_token}"),)
+
+    def model_status(self, model: str = "", timeout_s: float | None = None) -> pb.ModelStatusResponse:
+        return self.admin.ModelStatus(
+            pb.ModelStatusRequest(model=model),
+            timeout=timeout_s or self.timeout_s,
+            metadata=self._admin_meta(),
+        )
+
+    def activate_model(
+        self,
+        version: int,
+        catalog_path: str,
+        model: str = "",
+        grace_s: float = 60.0,
+        min_overlap: float = 0.5,
+        force: bool = False,
+        timeout_s: float = 24 * 3600,
+    ) -> pb.ActivateModelResponse:
+        """Runs the whole swap on the gateway (re-embedding the catalog): a long deadline."""
+        request = pb.ActivateModelRequest(
+            model=model,
+            version=version,
+            catalog_path=catalog_path,
+            grace_s=grace_s,
+            min_overlap=min_overlap,
+            force=force,
+        )
+        return self.admin.ActivateModel(request, timeout=timeout_s, metadata=self._admin_meta())
+
+    def rollback_model(self, model: str = "", timeout_s: float | None = None) -> pb.RollbackModelResponse:
+        return self.admin.RollbackModel(
+            pb.RollbackModelRequest(model=model),
+            timeout=timeout_s or self.timeout_s,
+            metadata=self._admin_meta(),
+        )
 
     def close(self) -> None:
         self.channel.close()

@@ -70,6 +70,8 @@ class Settings(BaseSettings):
 
     # Gateway
     gateway_url: str = Field("127.0.0.1:50051", description="where clients find the gateway")
+    gateway_tls: bool = Field(False, description="clients connect to the gateway over TLS")
+    gateway_ca_file: Path | None = Field(None, description="clients: PEM roots for a private CA")
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50051
     metrics_port: int = 9464

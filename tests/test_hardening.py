@@ -2,9 +2,9 @@
 a dead cache, and fuzzing of request validation and image decoding."""
 
 import io
+import json
 import subprocess
 import threading
-import time
 
 import grpc
 import numpy as np
@@ -13,14 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clients.client import FilterArgs
+from clients.client import FilterArgs, LookSyncClient
 from clients.looks import compose_look
 from export.triton.preprocess import InvalidImage, decode_image
 from gateway.api import looksync_pb2 as pb
 from gateway.api import looksync_pb2_grpc as pb_grpc
 from gateway.errors import InvalidArgument
 from gateway.filters import build_filters
-from tests.conftest import free_port, looksync_env, metric, start_gateway
+from tests.conftest import free_port, looksync, looksync_env, metric, start_gateway, wait_for
 from tests.llm_stub import Reply, ScriptedLLM, candidate_ids
 
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
@@ -437,27 +437,46 @@ def test_tls_when_a_certificate_is_configured(triton, indexed, tmp_path):
         check=True,
         capture_output=True,
     )
-    env = looksync_env(triton, indexed, LOOKSYNC_TLS_CERT_FILE=str(cert), LOOKSYNC_TLS_KEY_FILE=str(key))
+    env = looksync_env(
+        triton,
+        indexed,
+        LOOKSYNC_TLS_CERT_FILE=str(cert),
+        LOOKSYNC_TLS_KEY_FILE=str(key),
+        LOOKSYNC_ADMIN_TOKEN="tls-admin-token",
+    )
     gw = start_gateway(env, tmp_path / "gateway.log", wait_serving=False, probe=False)
     try:
-        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
-        channel = grpc.secure_channel(
-            gw.address, creds, options=[("grpc.ssl_target_name_override", "localhost")]
+        # The project's own client, over TLS with the private CA, searching and calling Admin.
+        secure = LookSyncClient(
+            gw.address,
+            root_certificates=cert.read_bytes(),
+            server_name="localhost",
+            admin_token="tls-admin-token",
         )
-        stub = pb_grpc.LookSearchStub(channel)
-        deadline = time.monotonic() + 30
-        while True:
+
+        def answers():
             try:
-                resp = stub.SearchText(pb.SearchTextRequest(text="dress", k=2), timeout=5)
-                break
+                return secure.search_text("dress", k=2, timeout_s=5)
             except grpc.RpcError:
-                assert time.monotonic() < deadline
-                time.sleep(0.3)
-        assert len(resp.hits) == 2
-        channel.close()
+                return None
+
+        assert len(wait_for(answers, what="the TLS gateway").hits) == 2
+        status = secure.model_status()
+        assert status.model == "clip" and list(status.loaded_versions) == [1]
+        secure.close()
         with gw.client() as plain, pytest.raises(grpc.RpcError) as err:
             plain.search_text("dress", k=2, timeout_s=3)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # And the CLI, with the same options.
+        cli = looksync(
+            "admin", "status", "--gateway", gw.address, "--ca-file", str(cert), "--server-name", "localhost",
+            "--token", "tls-admin-token", env=env,
+        )  # fmt: skip
+        assert cli.returncode == 0, cli.stderr
+        assert json.loads(cli.stdout)["alias_target"] == "products-clip-v1"
+        refused = looksync("admin", "status", "--gateway", gw.address, "--ca-file", str(cert),
+                           "--server-name", "localhost", "--token", "wrong", env=env)  # fmt: skip
+        assert refused.returncode == 2 and refused.stderr.startswith("error: PERMISSION_DENIED")
     finally:
         gw.stop()
 
