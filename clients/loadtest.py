@@ -227,6 +227,7 @@ class LoadConfig:
     max_inflight: int = 1000  # open loop: per process; beyond it sends wait (and that is measured)
     server_timings: bool = False
     window_s: float = 1.0  # timeline resolution
+    progress: bool = False  # print a line per window while running (the CLI turns it on)
     seed: int = 0
     connect_timeout_s: float = 10.0
     grace_s: float = 2.0  # after the phase and one timeout, wait this long, then cancel what is left
@@ -619,13 +620,11 @@ class LoadReport:
     def plot(self, path: str | Path) -> Path:
         """Latency by percentile, latency over time and throughput over time, as a PNG."""
         path = Path(path)
-        data = _plot_data(self)
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            _plot_pillow(data, path)
-        else:
-            _plot_matplotlib(data, path)
+            raise ValueError("plots need matplotlib: pip install 'looksync[bench]'") from None
+        _plot_matplotlib(_plot_data(self), path)
         return path
 
 
@@ -821,6 +820,25 @@ class _Driver:
             self.stats.unsent += int(measured) + int(later)
             raise
 
+    async def _report_progress(self, end_at: float) -> None:
+        """One line per finished window on stderr (per process): rate, p50/p99, errors."""
+        st, window_s = self.stats, self.cfg.window_s
+        index = 0
+        while True:
+            due = st.measure_start + (index + 1) * window_s
+            await asyncio.sleep(max(due - time.monotonic(), 0.0))
+            w = st.windows.get(index, _Window())
+            p50, p99 = (w.latency.percentile(p) * 1e3 if w.latency.count else float("nan") for p in (50, 99))
+            print(
+                f"[loadtest p{self.share.worker} {(index + 1) * window_s:6.1f}s] {w.ok / window_s:7.1f} ok/s  "
+                f"p50 {p50:7.1f} ms  p99 {p99:7.1f} ms  errors {w.errors}",
+                file=sys.stderr,
+                flush=True,
+            )
+            index += 1
+            if due >= end_at:
+                return
+
     async def run(self, start: float) -> WorkerStats:
         cfg, st = self.cfg, self.stats
         st.start = start
@@ -839,6 +857,8 @@ class _Driver:
             drivers = set(tasks)
         else:
             drivers = {asyncio.create_task(self._open_scheduler(end_at, tasks))}
+        if cfg.progress:
+            drivers_progress = asyncio.create_task(self._report_progress(end_at))
         # Everything is bounded: issuing stops at end_at, each call at its deadline.
         hard_stop = end_at + cfg.timeout_s + cfg.grace_s
         await asyncio.wait(drivers, timeout=max(hard_stop - time.monotonic(), 0.0))
@@ -850,6 +870,8 @@ class _Driver:
             t.cancel()
         if leftover:
             await asyncio.gather(*leftover, return_exceptions=True)
+        if cfg.progress:
+            drivers_progress.cancel()
         for t in drivers:
             if not t.cancelled() and t.exception() is not None:
                 raise t.exception()
@@ -1033,87 +1055,6 @@ def _plot_data(report: LoadReport) -> dict:
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189)]
 
 
-def _nice_ticks(hi: float, n: int = 5) -> list[float]:
-    if not hi > 0:
-        return [0.0, 1.0]
-    raw = hi / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    return [i * step for i in range(int(math.ceil(hi / step - 1e-9)) + 1)]
-
-
-def _plot_pillow(data: dict, path: Path) -> None:
-    from PIL import Image, ImageDraw, ImageFont
-
-    width, height = 1000, 1080
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
-    draw.text((20, 10), data["title"], fill="black", font=font)
-    panels = [
-        (
-            "latency by percentile (OK calls)",
-            "percentile",
-            data["percentile"],
-            data["percentile_ticks"],
-            "ms",
-        ),
-        ("latency over time (OK calls, by completion)", "seconds", data["over_time"], None, "ms"),
-        ("throughput over time", "seconds", data["rate"], None, "ok/s"),
-    ]
-    top = 40
-    for title, xlabel, series, xticks, ylabel in panels:
-        box = (80, top + 25, width - 30, top + 300)
-        _pillow_panel(draw, font, box, title, xlabel, ylabel, series, xticks)
-        top += 345
-    img.save(path, "PNG")
-
-
-def _pillow_panel(draw, font, box, title, xlabel, ylabel, series, xticks) -> None:
-    x0, y0, x1, y1 = box
-    draw.text((x0, y0 - 20), title, fill="black", font=font)
-    points = [pt for pts in series.values() for pt in pts]
-    if not points:
-        draw.rectangle(box, outline="black")
-        draw.text((x0 + 10, y0 + 10), "no data", fill="black", font=font)
-        return
-    xmin = 0.0
-    xmax = max(max(x for x, _ in points), xticks[-1][0] if xticks else 0.0, 1e-9)
-    yticks = _nice_ticks(max(y for _, y in points) * 1.05)
-    ymax = yticks[-1]
-    if xticks is None:
-        xticks = [(t, f"{t:g}") for t in _nice_ticks(xmax)]
-        xmax = xticks[-1][0]
-
-    def px(x: float, y: float) -> tuple[float, float]:
-        return x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - y / ymax * (y1 - y0)
-
-    for t in yticks:
-        _, y = px(xmin, t)
-        draw.line((x0, y, x1, y), fill=(225, 225, 225))
-        draw.text((x0 - 8, y), f"{t:g}", fill="black", font=font, anchor="rm")
-    for t, label in xticks:
-        x, _ = px(t, 0)
-        draw.line((x, y0, x, y1), fill=(225, 225, 225))
-        draw.text((x, y1 + 6), label, fill="black", font=font, anchor="mt")
-    draw.rectangle(box, outline="black")
-    draw.text(((x0 + x1) / 2, y1 + 24), xlabel, fill="black", font=font, anchor="mt")
-    draw.text((x0 - 8, y0 - 20), ylabel, fill="black", font=font, anchor="ra")
-    for i, (name, pts) in enumerate(series.items()):
-        colour = (0, 0, 0) if name == "all" else COLOURS[i % len(COLOURS)]
-        xy = [px(x, y) for x, y in pts]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        else:
-            cx, cy = xy[0]
-            draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=colour)
-        draw.line((x0 + 12, y0 + 14 + 16 * i, x0 + 32, y0 + 14 + 16 * i), fill=colour, width=3)
-        draw.text((x0 + 38, y0 + 14 + 16 * i), name, fill="black", font=font, anchor="lm")
-
-
 def _plot_matplotlib(data: dict, path: Path) -> None:
     import matplotlib
 
@@ -1217,6 +1158,7 @@ def config_from_args(args, address: str, filters=None) -> LoadConfig:
         max_inflight=args.max_inflight,
         server_timings=args.server_timings,
         window_s=args.window,
+        progress=True,
         seed=args.seed,
         sources=sources,
     )

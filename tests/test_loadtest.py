@@ -6,6 +6,8 @@ import asyncio
 import json
 import math
 import shutil
+import subprocess
+import sys
 import time
 
 import grpc
@@ -17,7 +19,7 @@ from clients.cli import main as cli_main
 from clients.loadtest import LatencyHistogram, LoadConfig, parse_mix, read_images, run_load
 from gateway.api import looksync_pb2 as pb
 from gateway.api import looksync_pb2_grpc as pb_grpc
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 
 QUERIES = ["red summer dress", "black leather jacket", "white sneakers", "blue jeans", "wool coat"]
 
@@ -304,3 +306,17 @@ def test_deadlines_and_time_bounds_stop_the_run():
     report = asyncio.run(_with_stub(0.005, cfg))
     assert time.monotonic() - t0 < 3
     assert report.ok > 20 and not report.errors
+
+
+def test_the_cli_prints_a_line_per_interval_while_it_runs(gateway, inputs):
+    queries, _ = inputs
+    run = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "loadtest", "--gateway", gateway.address,
+         "--text-queries", str(queries), "--mix", "text=1", "--concurrency", "1",
+         "--duration", "2.5", "--window", "1", "-k", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith("[loadtest p0")]
+    assert len(lines) >= 2, run.stderr  # one per finished second, before the final table
+    assert all("ok/s" in line and "p99" in line and "errors 0" in line for line in lines)
