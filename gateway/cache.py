@@ -1,10 +1,14 @@
 """Small TTL caches for query embeddings and look results: in-process by default, Redis when
-configured (shared by gateway processes). A cache failure is a miss, never an error."""
+configured (shared by gateway processes). A cache failure is a miss, never an error.
+
+Values are JSON under a format version (never pickle: whoever can write to Redis must not be
+able to run code in the gateway, and an entry written by another release is a miss, not an
+error). What goes in is plain data: numbers, strings, lists, dicts."""
 
 from __future__ import annotations
 
+import json
 import logging
-import pickle
 import time
 from collections import OrderedDict
 
@@ -38,9 +42,10 @@ class MemoryCache:
             self._items.popitem(last=False)
 
 
-class RedisCache:
-    """Values are pickled: only this project's own processes write these keys."""
+FORMAT = 1  # bump when the shape of cached values changes: older entries become misses
 
+
+class RedisCache:
     def __init__(self, name: str, url: str, ttl_s: float = 300.0, timeout_s: float = 0.05):
         import redis.asyncio as redis
 
@@ -55,12 +60,25 @@ class RedisCache:
             logger.warning("cache %s unavailable: %s", self.name, exc)
             CACHE_LOOKUPS.labels(self.name, "error").inc()
             return None
-        CACHE_LOOKUPS.labels(self.name, "miss" if raw is None else "hit").inc()
-        return None if raw is None else pickle.loads(raw)
+        if raw is None:
+            CACHE_LOOKUPS.labels(self.name, "miss").inc()
+            return None
+        try:
+            entry = json.loads(raw)
+            if not isinstance(entry, dict) or entry.get("format") != FORMAT:
+                raise ValueError(f"format {entry.get('format') if isinstance(entry, dict) else '?'}")
+            value = entry["value"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            logger.warning("cache %s: unreadable entry %s (%s): a miss", self.name, key, exc)
+            CACHE_LOOKUPS.labels(self.name, "corrupt").inc()
+            return None
+        CACHE_LOOKUPS.labels(self.name, "hit").inc()
+        return value
 
     async def set(self, key: str, value) -> None:
         try:
-            await self.client.set(f"looksync:{self.name}:{key}", pickle.dumps(value), ex=int(self.ttl_s))
+            data = json.dumps({"format": FORMAT, "value": value}, separators=(",", ":"))
+            await self.client.set(f"looksync:{self.name}:{key}", data, ex=int(self.ttl_s))
         except Exception as exc:
             logger.warning("cache %s unavailable: %s", self.name, exc)
 

@@ -25,7 +25,7 @@ from prometheus_client import Counter
 from gateway.embedder import TritonEmbedder
 from gateway.errors import LookSyncError
 from gateway.filters import SearchFilters
-from gateway.index.base import CatalogIndex, EmbeddingSpace
+from gateway.index.base import CatalogIndex, EmbeddingSpace, ScoredProduct
 from gateway.llm import LLMError
 from gateway.look.dedup import dedup
 from gateway.look.querygen import FallbackQueryGenerator, LLMQueryGenerator, decode_look
@@ -116,12 +116,16 @@ class LookSearcher:
         timings = Timings()
         with timings.stage("validate_image"):
             check_image(image, self.max_image_pixels)
-            look = decode_look(image, self.max_image_pixels)
         space = await request_space(self.index, space)
         cache_key = _cache_key(image, filters, k, space)
         cached = await self.result_cache.get(cache_key)
         if cached is not None:
-            return LookResult(cached, space, timings, cached=True)
+            with timings.stage("cache_recheck"):
+                layers = await self._fresh(cached, space, filters)
+            if layers is not None:
+                return LookResult(layers, space, timings, cached=True)
+        with timings.stage("decode"):
+            look = decode_look(image, self.max_image_pixels)
 
         # 1 queries
         with timings.stage("queries"):
@@ -141,8 +145,34 @@ class LookSearcher:
             await asyncio.gather(*(self._rerank(image, o, deadline, segmented) for o in outcomes))
         for outcome in outcomes:
             outcome.candidates = outcome.candidates[:k]
-        await self.result_cache.set(cache_key, outcomes)
+        await self.result_cache.set(cache_key, _cacheable(outcomes))
         return LookResult(list(outcomes), space, timings)
+
+    async def _fresh(
+        self, cached, space: EmbeddingSpace, filters: SearchFilters
+    ) -> list[LayerOutcome] | None:
+        """A cached answer made current: its products re-read from the index, and those the
+        request's hard filters exclude now (sold out, repriced, deleted since) dropped. The
+        cache keeps ids and scores, never product state. None: unusable, search again."""
+        try:
+            ids = list(dict.fromkeys(c["id"] for layer in cached for c in layer["candidates"]))
+            current = await self.index.get(space, ids) if ids else {}
+            layers = []
+            for layer in cached:
+                q = layer["query"]
+                query = LayerQuery(
+                    q["layer"], tuple(q["categories"]), q["query"], q["source"], q.get("gender")
+                )
+                candidates = [
+                    Candidate(ScoredProduct(current[c["id"]].product, c["score"]), c["duplicates"])
+                    for c in layer["candidates"]
+                    if c["id"] in current and filters.matches(current[c["id"]].product)
+                ]
+                layers.append(LayerOutcome(query, candidates, layer["rerank_source"]))
+            return layers
+        except (KeyError, TypeError, ValueError) as exc:  # an entry of another shape: a miss
+            log(logger, logging.WARNING, "unusable cached look result; searching again", error=str(exc))
+            return None
 
     async def _queries(self, image, look, space, deadline) -> tuple[list[LayerQuery], float | None]:
         """The layer queries, and when the fallback started (None: the LLM answered)."""
@@ -171,7 +201,8 @@ class LookSearcher:
         for q in queries:
             if not space.has_text:  # image-only space: the garment's pixels are the query
                 continue
-            q.text_vector = await self.text_cache.get(f"{space.model}:{space.version}:{q.query}")
+            cached = await self.text_cache.get(f"{space.model}:{space.version}:{q.query}")
+            q.text_vector = None if cached is None else np.asarray(cached, dtype=np.float32)
             if q.text_vector is None:
                 missing.append(q)
         zones = (
@@ -199,7 +230,7 @@ class LookSearcher:
             vectors, _ = results.pop(0)
             for q, v in zip(missing, vectors):
                 q.text_vector = v
-                await self.text_cache.set(f"{space.model}:{space.version}:{q.query}", v)
+                await self.text_cache.set(f"{space.model}:{space.version}:{q.query}", v.tolist())
         if need_region:
             for (q, region), v in zip(need_region, results.pop(0)):
                 q.region, q.region_vector = region, v
@@ -303,6 +334,27 @@ class _Once:
         if self.task is None:
             self.task = asyncio.ensure_future(self.fn())
         return await self.task
+
+
+def _cacheable(outcomes: list[LayerOutcome]) -> list[dict]:
+    """What the result cache keeps: each layer's query and its candidates' ids and scores."""
+    return [
+        {
+            "query": {
+                "layer": o.query.layer,
+                "categories": list(o.query.categories),
+                "query": o.query.query,
+                "source": o.query.source,
+                "gender": o.query.gender,
+            },
+            "rerank_source": o.rerank_source,
+            "candidates": [
+                {"id": c.hit.product.id, "score": float(c.hit.score), "duplicates": c.duplicates}
+                for c in o.candidates
+            ],
+        }
+        for o in outcomes
+    ]
 
 
 def _cache_key(image: bytes, filters: SearchFilters, k: int, space: EmbeddingSpace) -> str:
