@@ -58,11 +58,16 @@ class TritonModels:
             )
         return sorted(set.intersection(*sets)) if sets else []
 
-    async def loaded(self) -> dict[str, list[int]]:
-        try:
-            index = await self.client.get_model_repository_index(as_json=True, client_timeout=10)
-        except InferenceServerException as exc:
-            raise Unavailable(f"Triton: {exc.message()}") from None
+    async def loaded(self, attempts: int = 3) -> dict[str, list[int]]:
+        # A swap runs for minutes: one slow answer from a busy Triton must not abort it.
+        for attempt in range(attempts):
+            try:
+                index = await self.client.get_model_repository_index(as_json=True, client_timeout=10)
+                break
+            except InferenceServerException as exc:
+                if attempt == attempts - 1:
+                    raise Unavailable(f"Triton: {exc.message()}") from None
+                await asyncio.sleep(2**attempt)
         out: dict[str, list[int]] = {name: [] for name in self.names}
         for m in index.get("models", []):
             if m.get("name") in out and m.get("state") == "READY" and m.get("version"):

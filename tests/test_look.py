@@ -56,7 +56,14 @@ def test_without_llm_each_source_garment_is_found(client, catalog, products, see
         assert layer.query_source == "fallback" and layer.rerank_source == "embedding"
         assert product.id in [h.product.id for h in layer.hits], (zone, layer.query)
         assert layer.query  # zero-shot names it, e.g. "navy striped t-shirt"
-    assert [t.stage for t in resp.timings] == ["validate_image", "queries", "embed", "retrieve", "rerank"]
+    assert [t.stage for t in resp.timings] == [
+        "validate_image",
+        "decode",
+        "queries",
+        "embed",
+        "retrieve",
+        "rerank",
+    ]
 
 
 def test_filters_and_preferences_hold_for_every_layer(client, catalog, products):

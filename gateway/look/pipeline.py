@@ -28,7 +28,7 @@ from gateway.filters import SearchFilters
 from gateway.index.base import CatalogIndex, EmbeddingSpace, ScoredProduct
 from gateway.llm import LLMError
 from gateway.look.dedup import dedup
-from gateway.look.querygen import FallbackQueryGenerator, LLMQueryGenerator, decode_look
+from gateway.look.querygen import FallbackQueryGenerator, LLMQueryGenerator, decode_look_async
 from gateway.look.rerank import LLMReranker, embedding_rerank
 from gateway.look.types import Candidate, LayerOutcome, LayerQuery
 from gateway.observability import log
@@ -125,7 +125,7 @@ class LookSearcher:
             if layers is not None:
                 return LookResult(layers, space, timings, cached=True)
         with timings.stage("decode"):
-            look = decode_look(image, self.max_image_pixels)
+            look = await decode_look_async(image, self.max_image_pixels)
 
         # 1 queries
         with timings.stage("queries"):

@@ -7,6 +7,8 @@ prompts names each one ("a red striped t-shirt") so the response stays readable.
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from dataclasses import replace
 from typing import Literal
 
@@ -14,7 +16,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from export.triton.preprocess import InvalidImage, decode_image
+from export.triton.preprocess import InvalidImage, probe_image, to_rgb
 from gateway.embedder import TritonEmbedder
 from gateway.errors import InvalidArgument, LookSyncError
 from gateway.index.base import EmbeddingSpace
@@ -216,9 +218,43 @@ def _image_only_queries(regions: list[Region], vectors) -> list[LayerQuery]:
     return queries
 
 
+# Looks are worked on at most this size (longest side): zone crops of a few hundred pixels are
+# all the image tower sees (it resizes to its input size), and a 25 MP look decoded in full is
+# 75 MB of RGB per request.
+LOOK_WORKING_SIDE = 1024
+LOOK_DECODES_AT_ONCE = 2
+_decode_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> semaphore
+
+
 def decode_look(data: bytes, max_pixels: int) -> Image.Image:
-    """The look, fully decoded: a truncated or corrupt file is the client's error."""
+    """The look, decoded and reduced to LOOK_WORKING_SIDE: a truncated or corrupt file is the
+    client's error. JPEGs decode straight at a reduced scale (draft mode: 1/2 to 1/8 in the
+    DCT), so a 25 MP JPEG never exists in memory at full size; other formats decode in full,
+    then shrink."""
     try:
-        return decode_image(data, max_pixels)
+        img = probe_image(data, max_pixels)
+        img.draft("RGB", (LOOK_WORKING_SIDE, LOOK_WORKING_SIDE))
+        img = to_rgb(_load_first_frame(img))
     except InvalidImage as exc:
         raise InvalidArgument(f"image: {exc}") from None
+    if max(img.size) > LOOK_WORKING_SIDE:
+        img.thumbnail((LOOK_WORKING_SIDE, LOOK_WORKING_SIDE), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    return img
+
+
+async def decode_look_async(data: bytes, max_pixels: int) -> Image.Image:
+    """decode_look off the event loop (other RPCs keep being served meanwhile), at most
+    LOOK_DECODES_AT_ONCE at a time, which bounds the decode memory of the whole gateway."""
+    loop = asyncio.get_running_loop()
+    slots = _decode_slots.setdefault(loop, asyncio.Semaphore(LOOK_DECODES_AT_ONCE))
+    async with slots:
+        return await asyncio.to_thread(decode_look, data, max_pixels)
+
+
+def _load_first_frame(img: Image.Image) -> Image.Image:
+    try:
+        img.seek(0)  # animated formats: the first frame
+        img.load()
+    except Exception as exc:
+        raise InvalidImage(f"image data is corrupt or truncated ({exc})") from None
+    return img
