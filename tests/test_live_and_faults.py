@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from clients.sample_catalog import generate
-from tests.conftest import looksync, looksync_env, start_gateway, start_triton, wait_for
+from tests.conftest import free_port, looksync, looksync_env, start_gateway, start_triton, wait_for
 
 
 def test_products_indexed_while_the_gateway_runs_become_searchable(gateway, triton, indexed, tmp_path):
@@ -98,3 +98,24 @@ def test_an_unreadable_index_is_unavailable_and_the_gateway_recovers(triton, cat
             assert len(client.search_text("dress", k=3).hits) == 3
     finally:
         gw.stop()
+
+
+def test_a_gateway_started_before_triton_is_not_ready_then_serves(tiny_repo, indexed, tmp_path):
+    from gateway.tritonserver import TritonServer
+
+    late = TritonServer(tiny_repo, free_port(), free_port(), free_port(), work_dir=tmp_path / "triton")
+    gw = start_gateway(looksync_env(late, indexed), tmp_path / "gateway.log", wait_serving=False)
+    try:
+        with gw.client() as client:
+            # Up, answering, and saying it is not ready: no crash, no hang.
+            assert client.health() == "NOT_SERVING"
+            with pytest.raises(grpc.RpcError) as err:
+                client.search_text("dress", k=3, timeout_s=30)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "Triton" in err.value.details()
+            late.start(timeout_s=120, log_file=open(tmp_path / "triton.log", "a"))
+            wait_for(lambda: client.health() == "SERVING", what="the gateway to become ready")
+            assert len(client.search_text("dress", k=3).hits) == 3
+            assert gw.process.poll() is None
+    finally:
+        gw.stop()
+        late.stop()
