@@ -686,3 +686,23 @@ def test_deployment_guide_covers_the_steps():
         assert needle in text, f"docs/DEPLOYMENT.md does not mention {needle!r}"
     for name in set(ENV_NAME.findall(text)):
         assert name in KNOWN_ENV, f"docs/DEPLOYMENT.md names {name}, which gateway/settings.py lacks"
+
+
+def _pins(text: str) -> dict[str, str]:
+    """{package: version specifier} of the quoted requirements in a file."""
+    found = {}
+    for name, spec in re.findall(
+        r'"([A-Za-z][A-Za-z0-9_.-]*)(?:\[[a-z,]+\])?((?:[<>=!~]=?[^",]+,?)+)"', text
+    ):
+        found[name.lower()] = spec
+    return found
+
+
+def test_shared_dependencies_have_one_pin_everywhere():
+    project = _pins((ROOT / "pyproject.toml").read_text())
+    for path in (GATEWAY_DOCKERFILE, TRITON_DOCKERFILE):
+        image = _pins(path.read_text())
+        shared = sorted(set(image) & set(project))
+        assert shared, path
+        differ = {name: (project[name], image[name]) for name in shared if project[name] != image[name]}
+        assert not differ, f"{path.relative_to(ROOT)} pins differ from pyproject.toml: {differ}"
