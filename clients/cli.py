@@ -419,6 +419,11 @@ def cmd_admin(args) -> int:
     """The gateway's Admin service over gRPC (status, activate, rollback), for operators who
     reach the gateway but not Triton or the index."""
     with _client(args) as client:
+        if not client.tls:
+            print(
+                "warning: the Admin token goes over a plaintext channel (use --tls or --ca-file)",
+                file=sys.stderr,
+            )
         if args.action == "status":
             resp = client.model_status(args.model)
         elif args.action == "rollback":

@@ -57,7 +57,8 @@ class LookSyncClient:
         self.timeout_s = timeout_s
         self.admin_token = admin_token
         options = [("grpc.max_send_message_length", 64 << 20)]
-        if tls or root_certificates:
+        self.tls = bool(tls or root_certificates)
+        if self.tls:
             if server_name:
                 options.append(("grpc.ssl_target_name_override", server_name))
             creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)

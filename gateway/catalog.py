@@ -88,13 +88,12 @@ def check_field(name: str, value):
             raise RecordError(f"currency: {value!r} is not an ISO 4217 code (three letters)")
         return currency
     if name == "price":
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise RecordError(f"price: {value!r} is not a non-negative number")
+        try:
+            ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            ok = False
+        if not ok or value < 0:
+            raise RecordError(f"price: {str(value)[:40]!r} is not a non-negative number")
         return float(value)
     if name == "sizes":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

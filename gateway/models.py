@@ -181,6 +181,9 @@ async def catch_up(
         await client.aclose()
 
 
+HOLD_TTL_MS = 24 * 3600 * 1000  # a swap's hold on the stream lapses if the swap dies
+
+
 class Swap:
     """The activation steps, callable one by one (tests publish events between them)."""
 
@@ -216,11 +219,40 @@ class Swap:
         client = aioredis.Redis.from_url(self.redis_url, socket_timeout=10, socket_connect_timeout=5)
         try:
             now_ms = await redis_time_ms(client)
-            # Workers trim the stream; keep what the catch-up will read until it has run.
-            await client.hset(HOLDS, self._hold, f"{now_ms}-0")
+            # Workers trim the stream; keep what the catch-up will read until it has run. The
+            # hold expires (HOLD_TTL_MS) so that a swap that dies cannot pin the stream forever.
+            await client.hset(HOLDS, self._hold, f"{now_ms}-0@{now_ms + HOLD_TTL_MS}")
             return now_ms
         except RedisError as exc:
             raise Unavailable(f"Redis at {self.redis_url} (the swap's catch-up clock): {exc}") from None
+        finally:
+            await client.aclose()
+
+    async def _hold_stream_from(self, since_ms: int) -> None:
+        """Before the rebuild: hold the stream from `since_ms`, and refuse when it has already
+        been trimmed past it (the catch-up could not see every update and delete since the
+        catalog file was exported; export a newer one)."""
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        client = aioredis.Redis.from_url(self.redis_url, socket_timeout=10, socket_connect_timeout=5)
+        try:
+            now_ms = await redis_time_ms(client)
+            await client.hset(HOLDS, self._hold, f"{since_ms}-0@{now_ms + HOLD_TTL_MS}")
+            if not await client.exists(STREAM):
+                return
+            info = await client.xinfo_stream(STREAM)
+            trimmed = info.get("max-deleted-entry-id") or b"0-0"
+            trimmed = trimmed.decode() if isinstance(trimmed, bytes) else str(trimmed)
+            if int(trimmed.split("-")[0]) >= since_ms:
+                await client.hdel(HOLDS, self._hold)
+                raise FailedPrecondition(
+                    f"the event stream was trimmed up to {trimmed}, after the catalog file's snapshot "
+                    f"time ({since_ms} ms): updates and deletes since then can no longer be replayed "
+                    "into the new index; export a newer catalog file and run the swap again"
+                )
+        except RedisError as exc:
+            raise Unavailable(f"Redis at {self.redis_url} (the swap's catch-up): {exc}") from None
         finally:
             await client.aclose()
 
@@ -252,11 +284,13 @@ class Swap:
         # The file is a snapshot: its writes are as old as the file, so live events written to
         # the new index meanwhile (newer) win field by field, deletes included.
         as_of = snapshot_seq(catalog)
+        # The catch-up replays from the earlier of the snapshot and the swap's start: an event
+        # between the two is newer than the file and was written to the old index only.
+        since_ms = min(self._since_ms, as_of // 1_000_000)
+        if self.redis_url:
+            await self._hold_stream_from(since_ms)
         result = await index_catalog(catalog, indexer, progress=self.progress, as_of_seq=as_of)
         if self.redis_url:
-            # From the earlier of the snapshot and the swap's start: an event between the two
-            # is newer than the file and was written to the old index only.
-            since_ms = min(self._since_ms, as_of // 1_000_000)
             n = await catch_up(self.index, self.report.new, self.redis_url, since_ms, release=self._hold)
             self._step(f"caught up {n} metadata updates and deletes published during the rebuild")
         await self.index.optimize(self.report.new)

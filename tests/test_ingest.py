@@ -184,6 +184,36 @@ def test_invalid_events_are_poison_with_a_reason(entry, reason):
         parse_event("1-0", entry)
 
 
+def test_payloads_that_trip_the_json_parser_are_poison():
+    for raw in ('{"schema": 1, "n": ' + "9" * 5000 + "}", "[" * 100_000 + "]" * 100_000):
+        with pytest.raises(PoisonEvent, match="not JSON we accept"):
+            parse_event("1-0", {"event": raw})
+
+
+def test_deletes_over_tombstones_converge_in_any_order():
+    vec = np.ones(2, np.float32)
+    ops = [
+        Op("upsert", "p", 1, {"title": "t", "price": 1.0, "image_hash": "h", "vector": vec}),
+        Op("update", "p", 10, {"price": 10.0}),
+        Op("delete", "p", 5),
+        Op("delete", "p", 7),
+        Op("upsert", "p", 8, {"title": "t8", "price": 8.0, "image_hash": "h8", "vector": vec}),
+    ]
+    results = set()
+    for order in itertools.permutations(ops):
+        row, pending = None, list(order)
+        for _ in range(len(ops) + 1):
+            retry = []
+            for op in pending:
+                new, outcome = lww_apply(row, op)
+                row = new if new is not None else row
+                if outcome == "missing":
+                    retry.append(op)
+            pending = retry
+        results.add((row["deleted"], row.get("title"), row.get("price")))
+    assert results == {(False, "t8", 10.0)}, results
+
+
 def _update(**fields) -> dict:
     return {"event": json.dumps({"schema": 1, "type": "product.update", "id": "x", "fields": fields})}
 
@@ -212,6 +242,7 @@ def test_updates_are_standardised_like_upserts(fields, stored):
         ({"market": "Narnia"}, "fields.market"),
         ({"in_stock": "yes"}, "fields.in_stock"),
         ({"title": 7}, "fields.title: expected a string"),
+        ({"price": 10**400}, "fields.price:"),  # too large for a float: poison, not a crash
     ],
 )
 def test_bad_update_fields_are_poison_with_the_field_named(fields, reason):
@@ -250,6 +281,9 @@ def test_fetcher_reads_a_real_image(image_server):
         ("http://012.0.0.1/a.jpg", LOCAL, "forbidden_address"),  # 10.0.0.1 in octal
         ("http://198.18.0.1/a.jpg", LOCAL, "forbidden_address"),  # benchmarking range
         ("http://[fc00::1]/a.jpg", LOCAL, "forbidden_address"),
+        ("http://[fec0::1]/a.jpg", LOCAL, "forbidden_address"),  # site-local: is_global says yes
+        ("http://[::7f00:1]/a.jpg", LOCAL, "forbidden_address"),  # IPv4-compatible, reserved
+        ("http://[ff0e::1]/a.jpg", LOCAL, "forbidden_address"),  # global-scope multicast
         ("http://2130706433/a.jpg", FetchPolicy(), "forbidden_address"),  # 127.0.0.1, loopback off
         ("http://[::1]:1/a.jpg", FetchPolicy(), "forbidden_address"),
         ("{server}/images/p00001.jpg", FetchPolicy(), "forbidden_address"),  # loopback not allowed by default

@@ -822,10 +822,16 @@ class ElasticIndex(CatalogIndex):
                 reason = item.get("error", {})
                 if isinstance(reason, dict):
                     reason = f"{reason.get('type')}: {reason.get('reason')}"
-                raise Unavailable(
+                message = (
                     f"write to {name}: {len(broken)} of {len(writes)} documents failed at "
                     f"{safe_url(self.url)}; first: id {pid!r} status {item.get('status')} ({reason})"
                 )
+                statuses = {int(item.get("status") or 500) for item in broken.values()}
+                if all(400 <= st < 500 and st != 429 for st in statuses):
+                    # The documents are refused (mapping, validation): retrying will not help;
+                    # the ingest worker isolates and dead-letters the event that carries them.
+                    raise InvalidArgument(message)
+                raise Unavailable(message)
             if not conflicts:
                 return outcomes
             todo = [i for i in todo if ops[i].product_id in conflicts]

@@ -57,15 +57,13 @@ def apply(row: dict | None, op: Op) -> tuple[dict | None, str]:
         return None, "stale"  # the product was deleted after this update: nothing to do
     if row is None or row["deleted"]:
         if op.kind == "delete":
-            tomb = {
-                "id": op.product_id,
-                "deleted": True,
-                "deleted_seq": op.seq,
-                "field_seqs": {},
-                "event_seq": op.seq,
-            }
             if row is not None and row["deleted_seq"] >= op.seq:
                 return None, "stale"
+            # A newer delete over a tombstone keeps what the tombstone remembers (the positions
+            # of fields set before it), so the outcome does not depend on arrival order.
+            tomb = {**(row or {}), "id": op.product_id, "deleted": True, "deleted_seq": op.seq}
+            tomb["field_seqs"] = dict(row["field_seqs"]) if row else {}
+            tomb["event_seq"] = max(op.seq, row["event_seq"] if row else 0)
             return tomb, "applied"
         return None, "missing"
     if op.kind == "delete":

@@ -59,8 +59,11 @@ def snapshot_seq(path, as_of: str | None = None) -> int:
     ISO-8601 time with a zone; default: the file's modification time."""
     if as_of is None:
         return seq_at_ms(Path(path).stat().st_mtime_ns // 1_000_000)
-    if re.fullmatch(r"\d+(-\d+)?", as_of):
-        return stream_seq(as_of)
+    if re.fullmatch(r"\d+-\d+|\d{10,}", as_of):  # a stream id, or milliseconds since 1970
+        seq = stream_seq(as_of)
+        if not 0 <= seq < 2**63:
+            raise ValueError(f"as of {as_of!r}: outside 1970..2262")
+        return seq
     try:
         moment = datetime.fromisoformat(as_of.replace("Z", "+00:00"))
     except ValueError:
@@ -98,8 +101,8 @@ def parse_event(stream_id: str, entry: dict) -> Event:
         raise PoisonEvent("entry has no 'event' field")
     try:
         doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PoisonEvent(f"event is not JSON ({exc})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # incl. over-long integers
+        raise PoisonEvent(f"event is not JSON we accept ({str(exc)[:200]})") from None
     if not isinstance(doc, dict):
         raise PoisonEvent("event is not a JSON object")
     if doc.get("schema") != SCHEMA:

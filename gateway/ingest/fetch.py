@@ -95,7 +95,10 @@ def _check_address(ip: str, policy: FetchPolicy) -> None:
         if not policy.allow_loopback:
             raise FetchError("forbidden_address", f"{ip} is a loopback address")
         return
-    if not addr.is_global and not policy.allow_private:
+    # is_global alone lets some IPv6 through (site-local fec0::/10, multicast, IPv4-compatible
+    # ::/96, which is reserved): refuse those explicitly.
+    odd = addr.is_multicast or addr.is_reserved or getattr(addr, "is_site_local", False)
+    if (odd or not addr.is_global) and not policy.allow_private:
         raise FetchError("forbidden_address", f"{ip} is not a globally routable address")
 
 
@@ -251,7 +254,11 @@ async def fetch(url: str, policy: FetchPolicy) -> bytes:
     """fetch_sync in a thread; whatever goes wrong comes back as FetchError (a vendor feed
     can put anything in a URL: one bad URL must never end a worker)."""
     try:
-        return await _in_daemon_thread(fetch_sync, url, policy)
+        # The thread's own deadline cannot cover name resolution or a header line trickled a
+        # byte at a time; this one covers everything (the thread is left to end on its own).
+        return await asyncio.wait_for(_in_daemon_thread(fetch_sync, url, policy), policy.timeout_s + 2)
+    except TimeoutError:
+        raise FetchError("timeout", f"no complete image within {policy.timeout_s:g}s") from None
     except FetchError:
         raise
     except Exception as exc:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from gateway.errors import LookSyncError
+from gateway.errors import DeadlineExceeded, LookSyncError, Unavailable
 from gateway.index.base import CatalogIndex, EmbeddingSpace
 from gateway.indexer import Indexer, IndexReport, IngestItem
 from gateway.ingest.events import ATTRS, DEAD_LETTERS, GROUP, HOLDS, STREAM, Event, PoisonEvent, parse_event
@@ -144,13 +144,18 @@ class IngestWorker:
             stream=self.stream,
             space=str(self.space),
         )
-        helpers = [asyncio.create_task(self._keep_alive(stop)), asyncio.create_task(self._tidy(stop))]
+        keep_alive_stop = asyncio.Event()  # refreshes go on through the drain
+        helpers = [
+            asyncio.create_task(self._keep_alive(keep_alive_stop)),
+            asyncio.create_task(self._tidy(stop)),
+        ]
         try:
             await self._loop(stop)
+            await self.drain()
         finally:
+            keep_alive_stop.set()
             for task in helpers:
                 task.cancel()
-        await self.drain()
 
     async def _loop(self, stop: asyncio.Event) -> None:
         backoff = 0.5
@@ -224,8 +229,16 @@ class IngestWorker:
             keep.append(_sid(group["last-delivered-id"]))
             if group.get("pending"):
                 summary = await self.redis.xpending(self.stream, name)
-                keep.append(_sid(summary["min"]))
-        keep += [_sid(v) for v in (await self.redis.hgetall(HOLDS)).values()]
+                if summary.get("min"):  # None if acknowledged in between
+                    keep.append(_sid(summary["min"]))
+        now_ms = int(time.time() * 1000)
+        for holder, value in (await self.redis.hgetall(HOLDS)).items():
+            stream_id, _, expires = _sid(value).partition("@")
+            if expires and int(expires) < now_ms:  # a swap that died without releasing it
+                await self.redis.hdel(HOLDS, holder)
+                log(logger, logging.WARNING, "expired stream hold removed", holder=_sid(holder))
+                continue
+            keep.append(stream_id)
         trimmed = 0
         if keep:
             # min by stream-id order; XTRIM MINID keeps `floor` itself and everything newer.
@@ -326,6 +339,9 @@ class IngestWorker:
             except PoisonEvent as exc:
                 await self.dead_letter(stream_id, entry.get("event", ""), str(exc), "invalid")
                 continue
+            except Exception as exc:  # anything else a hostile payload trips is poison too
+                await self.dead_letter(stream_id, entry.get("event", "")[:10_000], _one_line(exc), "invalid")
+                continue
             if event.type == "product.upsert":
                 upserts.append(event)
             else:
@@ -379,8 +395,8 @@ class IngestWorker:
         try:
             await apply(events)
         except Exception as exc:
-            if is_redis_outage(exc) or isinstance(exc, LookSyncError):
-                raise  # messages stay pending; the loop pauses and retries
+            if is_redis_outage(exc) or isinstance(exc, Unavailable | DeadlineExceeded):
+                raise  # a dependency is down: messages stay pending; the loop pauses and retries
             if len(events) > 1:
                 for event in events:
                     await self._isolated([event], apply)

@@ -56,8 +56,11 @@ class Reserve:
     def observe(self, seconds: float) -> None:
         self.recent.append(seconds)
 
-    def seconds(self) -> float:
-        return max(self.floor_s, 1.5 * max(self.recent, default=0.0))
+    def seconds(self, left: float | None = None) -> float:
+        """The reserve; never more than half of `left`, so one slow outlier (a cold start)
+        cannot starve the LLM of every budget for the next window of requests."""
+        reserve = max(self.floor_s, 1.5 * max(self.recent, default=0.0))
+        return reserve if left is None else min(reserve, max(left / 2, self.floor_s))
 
 
 @dataclass
@@ -168,6 +171,8 @@ class LookSearcher:
                     for c in layer["candidates"]
                     if c["id"] in current and filters.matches(current[c["id"]].product)
                 ]
+                if len(candidates) < len(layer["candidates"]):
+                    return None  # something left: search again rather than answer with fewer
                 layers.append(LayerOutcome(query, candidates, layer["rerank_source"]))
             return layers
         except (KeyError, TypeError, ValueError) as exc:  # an entry of another shape: a miss
@@ -177,7 +182,8 @@ class LookSearcher:
     async def _queries(self, image, look, space, deadline) -> tuple[list[LayerQuery], float | None]:
         """The layer queries, and when the fallback started (None: the LLM answered)."""
         if self.llm_queries is not None:
-            budget = min(self.settings.llm_timeout_s, deadline.left() - self.query_reserve.seconds())
+            left = deadline.left()
+            budget = min(self.settings.llm_timeout_s, left - self.query_reserve.seconds(left))
             try:
                 return await self.llm_queries.generate(image, budget), None
             except LLMError as exc:
@@ -286,7 +292,8 @@ class LookSearcher:
         if len(outcome.candidates) < 2:
             return
         if self.llm_reranker is not None:
-            budget = min(self.settings.llm_timeout_s, deadline.left() - self.rerank_reserve.seconds())
+            left = deadline.left()
+            budget = min(self.settings.llm_timeout_s, left - self.rerank_reserve.seconds(left))
             try:
                 outcome.candidates = await self.llm_reranker.rerank(
                     image, outcome.query, outcome.candidates, budget
