@@ -32,6 +32,21 @@ SPACE = EmbeddingSpace("clip", 1, 64)
 # --- pure parts -----------------------------------------------------------------------------
 
 
+def _arrive(order):
+    """Apply events in this arrival order, retrying "missing" ones as the worker does (each
+    round redelivers what is still pending); (final row, events still pending)."""
+    row, pending = None, list(order)
+    for _ in range(len(order) + 1):
+        retry = []
+        for op in pending:
+            new, outcome = lww_apply(row, op)
+            row = new if new is not None else row
+            if outcome == "missing":
+                retry.append(op)
+        pending = retry
+    return row, pending
+
+
 @pytest.mark.parametrize("last", ["update", "delete"])
 def test_every_arrival_order_converges_to_the_stream_order_result(last):
     """All 5,040 orders of a re-listing history, with "missing" updates retried as the worker
@@ -51,15 +66,7 @@ def test_every_arrival_order_converges_to_the_stream_order_result(last):
     ]
     ops.append(Op("update", "p", 600, {"title": "T600"}) if last == "update" else Op("delete", "p", 600))
     for order in itertools.permutations(ops):
-        row, pending = None, list(order)
-        for _ in range(len(ops) + 1):
-            retry = []
-            for op in pending:
-                new, outcome = lww_apply(row, op)
-                row = new if new is not None else row
-                if outcome == "missing":
-                    retry.append(op)
-            pending = retry
+        row, pending = _arrive(order)
         if last == "update":
             assert (row["deleted"], row["title"], row["price"]) == (False, "T600", 5.0), order
         else:
@@ -201,15 +208,7 @@ def test_deletes_over_tombstones_converge_in_any_order():
     ]
     results = set()
     for order in itertools.permutations(ops):
-        row, pending = None, list(order)
-        for _ in range(len(ops) + 1):
-            retry = []
-            for op in pending:
-                new, outcome = lww_apply(row, op)
-                row = new if new is not None else row
-                if outcome == "missing":
-                    retry.append(op)
-            pending = retry
+        row, _ = _arrive(order)
         results.add((row["deleted"], row.get("title"), row.get("price")))
     assert results == {(False, "t8", 10.0)}, results
 
