@@ -374,6 +374,20 @@ def _pending_of(client, consumer: str) -> int:
     return 0
 
 
+def _held_upserts(catalog, products, image_server, numbers) -> list[dict]:
+    """Upserts whose images come from `/held/`: their fetches wait until the test opens the gate."""
+    return [
+        {
+            "schema": 1,
+            "type": "product.upsert",
+            "product": _record(
+                catalog, products, n, image_server, image_url=f"{image_server}/held/{products[n].image_url}"
+            ),
+        }
+        for n in numbers
+    ]
+
+
 def _publish(client, events):
     for event in events:
         client.xadd(STREAM, {"event": json.dumps(event)})
@@ -703,16 +717,7 @@ def test_redis_going_down_pauses_ingestion_and_loses_nothing(
         for n in range(120, 150)
     ]
     # Upserts whose images are held: their fetches are in flight when Redis dies.
-    held = [
-        {
-            "schema": 1,
-            "type": "product.upsert",
-            "product": _record(
-                catalog, products, n, image_server, image_url=f"{image_server}/held/{products[n].image_url}"
-            ),
-        }
-        for n in range(150, 160)
-    ]
+    held = _held_upserts(catalog, products, image_server, range(150, 160))
     updates = [
         {
             "schema": 1,
@@ -999,16 +1004,7 @@ def test_redis_state_stays_bounded_after_10000_events(
 def test_sigterm_mid_batch_acknowledges_only_what_was_written(
     triton, catalog, products, image_server, held_images, stream, redis_url, tmp_path
 ):
-    held = [
-        {
-            "schema": 1,
-            "type": "product.upsert",
-            "product": _record(
-                catalog, products, n, image_server, image_url=f"{image_server}/held/{products[n].image_url}"
-            ),
-        }
-        for n in range(110, 116)
-    ]
+    held = _held_upserts(catalog, products, image_server, range(110, 116))
     env = _env(
         triton, tmp_path, redis_url, LOOKSYNC_INGEST_DRAIN_TIMEOUT_S="1", LOOKSYNC_FETCH_TIMEOUT_S="60"
     )
