@@ -2,6 +2,10 @@
 
 Answers must be JSON matching a pydantic model; anything else (HTTP errors, timeouts, text that
 is not JSON, JSON that fails validation) is an LLMError, which callers answer with a fallback.
+
+`openai` (the `llm` extra) is imported only when an LLMClient is made: the look pipeline imports
+this module for LLMError and the prompts whether or not an LLM is configured, and a gateway
+without one runs without the package.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import json
 from pathlib import Path
 from typing import TypeVar
 
-import openai
 from pydantic import BaseModel, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
@@ -46,13 +49,17 @@ def image_part(image: bytes, mime: str = "image/jpeg") -> dict:
 
 class LLMClient:
     def __init__(self, base_url: str, model: str, api_key: str | None):
+        import openai
+
         # Retries are the caller's decision: a retry inside a 300 ms budget is a timeout.
+        self.openai = openai
         self.model = model
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0)
 
     async def complete_json(self, schema: type[T], system: str, user: list[dict], timeout_s: float) -> T:
         if timeout_s <= 0.01:
             raise LLMError("no_budget", f"{timeout_s * 1000:.0f} ms left")
+        openai = self.openai
         try:
             # The client's own timeout applies per phase (connect, write, each read), so a
             # server that trickles bytes could outlast it: one hard limit over the whole call.
