@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv at the repository root and installs what `make demo` and `make test` need:
-# Debian packages first, then the project with its export and dev extras. Re-running is cheap:
-# the Python install is skipped while pyproject.toml is unchanged. `--test` adds the browser
-# the MOS page test drives.
+# Debian packages first, then the project with every extra (the tests cover both index
+# backends, the LLM path, the CPU Triton and export), at the versions in constraints.txt.
+# Re-running is cheap: the Python install is skipped while pyproject.toml, constraints.txt and
+# this script are unchanged. `--test` adds the browser the MOS page test drives.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,12 +28,13 @@ if ((${#missing[@]})); then
 fi
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-stamp=".venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)"
+stamp=".venv/.installed-$(cat pyproject.toml constraints.txt scripts/setup.sh | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   start=$(date +%s)
   echo "setup: installing Python packages into .venv (torch for export makes this take a minute)"
   .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
-  .venv/bin/pip install -q --disable-pip-version-check -e ".[export,dev,bench]"
+  .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt \
+    -e ".[lancedb,elasticsearch,llm,triton-cpu,export,bench,dev]"
   # Only the tritonserver binary and python backend inside this wheel are used. Its own Python
   # requirements are for PyTriton's API, which LookSync does not import, so none are pulled in.
   .venv/bin/pip install -q --disable-pip-version-check --no-deps "nvidia-pytriton==0.7.0"

@@ -11,11 +11,13 @@ an in-process gRPC health server on loopback.
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import importlib.util
 import json
 import re
 import sys
 import threading
+import tomllib
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
@@ -25,6 +27,8 @@ import pytest
 import yaml
 from google.protobuf import text_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from tritonclient.grpc import model_config_pb2
 
 from clients.cli import main as cli_main
@@ -363,9 +367,10 @@ def test_gateway_dockerfile():
     assert "healthcheck.py" in healthcheck
     assert any(ins == "COPY" and "deploy/healthcheck.py" in rest for ins, rest in last)
     installs = " ".join(rest for ins, rest in instructions if ins == "RUN" and "pip install" in rest)
-    assert "pip install ." in installs
-    # Serving path only: no export extra, no torch.
-    assert "[export" not in installs and "torch" not in installs
+    # Serving path only: the core with both index backends and the LLM client; no export or
+    # triton-cpu extra, no torch.
+    assert '".[lancedb,elasticsearch,llm]"' in installs
+    assert "export" not in installs and "triton-cpu" not in installs and "torch" not in installs
     assert not re.search(r"numpy\s*[>=~]=?\s*2", installs)
 
 
@@ -688,21 +693,192 @@ def test_deployment_guide_covers_the_steps():
         assert name in KNOWN_ENV, f"docs/DEPLOYMENT.md names {name}, which gateway/settings.py lacks"
 
 
-def _pins(text: str) -> dict[str, str]:
-    """{package: version specifier} of the quoted requirements in a file."""
+# ---------------------------------------------------------------------------------------------
+# Dependencies: pyproject.toml's ranges, constraints.txt's versions, the same everywhere
+# ---------------------------------------------------------------------------------------------
+
+CONSTRAINTS = ROOT / "constraints.txt"
+SETUP = ROOT / "scripts" / "setup.sh"
+
+
+def project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def requirement_groups() -> dict[str, list[Requirement]]:
+    """{"core" | extra: requirements}, without the extras' references to looksync itself."""
+    p = project()
+    groups = {"core": p["dependencies"], **p["optional-dependencies"]}
+    return {
+        group: [r for r in map(Requirement, reqs) if canonicalize_name(r.name) != "looksync"]
+        for group, reqs in groups.items()
+    }
+
+
+def constraints() -> list[Requirement]:
+    out = []
+    for line in CONSTRAINTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            out.append(Requirement(line))
+    return out
+
+
+def pinned_here() -> dict[str, str]:
+    """{name: version} of the constraints that apply to this Python (3.11, the project's)."""
+    return {
+        canonicalize_name(c.name): next(iter(c.specifier)).version
+        for c in constraints()
+        if c.marker is None or c.marker.evaluate()
+    }
+
+
+def test_constraints_are_exact_pins():
+    seen = set()
+    for c in constraints():
+        specs = list(c.specifier)
+        assert len(specs) == 1 and specs[0].operator == "==", f"constraints.txt: {c} is not one == pin"
+        assert not c.extras and not c.url, f"constraints.txt: {c}"
+        key = (canonicalize_name(c.name), str(c.marker))
+        assert key not in seen, f"constraints.txt pins {c.name} twice"
+        seen.add(key)
+    here = [canonicalize_name(c.name) for c in constraints() if c.marker is None or c.marker.evaluate()]
+    assert len(here) == len(set(here)), "constraints.txt has two pins of one package for Python 3.11"
+    assert "looksync" not in here
+    assert "nvidia-pytriton" not in here, (
+        "nvidia-pytriton is pinned in scripts/setup.sh (installed --no-deps)"
+    )
+
+
+def test_constraints_satisfy_pyproject():
+    """Every pin of a package the project requires, for any Python, is inside the range that
+    pyproject.toml gives it in every group that names it."""
+    pins: dict[str, list[Requirement]] = {}
+    for c in constraints():
+        pins.setdefault(canonicalize_name(c.name), []).append(c)
+    here = pinned_here()
+    for group, requirements in requirement_groups().items():
+        for r in requirements:
+            name = canonicalize_name(r.name)
+            assert name in here, f"constraints.txt does not pin {r.name} ({group})"
+            for c in pins[name]:
+                version = next(iter(c.specifier)).version
+                assert r.specifier.contains(version, prereleases=True), (
+                    f"constraints.txt pins {c} outside pyproject.toml's {group} range {r}"
+                )
+
+
+def _installed_closure() -> set[str]:
+    """Distributions that looksync with every extra pulls in, from the installed metadata."""
+    installed = {canonicalize_name(d.metadata["Name"]): d for d in importlib.metadata.distributions()}
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    todo = [(r, "") for reqs in requirement_groups().values() for r in reqs]
+    missing = set()
+    while todo:
+        r, extra = todo.pop()
+        if r.marker is not None and not r.marker.evaluate({"extra": extra}):
+            continue
+        key = (canonicalize_name(r.name), tuple(sorted(r.extras)))
+        if key in seen:
+            continue
+        seen.add(key)
+        dist = installed.get(key[0])
+        if dist is None:
+            missing.add(r.name)
+            continue
+        for dep in map(Requirement, dist.requires or []):
+            # A dependency behind an extra counts when the requirement asked for that extra.
+            extras = [""] + list(r.extras)
+            match = next((e for e in extras if dep.marker is None or dep.marker.evaluate({"extra": e})), None)
+            if match is not None:
+                todo.append((dep, match))
+    assert not missing, f"not installed (scripts/setup.sh installs every extra): {sorted(missing)}"
+    return {name for name, _ in seen}
+
+
+def test_constraints_pin_what_the_extras_install():
+    """constraints.txt covers every distribution the extras pull in, at the version installed
+    here (scripts/setup.sh installs with it, so a stale pin or a missing one shows)."""
+    here = pinned_here()
+    closure = _installed_closure()
+    unpinned = sorted(closure - set(here))
+    assert not unpinned, f"constraints.txt does not pin {unpinned}"
+    extra = sorted(set(here) - closure)
+    assert not extra, f"constraints.txt pins what no extra installs: {extra}"
+    differ = {}
+    for name in closure:
+        version = importlib.metadata.version(name)
+        if version != here[name]:
+            differ[name] = (version, here[name])
+    assert not differ, f"installed vs constraints.txt: {differ}"
+
+
+def _quoted_requirements(text: str) -> dict[str, Requirement]:
     found = {}
-    for name, spec in re.findall(
-        r'"([A-Za-z][A-Za-z0-9_.-]*)(?:\[[a-z,]+\])?((?:[<>=!~]=?[^",]+,?)+)"', text
-    ):
-        found[name.lower()] = spec
+    for quoted in re.findall(r'"([A-Za-z][A-Za-z0-9_.-]*(?:\[[a-z,-]+\])?[<>=!~][^"]*)"', text):
+        r = Requirement(quoted)
+        found[canonicalize_name(r.name)] = r
     return found
 
 
 def test_shared_dependencies_have_one_pin_everywhere():
-    project = _pins((ROOT / "pyproject.toml").read_text())
-    for path in (GATEWAY_DOCKERFILE, TRITON_DOCKERFILE):
-        image = _pins(path.read_text())
-        shared = sorted(set(image) & set(project))
-        assert shared, path
-        differ = {name: (project[name], image[name]) for name in shared if project[name] != image[name]}
-        assert not differ, f"{path.relative_to(ROOT)} pins differ from pyproject.toml: {differ}"
+    """A range named in an image is the one pyproject.toml gives: the Triton image installs the
+    `triton-cpu` extra's packages it needs by name; the gateway image installs the project's
+    extras, so names no range of its own."""
+    groups = requirement_groups()
+    triton_cpu = {canonicalize_name(r.name): r for r in groups["triton-cpu"]}
+    image = _quoted_requirements(TRITON_DOCKERFILE.read_text())
+    assert image, TRITON_DOCKERFILE
+    for name, r in image.items():
+        assert name in triton_cpu, f"deploy/triton/Dockerfile installs {r}, which the triton-cpu extra lacks"
+        assert r.specifier == triton_cpu[name].specifier, (
+            f"deploy/triton/Dockerfile pins {r}, pyproject.toml's triton-cpu {triton_cpu[name]}"
+        )
+    assert not _quoted_requirements(GATEWAY_DOCKERFILE.read_text()), (
+        "deploy/Dockerfile names ranges of its own"
+    )
+
+
+@pytest.mark.parametrize("path", [GATEWAY_DOCKERFILE, TRITON_DOCKERFILE], ids=["gateway", "triton"])
+def test_images_install_with_the_constraints_file(path):
+    instructions = dockerfile(path)
+    copied = {}
+    for ins, rest in instructions:
+        if ins == "COPY" and "--from" not in rest:
+            *sources, dest = rest.split()
+            for source in sources:
+                copied[source] = dest
+    assert "constraints.txt" in copied, f"{path.relative_to(ROOT)} does not COPY constraints.txt"
+    dest = copied["constraints.txt"]
+    target = dest if not dest.endswith("/") else dest + "constraints.txt"
+    if dest == "./":
+        target = "constraints.txt"
+    installs = [rest for ins, rest in instructions if ins == "RUN" and "pip install" in rest]
+    assert installs
+    for run in installs:
+        for command in re.split(r"&&|;", run):
+            if "pip install" in command and "--upgrade pip" not in command:
+                assert re.search(rf"(-c|--constraint)\s+{re.escape(target)}(\s|$)", command), (
+                    f"{path.relative_to(ROOT)}: `{command.strip()}` does not use -c {target}"
+                )
+
+
+def test_compose_builds_images_from_the_repository_root():
+    """Both Dockerfiles COPY constraints.txt, which only a build from the repository root sees."""
+    for service, dockerfile_path in (("triton", TRITON_DOCKERFILE), ("gateway", GATEWAY_DOCKERFILE)):
+        build = compose()["services"][service]["build"]
+        assert (COMPOSE.parent / build["context"]).resolve() == ROOT, f"compose {service} build context"
+        assert (ROOT / build["dockerfile"]).resolve() == dockerfile_path
+
+
+def test_setup_installs_every_extra_with_the_constraints():
+    text = SETUP.read_text()
+    stamp = next(line for line in text.splitlines() if line.startswith("stamp="))
+    for name in ("pyproject.toml", "constraints.txt", "scripts/setup.sh"):
+        assert name in stamp, f"the setup stamp does not hash {name}"
+    install = re.search(r'pip install[^\n]*-c constraints\.txt\s*\\?\s*-e "\.\[([a-z,-]+)\]"', text)
+    assert install, "scripts/setup.sh does not install the project with -c constraints.txt"
+    assert set(install.group(1).split(",")) == set(project()["optional-dependencies"]), (
+        "scripts/setup.sh must install every extra (the tests need them all)"
+    )
+    assert re.search(r'--no-deps "nvidia-pytriton==[0-9.]+"', text)
