@@ -362,24 +362,41 @@ def cmd_models(args) -> int:
             elif args.action == "activate":
                 if args.version is None or not args.catalog:
                     raise SystemExit("activate needs --version and --catalog")
-                swap = Swap(
-                    index,
-                    embedder,
-                    models,
-                    args.version,
-                    progress=not args.quiet,
-                    redis_url=None if args.no_catch_up or not s.swap_catch_up else s.redis_url,
-                )
-                await swap.prepare()
-                await swap.reindex(Path(args.catalog))
-                await swap.validate(Path(args.catalog), args.min_overlap, args.force)
-                await swap.switch(args.grace_s)
-                r = swap.report
-                print(
-                    f"activated {r.new}: reindex {r.reindex_s:.1f}s, counts {r.counts}, "
-                    f"overlap {r.overlap if r.overlap is None else round(r.overlap, 3)}; "
-                    f"total {r.steps[-1][1]:.1f}s"
-                )
+                if args.no_catch_up or not s.swap_catch_up:
+                    # No live ingestion, hence no Redis: no job record and no cross-process lock.
+                    swap = Swap(index, embedder, models, args.version, progress=not args.quiet)
+                    await swap.prepare()
+                    await swap.reindex(Path(args.catalog))
+                    await swap.validate(Path(args.catalog), args.min_overlap, args.force)
+                    await swap.switch(args.grace_s)
+                    r = swap.report
+                    print(
+                        f"activated {r.new}: reindex {r.reindex_s:.1f}s, counts {r.counts}, "
+                        f"overlap {r.overlap if r.overlap is None else round(r.overlap, 3)}; "
+                        f"total {r.steps[-1][1]:.1f}s"
+                    )
+                else:
+                    # The same job as the Admin API's: one swap at a time across all processes,
+                    # visible in ModelStatus, rolled back on failure or Ctrl-C.
+                    from gateway.jobs import Jobs
+
+                    jobs = Jobs(s, index, embedder)
+                    try:
+                        job = await jobs.start(
+                            args.model, args.version, Path(args.catalog), args.grace_s, args.min_overlap,
+                            args.force, progress=not args.quiet,
+                        )  # fmt: skip
+                        job = await jobs.wait(job.id)
+                    finally:
+                        await jobs.shutdown(60.0)
+                    if job.state != "succeeded":
+                        raise SystemExit(f"error: activation {job.state}: {job.error}")
+                    r = job.result
+                    print(
+                        f"activated {r['space']['model']} v{r['space']['version']}: reindex "
+                        f"{r['reindex_s']:.1f}s, {r['products']} products, overlap {round(r['overlap'], 3)} "
+                        f"(job {job.id})"
+                    )
             elif args.action == "drop":
                 if args.version is None:
                     raise SystemExit("drop needs --version")
@@ -416,8 +433,10 @@ def cmd_demo(args) -> int:
 
 
 def cmd_admin(args) -> int:
-    """The gateway's Admin service over gRPC (status, activate, rollback), for operators who
-    reach the gateway but not Triton or the index."""
+    """The gateway's Admin service over gRPC (status, activate, job, cancel, rollback), for
+    operators who reach the gateway but not Triton or the index."""
+    from google.protobuf.json_format import MessageToJson
+
     with _client(args) as client:
         if not client.tls:
             print(
@@ -428,14 +447,36 @@ def cmd_admin(args) -> int:
             resp = client.model_status(args.model)
         elif args.action == "rollback":
             resp = client.rollback_model(args.model)
+        elif args.action == "job":
+            resp = client.get_job(args.job_id)
+        elif args.action == "cancel":
+            resp = client.cancel_job(args.job_id)
         else:
             if args.version is None or not args.catalog:
-                raise ValueError("admin activate needs --version and --catalog (a path on the gateway)")
-            resp = client.activate_model(
+                raise ValueError(
+                    "admin activate needs --version and --catalog (in the gateway's catalog directory)"
+                )
+            started = client.activate_model(
                 args.version, args.catalog, args.model, args.grace_s, args.min_overlap, args.force
             )
-    from google.protobuf.json_format import MessageToJson
+            if args.no_wait:
+                resp = started
+            else:
+                print(f"job {started.job_id} started", file=sys.stderr)
+                seen = [None]
 
+                def show(job):
+                    line = f"[job {job.id}] {job.state} {job.stage}" + (
+                        f" {job.done}/{job.total}" if job.total else ""
+                    )
+                    if line != seen[0]:
+                        print(line, file=sys.stderr, flush=True)
+                        seen[0] = line
+
+                resp = client.wait_job(started.job_id, on_update=show)
+                if resp.state != "succeeded":
+                    print(MessageToJson(resp, preserving_proto_field_name=True))
+                    raise ValueError(f"job {resp.id} {resp.state}: {resp.error or resp.stage}")
     print(MessageToJson(resp, preserving_proto_field_name=True))
     return 0
 
@@ -528,12 +569,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser(
-        "admin", help="the gateway's Admin RPCs: status | activate | rollback (needs the token)"
+        "admin",
+        help="the gateway's Admin RPCs: status | activate | job | cancel | rollback (needs the token)",
     )
-    p.add_argument("action", choices=["status", "activate", "rollback"])
+    p.add_argument("action", choices=["status", "activate", "job", "cancel", "rollback"])
+    p.add_argument("--job-id", default="", help="job | cancel: the job (default: the latest)")
+    p.add_argument("--no-wait", action="store_true", help="activate: print the job and return at once")
     p.add_argument("--model", default="", help="default: the gateway's embedding model")
     p.add_argument("--version", type=int, help="activate: the new version (exported already)")
-    p.add_argument("--catalog", help="activate: the catalog file, as a path on the gateway")
+    p.add_argument("--catalog", help="activate: the catalog file, in the gateway's catalog directory")
     p.add_argument("--grace-s", type=float, default=60.0)
     p.add_argument("--min-overlap", type=float, default=0.5)
     p.add_argument("--force", action="store_true")

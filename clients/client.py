@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -147,9 +148,10 @@ class LookSyncClient:
         grace_s: float = 60.0,
         min_overlap: float = 0.5,
         force: bool = False,
-        timeout_s: float = 24 * 3600,
+        timeout_s: float | None = None,
     ) -> pb.ActivateModelResponse:
-        """Runs the whole swap on the gateway (re-embedding the catalog): a long deadline."""
+        """Starts the swap as a job on the gateway and returns at once (`job_id`); follow it
+        with `get_job` or `wait_job`. `catalog_path` is in the gateway's catalog directory."""
         request = pb.ActivateModelRequest(
             model=model,
             version=version,
@@ -158,7 +160,36 @@ class LookSyncClient:
             min_overlap=min_overlap,
             force=force,
         )
-        return self.admin.ActivateModel(request, timeout=timeout_s, metadata=self._admin_meta())
+        return self.admin.ActivateModel(
+            request, timeout=timeout_s or self.timeout_s, metadata=self._admin_meta()
+        )
+
+    def get_job(self, job_id: str = "", timeout_s: float | None = None) -> pb.Job:
+        """An activation job ("" = the latest)."""
+        return self.admin.GetJob(
+            pb.GetJobRequest(job_id=job_id), timeout=timeout_s or self.timeout_s, metadata=self._admin_meta()
+        )
+
+    def cancel_job(self, job_id: str = "", timeout_s: float = 120.0) -> pb.Job:
+        """Cancels a running job (it rolls back) or rolls back an interrupted one."""
+        return self.admin.CancelJob(
+            pb.CancelJobRequest(job_id=job_id), timeout=timeout_s, metadata=self._admin_meta()
+        )
+
+    def wait_job(
+        self, job_id: str, poll_s: float = 1.0, on_update=None, timeout_s: float = 24 * 3600
+    ) -> pb.Job:
+        """Polls until the job has ended (any state but running); `on_update(job)` on each poll."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.get_job(job_id)
+            if on_update is not None:
+                on_update(job)
+            if job.state != "running":
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still running after {timeout_s:.0f} s")
+            time.sleep(poll_s)
 
     def rollback_model(self, model: str = "", timeout_s: float | None = None) -> pb.RollbackModelResponse:
         return self.admin.RollbackModel(

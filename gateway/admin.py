@@ -1,4 +1,5 @@
-"""The Admin gRPC service: model status, activation and rollback behind a bearer token."""
+"""The Admin gRPC service: model status, activation jobs and rollback behind a bearer token,
+refused on a plaintext listener unless the operator allows it."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import grpc
 from gateway.api import looksync_pb2 as pb
 from gateway.api import looksync_pb2_grpc as pb_grpc
 from gateway.embedder import TritonEmbedder
-from gateway.errors import InvalidArgument, LookSyncError
-from gateway.models import Swap, TritonModels, rollback
-from gateway.observability import RPC_ERRORS, log
+from gateway.errors import InvalidArgument, LookSyncError, Unavailable
+from gateway.index.base import EmbeddingSpace
+from gateway.jobs import JobRecord, Jobs
+from gateway.models import TritonModels, rollback
+from gateway.observability import RPC_ERRORS, log, redact
 from gateway.server import space_pb
 from gateway.settings import Settings
 
@@ -25,6 +28,7 @@ class AdminServicer(pb_grpc.AdminServicer):
         self.settings = settings
         self.index = index
         self.embedder = embedder
+        self.jobs = Jobs(settings, index, embedder)
 
     async def _authorise(self, context, rpc: str) -> None:
         token = self.settings.admin_token.get_secret_value() if self.settings.admin_token else ""
@@ -33,6 +37,12 @@ class AdminServicer(pb_grpc.AdminServicer):
             code, why = (
                 grpc.StatusCode.PERMISSION_DENIED,
                 "admin RPCs are disabled: LOOKSYNC_ADMIN_TOKEN is not set",
+            )
+        elif not self.tls and not self.settings.admin_allow_plaintext:
+            code, why = (
+                grpc.StatusCode.PERMISSION_DENIED,
+                "admin RPCs need TLS (LOOKSYNC_TLS_CERT_FILE and LOOKSYNC_TLS_KEY_FILE): the token would "
+                "travel in clear; LOOKSYNC_ADMIN_ALLOW_PLAINTEXT=true allows it on a trusted network",
             )
         elif not header:
             code, why = grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>' metadata"
@@ -43,6 +53,10 @@ class AdminServicer(pb_grpc.AdminServicer):
         RPC_ERRORS.labels(rpc, code.name).inc()
         log(logger, logging.WARNING, "admin call refused", rpc=rpc, code=code.name)  # never the token
         await context.abort(code, why)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.settings.tls_cert_file and self.settings.tls_key_file)
 
     def _models(self, name: str) -> TritonModels:
         return TritonModels(
@@ -55,7 +69,23 @@ class AdminServicer(pb_grpc.AdminServicer):
             return await work()
         except LookSyncError as exc:
             RPC_ERRORS.labels(rpc, exc.code.name).inc()
-            await context.abort(exc.code, str(exc))
+            await context.abort(exc.code, redact(str(exc)))
+
+    def _catalog(self, raw: str) -> Path:
+        """The catalog file named by an Admin caller, confined to the catalog directory: the
+        caller must not make the gateway read (or probe for) any other file on its disk."""
+        if not raw:
+            raise InvalidArgument("catalog_path: required (a JSON Lines file in the catalog directory)")
+        root = self.settings.catalog_dir
+        path = Path(raw)
+        path = (path if path.is_absolute() else root / path).resolve()
+        if not path.is_relative_to(root):
+            raise InvalidArgument(
+                f"catalog_path: {raw!r} is outside the catalog directory {root} (LOOKSYNC_ADMIN_CATALOG_DIR)"
+            )
+        if not path.is_file():
+            raise InvalidArgument(f"catalog_path: {raw!r} is not a file in the catalog directory {root}")
+        return path
 
     async def ModelStatus(self, request, context):
         async def work():
@@ -74,6 +104,10 @@ class AdminServicer(pb_grpc.AdminServicer):
                     )
                     for name, space in (await self.index.indexes()).items()
                 ]
+                try:
+                    job = await self.jobs.get()
+                except Unavailable:
+                    job = None  # the job store is Redis; the rest of the status still holds
                 return pb.ModelStatusResponse(
                     model=models.model,
                     exported_versions=models.on_disk(),
@@ -82,6 +116,7 @@ class AdminServicer(pb_grpc.AdminServicer):
                     alias_target=target or "",
                     previous_target=await self.index.previous_target() or "",
                     indexes=indexes,
+                    job=job_pb(job) if job else None,
                 )
             finally:
                 await models.close()
@@ -92,37 +127,48 @@ class AdminServicer(pb_grpc.AdminServicer):
         async def work():
             if request.version < 1:
                 raise InvalidArgument(f"version: {request.version} is not a version number")
-            catalog = Path(request.catalog_path)
-            if not catalog.is_file():
-                raise InvalidArgument(f"catalog_path: {request.catalog_path!r} is not a readable file")
-            models = self._models(request.model)
-            try:
-                swap = Swap(
-                    self.index,
-                    self.embedder,
-                    models,
-                    request.version,
-                    progress=False,
-                    redis_url=self.settings.redis_url if self.settings.swap_catch_up else None,
-                )
-                await swap.prepare()
-                await swap.reindex(catalog)
-                await swap.validate(catalog, request.min_overlap or 0.5, request.force)
-                await swap.switch(request.grace_s if request.grace_s > 0 else 60.0)
-                r = swap.report
-                return pb.ActivateModelResponse(
-                    space=space_pb(r.new),
-                    reindex_s=r.reindex_s,
-                    overlap=r.overlap or 0.0,
-                    products=r.counts[1],
-                )
-            finally:
-                await models.close()
+            if request.grace_s < 0 or request.min_overlap < 0 or request.min_overlap > 1:
+                raise InvalidArgument("grace_s must be >= 0 and min_overlap within 0..1")
+            catalog = self._catalog(request.catalog_path)
+            job = await self.jobs.start(
+                request.model or self.settings.embedding_model,
+                request.version,
+                catalog,
+                request.grace_s if request.grace_s > 0 else 60.0,
+                request.min_overlap or 0.5,
+                request.force,
+                confine_to=self.settings.catalog_dir,
+            )
+            return pb.ActivateModelResponse(job_id=job.id, job=job_pb(job))
 
         return await self._guard(context, "ActivateModel", work)
 
+    async def GetJob(self, request, context):
+        async def work():
+            job = await self.jobs.get(request.job_id)
+            if job is None:
+                raise InvalidArgument(
+                    f"job_id: no job {request.job_id!r}" if request.job_id else "job_id: there is no job yet"
+                )
+            return job_pb(job)
+
+        return await self._guard(context, "GetJob", work)
+
+    async def CancelJob(self, request, context):
+        async def work():
+            return job_pb(await self.jobs.cancel(request.job_id))
+
+        return await self._guard(context, "CancelJob", work)
+
     async def RollbackModel(self, request, context):
         async def work():
+            interrupted = await self.jobs.interrupted()
+            if interrupted is not None:
+                job = await self.jobs.roll_back_interrupted(interrupted)
+                target = await self.index.alias_target()
+                space = (await self.index.indexes()).get(target or "")
+                log(logger, logging.INFO, "interrupted activation rolled back", job=job.id)
+                return pb.RollbackModelResponse(space=space_pb(space) if space else None)
             models = self._models(request.model)
             try:
                 return pb.RollbackModelResponse(space=space_pb(await rollback(self.index, models)))
@@ -130,3 +176,31 @@ class AdminServicer(pb_grpc.AdminServicer):
                 await models.close()
 
         return await self._guard(context, "RollbackModel", work)
+
+
+def job_pb(job: JobRecord) -> pb.Job:
+    result = None
+    if job.result:
+        r = job.result
+        result = pb.ActivateModelResponse(
+            space=space_pb(EmbeddingSpace(**r["space"])),
+            reindex_s=r["reindex_s"],
+            overlap=r["overlap"],
+            products=r["products"],
+        )
+    return pb.Job(
+        id=job.id,
+        kind=job.kind,
+        model=job.model,
+        version=job.version,
+        state=job.state,
+        stage=job.stage,
+        done=job.done,
+        total=job.total,
+        error=job.error,
+        started_unix=job.started,
+        updated_unix=job.updated,
+        steps=job.steps,
+        result=result,
+        catalog_path=job.catalog_path,
+    )

@@ -140,11 +140,14 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
                 yield number, None, f"line {number}: not JSON ({exc.msg})"
 
 
-def load_local_image(url: str, base: Path) -> bytes:
-    """Image bytes for a local path (relative paths are relative to the catalog file)."""
+def load_local_image(url: str, base: Path, confine_to: Path | None = None) -> bytes:
+    """Image bytes for a local path (relative paths are relative to the catalog file); with
+    `confine_to`, only files that resolve (symlinks followed) inside that directory."""
     path = Path(url[len("file://") :] if url.startswith("file://") else url)
     if not path.is_absolute():
         path = base / path
+    if confine_to is not None and not path.resolve().is_relative_to(Path(confine_to).resolve()):
+        raise RecordError(f"image_url: {url!r} is outside the catalog directory")
     return path.read_bytes()
 
 

@@ -54,16 +54,17 @@ class IndexReport:
         return self.embedded + self.unchanged
 
 
-def fetch_image(url: str, base: Path, timeout_s: float = 10.0) -> bytes:
+def fetch_image(url: str, base: Path, timeout_s: float = 10.0, confine_to: Path | None = None) -> bytes:
     """Operator-run bulk indexing reads local files and plain HTTP(S); untrusted vendor feeds
-    go through the ingest worker's hardened fetcher (gateway/ingest/fetch.py)."""
+    go through the ingest worker's hardened fetcher (gateway/ingest/fetch.py). `confine_to`:
+    local files must lie under it (a swap started over the Admin API reads the gateway's disk)."""
     if url.startswith(("http://", "https://")):
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:
             data = resp.read(MAX_IMAGE_BYTES + 1)
         if len(data) > MAX_IMAGE_BYTES:
             raise RecordError(f"image_url: larger than {MAX_IMAGE_BYTES} bytes")
         return data
-    return load_local_image(url, base)
+    return load_local_image(url, base, confine_to)
 
 
 def _probe_image() -> bytes:
@@ -208,11 +209,17 @@ class Indexer:
 
 
 async def index_catalog(
-    path: Path, indexer: Indexer, progress: bool = True, as_of_seq: int | None = None
+    path: Path,
+    indexer: Indexer,
+    progress: bool = True,
+    as_of_seq: int | None = None,
+    on_progress=None,
+    confine_to: Path | None = None,
 ) -> IndexReport:
     """Index a catalog file. `as_of_seq` orders its writes with live catalog events (see
     gateway/ingest/events.py); by default the file's age, so an update or delete that live
-    ingestion wrote after the file was exported is not undone by indexing it (again)."""
+    ingestion wrote after the file was exported is not undone by indexing it (again).
+    `on_progress(done, total)` is called as products are finished (background jobs report it)."""
     if as_of_seq is None:
         as_of_seq = snapshot_seq(path)
     report = IndexReport(space=indexer.space)
@@ -221,6 +228,15 @@ async def index_catalog(
     with open(path, encoding="utf-8") as fh:
         lines = sum(1 for line in fh if line.strip())
     bar = tqdm(total=lines, unit="product", desc="indexing", disable=not progress)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        bar.update(n)
+        if on_progress is not None:
+            on_progress(done, lines)
+
     tasks: list[asyncio.Task] = []
     batch: list[IngestItem] = []
     seen: set[str] = set()
@@ -230,7 +246,7 @@ async def index_catalog(
         if batch:
             chunk, batch = batch, []
             task = asyncio.create_task(indexer.write_batch(chunk, report))
-            task.add_done_callback(lambda t, n=len(chunk): bar.update(n))
+            task.add_done_callback(lambda t, n=len(chunk): advance(n))
             tasks.append(task)
             # Keep a few batches queued: enough to overlap image reads with Triton, and a
             # failure (Triton down) surfaces after a few batches, not at the end.
@@ -240,28 +256,34 @@ async def index_catalog(
                 if t.done() and t.exception():
                     raise t.exception()
 
-    for number, raw, error in read_jsonl(path):
-        where = f"line {number}"
-        try:
-            if error:
-                raise RecordError(error)
-            if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"].strip():
-                raise RecordError("id: missing")
-            if raw["id"] in seen:
-                raise RecordError(f"id: {raw['id']!r} appears more than once (first one kept)")
-            seen.add(raw["id"])
-            if not isinstance(raw.get("image_url"), str) or not raw["image_url"]:
-                raise RecordError("image_url: missing")
-            image = await asyncio.to_thread(fetch_image, raw["image_url"], base)
-        except (RecordError, OSError) as exc:
-            report.failed.append((where, str(exc)))
-            bar.update(1)
-            continue
-        batch.append(IngestItem(raw, image, event_seq=as_of_seq, ref=where))
-        if len(batch) >= indexer.batch_size:
-            await flush()
-    await flush()
-    await asyncio.gather(*tasks)
+    try:
+        for number, raw, error in read_jsonl(path):
+            where = f"line {number}"
+            try:
+                if error:
+                    raise RecordError(error)
+                if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"].strip():
+                    raise RecordError("id: missing")
+                if raw["id"] in seen:
+                    raise RecordError(f"id: {raw['id']!r} appears more than once (first one kept)")
+                seen.add(raw["id"])
+                if not isinstance(raw.get("image_url"), str) or not raw["image_url"]:
+                    raise RecordError("image_url: missing")
+                image = await asyncio.to_thread(fetch_image, raw["image_url"], base, 10.0, confine_to)
+            except (RecordError, OSError) as exc:
+                report.failed.append((where, str(exc)))
+                advance(1)
+                continue
+            batch.append(IngestItem(raw, image, event_seq=as_of_seq, ref=where))
+            if len(batch) >= indexer.batch_size:
+                await flush()
+        await flush()
+        await asyncio.gather(*tasks)
+    finally:
+        # Cancelled or failed: no batch may still be writing once this returns (a rolled-back
+        # swap drops the index; a late write would re-create it). Batches are not cancelled
+        # but awaited: a write runs in a thread that a cancellation would not stop.
+        await asyncio.gather(*tasks, return_exceptions=True)
     bar.close()
     report.wall_s = time.perf_counter() - start
     return report

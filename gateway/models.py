@@ -278,7 +278,7 @@ class Swap:
         self._step(f"created {new.index_name}; live ingestion now writes to it too")
         return self.report
 
-    async def reindex(self, catalog: Path) -> None:
+    async def reindex(self, catalog: Path, on_progress=None, confine_to: Path | None = None) -> None:
         start = time.perf_counter()
         indexer = Indexer(self.embedder, self.index, self.report.new, batch_size=self.batch_size)
         # The file is a snapshot: its writes are as old as the file, so live events written to
@@ -289,7 +289,14 @@ class Swap:
         since_ms = min(self._since_ms, as_of // 1_000_000)
         if self.redis_url:
             await self._hold_stream_from(since_ms)
-        result = await index_catalog(catalog, indexer, progress=self.progress, as_of_seq=as_of)
+        result = await index_catalog(
+            catalog,
+            indexer,
+            progress=self.progress,
+            as_of_seq=as_of,
+            on_progress=on_progress,
+            confine_to=confine_to,
+        )
         if self.redis_url:
             n = await catch_up(self.index, self.report.new, self.redis_url, since_ms, release=self._hold)
             self._step(f"caught up {n} metadata updates and deletes published during the rebuild")
@@ -327,9 +334,18 @@ class Swap:
         )
 
     async def switch(self, grace_s: float) -> None:
+        await self.move()
+        await self.unload_old(grace_s)
+
+    async def move(self) -> None:
+        """The commit point: the alias moves to the new index."""
         old, new = self.report.old, self.report.new
         await move_alias(self.index, new, [old] if old else [])
         self._step(f"alias {self.index.alias} -> {new.index_name}")
+
+    async def unload_old(self, grace_s: float) -> None:
+        """After the grace period (requests in flight finish on the old pair), Triton serves
+        the new version only."""
         if self.report.old is not None and self.report.old.version != self.version:
             await asyncio.sleep(grace_s)
             await self.models.serve_versions([self.version])

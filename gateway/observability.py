@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from contextvars import ContextVar
@@ -22,6 +23,14 @@ RPC_ERRORS = Counter("looksync_rpc_errors_total", "RPCs that ended in an error",
 INDEXED = Counter("looksync_indexed_products_total", "Products written to the index", ["source"])
 
 
+# user:password@ in any URL (Redis, Elasticsearch, an LLM proxy): never in a log line or an error.
+_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s:]*:[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    return _CREDENTIALS.sub(r"\1***@", text)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -36,7 +45,7 @@ class JsonFormatter(logging.Formatter):
             entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return redact(json.dumps(entry, default=str))
 
 
 def setup_logging(level: str = "INFO") -> None:

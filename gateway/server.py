@@ -333,7 +333,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     add_look_search(LookSearchServicer(searcher, look_searcher, settings), server)
     from gateway.admin import AdminServicer
 
-    pb_grpc.add_AdminServicer_to_server(AdminServicer(settings, index, embedder), server)
+    admin = AdminServicer(settings, index, embedder)
+    pb_grpc.add_AdminServicer_to_server(admin, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     admin_service = pb.DESCRIPTOR.services_by_name["Admin"].full_name
@@ -375,7 +376,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     # Graceful: stop taking calls, let in-flight ones finish within the grace period.
     log(logger, logging.INFO, "shutting down", grace_s=settings.shutdown_grace_s)
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(settings.shutdown_grace_s)
+    # An activation that has not reached its commit point rolls back (gateway/jobs.py).
+    await asyncio.gather(server.stop(settings.shutdown_grace_s), admin.jobs.shutdown(60.0))
     watcher.cancel()
     await embedder.close()
     await index.close()

@@ -57,6 +57,16 @@ class Settings(BaseSettings):
     llm_model: str | None = None
     llm_api_key: SecretStr | None = None
     admin_token: SecretStr | None = None
+    admin_allow_plaintext: bool = Field(
+        False, description="serve Admin RPCs on a plaintext listener (the token then travels in clear)"
+    )
+    admin_catalog_dir: Path | None = Field(
+        None,
+        description="ActivateModel reads catalogs only under this directory (default <data_dir>/catalogs)",
+    )
+    swap_lock_ttl_s: float = Field(
+        30.0, description="activation lock lease: a dead gateway's job reads as interrupted after this"
+    )
     llm_timeout_s: float = Field(8.0, description="cap for one LLM call (also capped by the deadline)")
 
     # Look search
@@ -109,6 +119,10 @@ class Settings(BaseSettings):
     @property
     def embedded_dir(self) -> Path:
         return self.data_dir / "index"
+
+    @property
+    def catalog_dir(self) -> Path:
+        return (self.admin_catalog_dir or self.data_dir / "catalogs").resolve()
 
 
 @lru_cache(maxsize=1)

@@ -271,6 +271,7 @@ def png_header(width: int, height: int) -> bytes:
 # `/held/<file>` answers only once this is set: a test keeps image fetches in flight while it
 # acts (kills Redis, ...) instead of hoping they are still running after a sleep.
 HELD_IMAGES = threading.Event()
+HELD_REQUESTS: list[str] = []  # paths of /held/ requests received, in order
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -279,6 +280,7 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def do_GET(self):
         if self.path.startswith("/held/"):
+            HELD_REQUESTS.append(self.path)
             HELD_IMAGES.wait(120)
             self.path = self.path[len("/held") :]
             super().do_GET()

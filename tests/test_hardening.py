@@ -322,17 +322,23 @@ def slow_llm():
     stub.stop()
 
 
+REDIS_PASSWORD = "hunter2-redis-password"
+
+
 @pytest.fixture(scope="module")
-def guarded(triton, indexed, slow_llm, tmp_path_factory):
+def guarded(triton, indexed, slow_llm, catalog, tmp_path_factory):
     env = looksync_env(
         triton,
         indexed,
         LOOKSYNC_ADMIN_TOKEN="s3cret-admin-token",
+        LOOKSYNC_ADMIN_ALLOW_PLAINTEXT="true",
         LOOKSYNC_MAX_IN_FLIGHT="1",
         LOOKSYNC_LLM_BASE_URL=slow_llm.base_url,
         LOOKSYNC_LLM_MODEL="stub",
         LOOKSYNC_CACHE="redis",
-        LOOKSYNC_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        # Nobody listens there; the password must never reach an error or a log line.
+        LOOKSYNC_REDIS_URL=f"redis://:{REDIS_PASSWORD}@127.0.0.1:{free_port()}/0",
+        LOOKSYNC_ADMIN_CATALOG_DIR=str(catalog.parent),
     )
     gw = start_gateway(env, tmp_path_factory.mktemp("guarded") / "gateway.log")
     yield gw
@@ -366,6 +372,35 @@ def test_admin_rpcs_need_the_token(guarded, gateway):
         and status.alias_target == "products-clip-v1"
     )
     assert "s3cret-admin-token" not in guarded.log.read_text()
+
+
+def test_no_secret_in_admin_errors_or_logs(guarded, catalog):
+    # Activation jobs live in Redis, which is down here: UNAVAILABLE, fast, without the URL's
+    # password; the status still answers (without a job).
+    admin = LookSyncClient(guarded.address, admin_token="s3cret-admin-token", timeout_s=20)
+    with pytest.raises(grpc.RpcError) as err:
+        admin.activate_model(1, catalog.name)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    assert "Redis" in err.value.details() and REDIS_PASSWORD not in err.value.details()
+    assert not admin.model_status().HasField("job")
+    admin.close()
+    assert REDIS_PASSWORD not in guarded.log.read_text()
+
+
+def test_admin_is_refused_on_a_plaintext_listener_by_default(triton, indexed, tmp_path):
+    env = looksync_env(triton, indexed, LOOKSYNC_ADMIN_TOKEN="plain-admin-token")
+    gw = start_gateway(env, tmp_path / "gateway.log")
+    try:
+        admin = LookSyncClient(gw.address, admin_token="plain-admin-token")
+        for call in (admin.model_status, admin.get_job, lambda: admin.activate_model(2, "c.jsonl")):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "need TLS" in err.value.details() and "ADMIN_ALLOW_PLAINTEXT" in err.value.details()
+        assert len(admin.search_text("dress", k=1).hits) == 1  # searches are not affected
+        admin.close()
+    finally:
+        gw.stop()
 
 
 def test_over_the_concurrency_limit_is_resource_exhausted(guarded, slow_llm, catalog, products):

@@ -27,7 +27,7 @@ class IndexInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., products: _Optional[int] = ..., serving: _Optional[bool] = ..., written: _Optional[bool] = ...) -> None: ...
 
 class ModelStatusResponse(_message.Message):
-    __slots__ = ("model", "exported_versions", "loaded_versions", "alias", "alias_target", "previous_target", "indexes")
+    __slots__ = ("model", "exported_versions", "loaded_versions", "alias", "alias_target", "previous_target", "indexes", "job")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EXPORTED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     LOADED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class ModelStatusResponse(_message.Message):
     ALIAS_TARGET_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_TARGET_FIELD_NUMBER: _ClassVar[int]
     INDEXES_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
     model: str
     exported_versions: _containers.RepeatedScalarFieldContainer[int]
     loaded_versions: _containers.RepeatedScalarFieldContainer[int]
@@ -42,7 +43,8 @@ class ModelStatusResponse(_message.Message):
     alias_target: str
     previous_target: str
     indexes: _containers.RepeatedCompositeFieldContainer[IndexInfo]
-    def __init__(self, model: _Optional[str] = ..., exported_versions: _Optional[_Iterable[int]] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., alias: _Optional[str] = ..., alias_target: _Optional[str] = ..., previous_target: _Optional[str] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ...) -> None: ...
+    job: Job
+    def __init__(self, model: _Optional[str] = ..., exported_versions: _Optional[_Iterable[int]] = ..., loaded_versions: _Optional[_Iterable[int]] = ..., alias: _Optional[str] = ..., alias_target: _Optional[str] = ..., previous_target: _Optional[str] = ..., indexes: _Optional[_Iterable[_Union[IndexInfo, _Mapping]]] = ..., job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class ActivateModelRequest(_message.Message):
     __slots__ = ("model", "version", "catalog_path", "grace_s", "min_overlap", "force")
@@ -61,16 +63,20 @@ class ActivateModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., catalog_path: _Optional[str] = ..., grace_s: _Optional[float] = ..., min_overlap: _Optional[float] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class ActivateModelResponse(_message.Message):
-    __slots__ = ("space", "reindex_s", "overlap", "products")
+    __slots__ = ("space", "reindex_s", "overlap", "products", "job_id", "job")
     SPACE_FIELD_NUMBER: _ClassVar[int]
     REINDEX_S_FIELD_NUMBER: _ClassVar[int]
     OVERLAP_FIELD_NUMBER: _ClassVar[int]
     PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
     space: EmbeddingSpace
     reindex_s: float
     overlap: float
     products: int
-    def __init__(self, space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., reindex_s: _Optional[float] = ..., overlap: _Optional[float] = ..., products: _Optional[int] = ...) -> None: ...
+    job_id: str
+    job: Job
+    def __init__(self, space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., reindex_s: _Optional[float] = ..., overlap: _Optional[float] = ..., products: _Optional[int] = ..., job_id: _Optional[str] = ..., job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
 
 class RollbackModelRequest(_message.Message):
     __slots__ = ("model",)
@@ -83,6 +89,50 @@ class RollbackModelResponse(_message.Message):
     SPACE_FIELD_NUMBER: _ClassVar[int]
     space: EmbeddingSpace
     def __init__(self, space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("id", "kind", "model", "version", "state", "stage", "done", "total", "error", "started_unix", "updated_unix", "steps", "result", "catalog_path")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_PATH_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    kind: str
+    model: str
+    version: int
+    state: str
+    stage: str
+    done: int
+    total: int
+    error: str
+    started_unix: float
+    updated_unix: float
+    steps: _containers.RepeatedScalarFieldContainer[str]
+    result: ActivateModelResponse
+    catalog_path: str
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., stage: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., error: _Optional[str] = ..., started_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., steps: _Optional[_Iterable[str]] = ..., result: _Optional[_Union[ActivateModelResponse, _Mapping]] = ..., catalog_path: _Optional[str] = ...) -> None: ...
 
 class Filters(_message.Message):
     __slots__ = ("categories", "gender", "market", "brands", "sizes", "min_price", "max_price", "in_stock_only")

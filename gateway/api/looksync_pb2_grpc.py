@@ -186,7 +186,8 @@ class LookSearch:
 class AdminStub:
     """Operators' service. Every call needs `authorization: Bearer <LOOKSYNC_ADMIN_TOKEN>` metadata:
     none -> UNAUTHENTICATED, a wrong one -> PERMISSION_DENIED; with no token configured the
-    service refuses everything.
+    service refuses everything. On a plaintext listener (no LOOKSYNC_TLS_CERT_FILE) it refuses
+    everything with PERMISSION_DENIED unless LOOKSYNC_ADMIN_ALLOW_PLAINTEXT is set.
     """
 
     def __init__(self, channel):
@@ -210,12 +211,23 @@ class AdminStub:
                 request_serializer=gateway_dot_api_dot_looksync__pb2.RollbackModelRequest.SerializeToString,
                 response_deserializer=gateway_dot_api_dot_looksync__pb2.RollbackModelResponse.FromString,
                 _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/looksync.v1.Admin/GetJob',
+                request_serializer=gateway_dot_api_dot_looksync__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=gateway_dot_api_dot_looksync__pb2.Job.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/looksync.v1.Admin/CancelJob',
+                request_serializer=gateway_dot_api_dot_looksync__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=gateway_dot_api_dot_looksync__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
     """Operators' service. Every call needs `authorization: Bearer <LOOKSYNC_ADMIN_TOKEN>` metadata:
     none -> UNAUTHENTICATED, a wrong one -> PERMISSION_DENIED; with no token configured the
-    service refuses everything.
+    service refuses everything. On a plaintext listener (no LOOKSYNC_TLS_CERT_FILE) it refuses
+    everything with PERMISSION_DENIED unless LOOKSYNC_ADMIN_ALLOW_PLAINTEXT is set.
     """
 
     def ModelStatus(self, request, context):
@@ -225,13 +237,30 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ActivateModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Starts a model activation (a swap) as a background job and returns at once with its id.
+        One activation at a time across all gateways: a second one is FAILED_PRECONDITION.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RollbackModel(self, request, context):
+        """Moves the alias back; or, when the latest activation was interrupted (its gateway died),
+        restores the state from before that activation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Cancels a running activation (its gateway rolls it back), or rolls back an interrupted one.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -254,6 +283,16 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=gateway_dot_api_dot_looksync__pb2.RollbackModelRequest.FromString,
                     response_serializer=gateway_dot_api_dot_looksync__pb2.RollbackModelResponse.SerializeToString,
             ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=gateway_dot_api_dot_looksync__pb2.GetJobRequest.FromString,
+                    response_serializer=gateway_dot_api_dot_looksync__pb2.Job.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=gateway_dot_api_dot_looksync__pb2.CancelJobRequest.FromString,
+                    response_serializer=gateway_dot_api_dot_looksync__pb2.Job.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'looksync.v1.Admin', rpc_method_handlers)
@@ -265,7 +304,8 @@ def add_AdminServicer_to_server(servicer, server):
 class Admin:
     """Operators' service. Every call needs `authorization: Bearer <LOOKSYNC_ADMIN_TOKEN>` metadata:
     none -> UNAUTHENTICATED, a wrong one -> PERMISSION_DENIED; with no token configured the
-    service refuses everything.
+    service refuses everything. On a plaintext listener (no LOOKSYNC_TLS_CERT_FILE) it refuses
+    everything with PERMISSION_DENIED unless LOOKSYNC_ADMIN_ALLOW_PLAINTEXT is set.
     """
 
     @staticmethod
@@ -339,6 +379,60 @@ class Admin:
             '/looksync.v1.Admin/RollbackModel',
             gateway_dot_api_dot_looksync__pb2.RollbackModelRequest.SerializeToString,
             gateway_dot_api_dot_looksync__pb2.RollbackModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/looksync.v1.Admin/GetJob',
+            gateway_dot_api_dot_looksync__pb2.GetJobRequest.SerializeToString,
+            gateway_dot_api_dot_looksync__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/looksync.v1.Admin/CancelJob',
+            gateway_dot_api_dot_looksync__pb2.CancelJobRequest.SerializeToString,
+            gateway_dot_api_dot_looksync__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
