@@ -1,6 +1,8 @@
 """SearchLook over gRPC: fallbacks without an LLM, and every LLM failure mode via a scripted
 OpenAI-compatible server that the real `openai` client talks to."""
 
+import base64
+import io
 import json
 import threading
 import time
@@ -8,6 +10,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 
 from clients.client import FilterArgs
 from clients.looks import compose_look
@@ -258,6 +261,33 @@ def test_good_llm_answers_drive_queries_and_ranking(llm, llm_gateway, look):
     from gateway.taxonomy import CATEGORY_LAYER
 
     assert all(CATEGORY_LAYER[h.product.category] == lr.layer for lr in resp.layers for h in lr.hits)
+
+
+def test_the_llm_gets_the_look_reduced_once_as_a_true_jpeg(llm, llm_gateway, look):
+    # A PNG look bigger than the working size: every call carries the same small JPEG.
+    big = Image.open(io.BytesIO(look[0])).convert("RGB").resize((2400, 3000))
+    buf = io.BytesIO()
+    big.save(buf, "PNG")
+
+    def script(kind, body):
+        return Reply(GOOD_QUERIES) if kind == "QueryAnswer" else reverse_ranking(kind, body)
+
+    _run(llm, llm_gateway, script, buf.getvalue(), timeout_s=30.0)
+    urls = [
+        part["image_url"]["url"]
+        for _, body in llm.requests
+        for message in body["messages"]
+        if isinstance(message["content"], list)
+        for part in message["content"]
+        if part.get("type") == "image_url"
+    ]
+    assert len(urls) == 4  # query generation + 3 reranks
+    assert len(set(urls)) == 1  # encoded once
+    header, data = urls[0].split(",", 1)
+    assert header == "data:image/jpeg;base64"
+    sent = Image.open(io.BytesIO(base64.b64decode(data)))
+    assert sent.format == "JPEG" and max(sent.size) <= 1024 and sent.size[1] > sent.size[0]
+    assert len(data) * 3 / 4 < len(buf.getvalue()) / 10
 
 
 @pytest.mark.parametrize("failure", ["http500", "malformed", "schema", "unknown_layer"])

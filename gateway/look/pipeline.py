@@ -28,7 +28,7 @@ from gateway.filters import SearchFilters
 from gateway.index.base import CatalogIndex, EmbeddingSpace, ScoredProduct
 from gateway.llm import LLMError
 from gateway.look.dedup import dedup
-from gateway.look.querygen import FallbackQueryGenerator, LLMQueryGenerator, decode_look_async
+from gateway.look.querygen import FallbackQueryGenerator, LLMQueryGenerator, decode_look_async, llm_image
 from gateway.look.rerank import LLMReranker, embedding_rerank
 from gateway.look.types import Candidate, LayerOutcome, LayerQuery
 from gateway.observability import log
@@ -129,10 +129,15 @@ class LookSearcher:
                 return LookResult(layers, space, timings, cached=True)
         with timings.stage("decode"):
             look = await decode_look_async(image, self.max_image_pixels)
+            # The LLM sees the look reduced and re-encoded once, labelled with its true type,
+            # never the client's original (up to 16 MB) inlined into each of up to 9 calls.
+            llm_look = (
+                await asyncio.to_thread(llm_image, look) if self.llm_queries or self.llm_reranker else b""
+            )
 
         # 1 queries
         with timings.stage("queries"):
-            queries, fallback_started = await self._queries(image, look, space, deadline)
+            queries, fallback_started = await self._queries(image, llm_look, look, space, deadline)
         # 2 vectors
         with timings.stage("embed"):
             await self._embed_queries(queries, look, space, deadline)
@@ -145,7 +150,7 @@ class LookSearcher:
         # layers fall back
         segmented = _Once(lambda: self._segment(image, outcomes, space, deadline))
         with timings.stage("rerank"):
-            await asyncio.gather(*(self._rerank(image, o, deadline, segmented) for o in outcomes))
+            await asyncio.gather(*(self._rerank(llm_look, o, deadline, segmented) for o in outcomes))
         for outcome in outcomes:
             outcome.candidates = outcome.candidates[:k]
         await self.result_cache.set(cache_key, _cacheable(outcomes))
@@ -179,13 +184,13 @@ class LookSearcher:
             log(logger, logging.WARNING, "unusable cached look result; searching again", error=str(exc))
             return None
 
-    async def _queries(self, image, look, space, deadline) -> tuple[list[LayerQuery], float | None]:
+    async def _queries(self, image, llm_look, look, space, deadline) -> tuple[list[LayerQuery], float | None]:
         """The layer queries, and when the fallback started (None: the LLM answered)."""
         if self.llm_queries is not None:
             left = deadline.left()
             budget = min(self.settings.llm_timeout_s, left - self.query_reserve.seconds(left))
             try:
-                return await self.llm_queries.generate(image, budget), None
+                return await self.llm_queries.generate(llm_look, budget), None
             except LLMError as exc:
                 FALLBACKS.labels("query_generation", exc.reason).inc()
                 log(
@@ -288,7 +293,7 @@ class LookSearcher:
             return {}
         return dict(zip(layers, vectors))
 
-    async def _rerank(self, image: bytes, outcome: LayerOutcome, deadline, segmented=None) -> None:
+    async def _rerank(self, llm_look: bytes, outcome: LayerOutcome, deadline, segmented=None) -> None:
         if len(outcome.candidates) < 2:
             return
         if self.llm_reranker is not None:
@@ -296,7 +301,7 @@ class LookSearcher:
             budget = min(self.settings.llm_timeout_s, left - self.rerank_reserve.seconds(left))
             try:
                 outcome.candidates = await self.llm_reranker.rerank(
-                    image, outcome.query, outcome.candidates, budget
+                    llm_look, outcome.query, outcome.candidates, budget
                 )
                 outcome.rerank_source = "llm"
                 return

@@ -8,6 +8,7 @@ prompts names each one ("a red striped t-shirt") so the response stays readable.
 from __future__ import annotations
 
 import asyncio
+import io
 import weakref
 from dataclasses import replace
 from typing import Literal
@@ -240,6 +241,14 @@ def decode_look(data: bytes, max_pixels: int) -> Image.Image:
     if max(img.size) > LOOK_WORKING_SIDE:
         img.thumbnail((LOOK_WORKING_SIDE, LOOK_WORKING_SIDE), Image.Resampling.BICUBIC, reducing_gap=2.0)
     return img
+
+
+def llm_image(look: Image.Image) -> bytes:
+    """The look as the LLM gets it: JPEG (what `image_part` labels it), at most
+    LOOK_WORKING_SIDE on its longest side, as decode_look left it."""
+    buf = io.BytesIO()
+    look.convert("RGB").save(buf, "JPEG", quality=88)
+    return buf.getvalue()
 
 
 async def decode_look_async(data: bytes, max_pixels: int) -> Image.Image:
