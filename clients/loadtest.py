@@ -14,7 +14,8 @@ Requests come from a weighted mix of SearchText (queries from a file), SearchIma
 SearchLook (images from folders). Each request has a deadline; a run ends after a duration or
 a request count, whichever comes first, and never later than `time_limit_s`.
 
-One `grpc.aio` channel per process; with `processes > 1` each spawned process drives its share
+One `grpc.aio` channel per process (TLS with `tls`, `root_certificates` and `server_name`, as
+`LookSyncClient` connects); with `processes > 1` each spawned process drives its share
 (concurrency, rate and count are split) and the parent merges the results. Every process reports
 its CPU time over wall time, so a reader can tell whether the generator was the bottleneck.
 
@@ -208,6 +209,10 @@ class LatencyHistogram:
 @dataclass
 class LoadConfig:
     address: str = "127.0.0.1:50051"
+    tls: bool = False  # connect over TLS (implied by root_certificates)
+    root_certificates: bytes | None = None  # PEM roots of a private CA; the system's otherwise
+    server_name: str | None = None  # the name in the gateway's certificate, when not its address
+    space: tuple[str, int] | None = None  # (model, version) every request pins; None: the alias's
     concurrency: int = 4  # closed loop: requests in flight (summed over processes)
     rate: float | None = None  # open loop: target requests/s (summed over processes)
     schedule: str = "poisson"  # open loop: "poisson" | "fixed"
@@ -288,6 +293,10 @@ class LoadConfig:
         filters = self.filters
         return {
             "address": self.address,
+            "tls": self.tls or self.root_certificates is not None,
+            "private_ca": self.root_certificates is not None,
+            "server_name": self.server_name,
+            "space": f"{self.space[0]}:{self.space[1]}" if self.space is not None else None,
             "mode": self.mode,
             "concurrency": self.concurrency if self.mode == "closed" else None,
             "rate": self.rate,
@@ -558,8 +567,11 @@ class LoadReport:
             load = f"open loop, {cfg.schedule} schedule at {cfg.rate:g} req/s"
         else:
             load = f"closed loop, concurrency {cfg.concurrency}"
+        target = cfg.address + (" (TLS)" if cfg.tls or cfg.root_certificates is not None else "")
+        if cfg.space is not None:
+            target += f", space {cfg.space[0]}:{cfg.space[1]}"
         lines = [
-            f"loadtest {cfg.address}: {load}, {cfg.processes} process(es), "
+            f"loadtest {target}: {load}, {cfg.processes} process(es), "
             f"measured {self.elapsed_s:.2f} s, timeout {cfg.timeout_s:g} s",
             "",
             f"{'rpc':12s} {'sent':>7s} {'ok':>7s} {'errors':>6s} {'ok/s':>8s} "
@@ -644,21 +656,29 @@ class _Driver:
         self.share = share
         self.rng = random.Random(cfg.seed * 1000 + share.worker)
         self.stats = WorkerStats(worker=share.worker)
-        self.channel = grpc.aio.insecure_channel(
-            cfg.address,
-            options=[
-                ("grpc.max_send_message_length", 64 << 20),
-                ("grpc.max_receive_message_length", 64 << 20),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", 64 << 20),
+        ]
+        if cfg.tls or cfg.root_certificates is not None:
+            if cfg.server_name:
+                options.append(("grpc.ssl_target_name_override", cfg.server_name))
+            creds = grpc.ssl_channel_credentials(root_certificates=cfg.root_certificates)
+            self.channel = grpc.aio.secure_channel(cfg.address, creds, options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(cfg.address, options=options)
         stub = pb_grpc.LookSearchStub(self.channel)
         filters = cfg.filters.to_proto() if cfg.filters is not None else pb.Filters()
+        space = pb.EmbeddingSpace(model=cfg.space[0], version=cfg.space[1]) if cfg.space else None
         # Messages are built once and reused: sending serialises, nothing mutates them.
         self.requests = {
-            "text": [pb.SearchTextRequest(text=t, k=cfg.k, filters=filters) for t in cfg.texts],
-            "image": [pb.SearchImageRequest(image=b, k=cfg.k, filters=filters) for b in cfg.images],
+            "text": [pb.SearchTextRequest(text=t, k=cfg.k, filters=filters, space=space) for t in cfg.texts],
+            "image": [
+                pb.SearchImageRequest(image=b, k=cfg.k, filters=filters, space=space) for b in cfg.images
+            ],
             "look": [
-                pb.SearchLookRequest(image=b, k_per_layer=cfg.k_per_layer, filters=filters) for b in cfg.looks
+                pb.SearchLookRequest(image=b, k_per_layer=cfg.k_per_layer, filters=filters, space=space)
+                for b in cfg.looks
             ],
         }
         self.methods = {"text": stub.SearchText, "image": stub.SearchImage, "look": stub.SearchLook}
@@ -677,7 +697,12 @@ class _Driver:
             await asyncio.wait_for(self.channel.channel_ready(), self.cfg.connect_timeout_s)
         except TimeoutError:
             raise ConnectionError(
-                f"no gateway at {self.cfg.address} after {self.cfg.connect_timeout_s:g} s"
+                f"no gateway at {self.cfg.address} after {self.cfg.connect_timeout_s:g} s "
+                + (
+                    "over TLS (check --ca-file and --server-name)"
+                    if self.cfg.tls or self.cfg.root_certificates is not None
+                    else "(plaintext; a TLS gateway needs --tls or --ca-file)"
+                )
             ) from None
 
     async def close(self) -> None:
@@ -1127,7 +1152,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=float, default=1.0, help="timeline resolution, seconds")
 
 
+def parse_space(text: str | None) -> tuple[str, int] | None:
+    """--space MODEL:VERSION (0 = the model's newest) -> (model, version); None when not given."""
+    if not text:
+        return None
+    model, sep, version = text.partition(":")
+    if not model or not sep or not version.isdigit():
+        raise ValueError(f"--space {text!r}: expected MODEL:VERSION, e.g. clip:2 (0 = newest)")
+    return model, int(version)
+
+
+def connection_from_args(args) -> dict:
+    """TLS options as the other commands take them: --tls, --ca-file (implies TLS),
+    --server-name, with LOOKSYNC_GATEWAY_TLS and LOOKSYNC_GATEWAY_CA_FILE as defaults."""
+    from gateway.settings import get_settings
+
+    s = get_settings()
+    ca_file = getattr(args, "ca_file", None) or s.gateway_ca_file
+    return {
+        "tls": bool(getattr(args, "tls", False) or s.gateway_tls or ca_file),
+        "root_certificates": Path(ca_file).read_bytes() if ca_file else None,
+        "server_name": getattr(args, "server_name", None),
+    }
+
+
 def config_from_args(args, address: str, filters=None) -> LoadConfig:
+    """The CLI's options (its connection options and --space included) as a LoadConfig."""
+    space = parse_space(getattr(args, "space", None))
+    connection = connection_from_args(args)
     texts = read_queries(args.text_queries) if args.text_queries else []
     images = read_images(args.images) if args.images else []
     looks = read_images(args.looks) if args.looks else []
@@ -1139,6 +1191,8 @@ def config_from_args(args, address: str, filters=None) -> LoadConfig:
         sources["text"] = "built-in queries"
     return LoadConfig(
         address=address,
+        **connection,
+        space=space,
         concurrency=args.concurrency,
         rate=args.rate,
         schedule=args.schedule,

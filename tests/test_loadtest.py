@@ -320,3 +320,108 @@ def test_the_cli_prints_a_line_per_interval_while_it_runs(gateway, inputs):
     lines = [line for line in run.stderr.splitlines() if line.startswith("[loadtest p0")]
     assert len(lines) >= 2, run.stderr  # one per finished second, before the final table
     assert all("ok/s" in line and "p99" in line and "errors 0" in line for line in lines)
+
+
+# ------------------------------------------------------------------------------ TLS and --space
+
+
+def test_space_and_connection_options_are_parsed(monkeypatch, tmp_path, capsys):
+    from clients.loadtest import parse_space
+
+    assert parse_space(None) is None and parse_space("clip:0") == ("clip", 0)
+    for bad in ("clip", "clip:", ":1", "clip:v2"):
+        with pytest.raises(ValueError, match="MODEL:VERSION"):
+            parse_space(bad)
+    # Local errors are one line and exit 2, before any connection.
+    assert cli_main(["loadtest", "--gateway", "127.0.0.1:1", "--space", "clip"]) == 2
+    assert capsys.readouterr().err.startswith("error: --space 'clip'")
+    missing = tmp_path / "no-ca.pem"
+    assert cli_main(["loadtest", "--gateway", "127.0.0.1:1", "--ca-file", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_space_pins_every_request(gateway, inputs):
+    queries, images = inputs
+    cfg = LoadConfig(
+        address=gateway.address,
+        texts=QUERIES,
+        images=read_images(images),
+        requests=8,
+        concurrency=2,
+        k=3,
+        space=("clip", 1),
+    )
+    report = asyncio.run(run_load(cfg))
+    assert report.ok == 8 and not report.errors, report.errors
+    assert report.to_dict()["config"]["space"] == "clip:1"
+    # A space the gateway does not serve: every request refused, none answered from another.
+    cfg = LoadConfig(address=gateway.address, texts=QUERIES, requests=4, concurrency=1, space=("clip", 7))
+    report = asyncio.run(run_load(cfg))
+    assert report.ok == 0 and report.errors == {"FAILED_PRECONDITION": 4}, report.errors
+
+
+@pytest.fixture(scope="module")
+def tls_gateway(triton, indexed, tmp_path_factory):
+    """A gateway serving TLS only, with a self-signed certificate for localhost (its own CA)."""
+    from tests.conftest import looksync_env, start_gateway, wait_for
+
+    root = tmp_path_factory.mktemp("loadtest-tls")
+    cert, key = root / "cert.pem", root / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    env = looksync_env(triton, indexed, LOOKSYNC_TLS_CERT_FILE=str(cert), LOOKSYNC_TLS_KEY_FILE=str(key))
+    gw = start_gateway(env, root / "gateway.log", wait_serving=False, probe=False)
+    from clients.client import LookSyncClient
+
+    with LookSyncClient(gw.address, root_certificates=cert.read_bytes(), server_name="localhost") as secure:
+
+        def answers():
+            try:
+                return secure.search_text("dress", k=1, timeout_s=5)
+            except grpc.RpcError:
+                return None
+
+        wait_for(answers, what="the TLS gateway")
+    yield gw, cert
+    gw.stop()
+
+
+def test_the_cli_loadtests_a_tls_gateway_with_the_connection_options(tls_gateway, inputs, tmp_path):
+    gw, cert = tls_gateway
+    queries, _ = inputs
+    out = tmp_path / "tls.json"
+    # Two processes: each spawned load process opens its own TLS channel from the config.
+    run = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "loadtest", "--gateway", gw.address, "--ca-file", str(cert),
+         "--server-name", "localhost", "--space", "clip:1", "--text-queries", str(queries), "--mix", "text=1",
+         "--requests", "10", "--concurrency", "2", "--processes", "2", "-k", "3", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert f"loadtest {gw.address} (TLS), space clip:1" in run.stdout
+    data = json.loads(out.read_text())
+    assert (data["sent"], data["ok"]) == (10, 10)
+    assert data["config"]["tls"] and data["config"]["private_ca"] and data["config"]["space"] == "clip:1"
+    assert cert.read_text() not in out.read_text()  # the report names the CA, never carries it
+
+
+def test_loadtest_without_tls_options_does_not_reach_a_tls_gateway(tls_gateway):
+    gw, cert = tls_gateway
+    cfg = LoadConfig(address=gw.address, texts=QUERIES, requests=1, connect_timeout_s=2)
+    with pytest.raises(ConnectionError, match="plaintext"):
+        asyncio.run(run_load(cfg))
+    # The private CA without the name in the certificate fails the handshake (the address is
+    # 127.0.0.1, which the certificate also names: override to a name it lacks).
+    cfg = LoadConfig(
+        address=gw.address,
+        texts=QUERIES,
+        requests=1,
+        connect_timeout_s=2,
+        root_certificates=cert.read_bytes(),
+        server_name="elsewhere.example",
+    )
+    with pytest.raises(ConnectionError, match="over TLS"):
+        asyncio.run(run_load(cfg))
