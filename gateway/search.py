@@ -154,9 +154,9 @@ class Searcher:
     async def _space(self, requested: EmbeddingSpace | None) -> EmbeddingSpace:
         return await request_space(self.index, requested)
 
-    async def _retrieve(self, vector, space, filters, k, timings) -> tuple[EmbeddingSpace, list]:
+    async def _retrieve(self, vector, space, filters, k, timings, deadline) -> tuple[EmbeddingSpace, list]:
         with timings.stage("retrieve"):
-            return await self.index.search(vector, space, filters, k)
+            return await self.index.search(vector, space, filters, k, timeout_s=deadline.left())
 
     async def _embed_text(self, space, text, deadline) -> tuple[np.ndarray, bool]:
         emb, truncated = await self.embedder.embed_texts(
@@ -179,7 +179,7 @@ class Searcher:
         with timings.stage("embed_text"):
             vector, truncated = await self._embed_text(space, text, deadline)
         space = EmbeddingSpace(space.model, space.version, int(vector.shape[0]))
-        index_space, hits = await self._retrieve(vector, space, filters, k, timings)
+        index_space, hits = await self._retrieve(vector, space, filters, k, timings, deadline)
         return SearchResult(hits, index_space, timings, text_truncated=cut or truncated)
 
     async def search_image(
@@ -216,5 +216,5 @@ class Searcher:
             else:
                 vector = (await image_call)[0]
         space = EmbeddingSpace(space.model, space.version, int(vector.shape[0]))
-        index_space, hits = await self._retrieve(vector, space, filters, k, timings)
+        index_space, hits = await self._retrieve(vector, space, filters, k, timings, deadline)
         return SearchResult(hits, index_space, timings, text_truncated=cut or truncated)

@@ -896,6 +896,9 @@ class ElasticsearchDouble:
         self.write_flags: dict[tuple[str, str], bool] = {}  # (alias, index) -> is_write_index as set
         self.requests: list[tuple[str, str, dict, Any]] = []
         self.now: Callable[[], float] = time.monotonic
+        # Test control, not an Elasticsearch behaviour: while set to an unset Event, _search
+        # requests wait for it (a slow cluster, without guessing how slow).
+        self.hold_searches: threading.Event | None = None
         self.lock = threading.Lock()
         self.node_id = uuid.uuid4().hex[:22]
         self.cluster_uuid = uuid.uuid4().hex[:22]
@@ -919,6 +922,9 @@ class ElasticsearchDouble:
         parts = urlsplit(target)
         segments = [unquote(s) for s in parts.path.split("/") if s]
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        hold = self.hold_searches
+        if hold is not None and segments[-1:] == ["_search"]:
+            hold.wait(60)
         with self.lock:
             body, body_error = self._decode(segments, headers, raw)
             self.requests.append((method, parts.path, query, body))

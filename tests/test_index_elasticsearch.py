@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import os
+import threading
 import time
 import uuid
 
@@ -882,3 +883,38 @@ def test_one_elasticsearch_major_in_every_install_and_deployment():
     import elasticsearch
 
     assert elasticsearch.__version__[0] == 8
+
+
+def test_a_slow_search_ends_at_the_requests_deadline_not_the_client_timeout():
+    # The cluster answers searches only when released; the client's own timeout is 5 s. A
+    # search given 0.3 s of the request's deadline is DeadlineExceeded long before 5 s.
+    from gateway.errors import DeadlineExceeded
+
+    space = EmbeddingSpace("clip", 1, 16)
+    fake = ElasticsearchDouble()
+    release = threading.Event()
+
+    async def scenario():
+        index = ElasticIndex(fake.url, timeout_s=5.0)
+        try:
+            await index.upsert(space, [(p, "h", v) for p, v in zip(_products(3), _vectors(3))])
+            await index.refresh(space)
+            fake.hold_searches = release
+            start = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match="deadline"):
+                await index.search(_vectors(1)[0], space, build_filters(), 3, timeout_s=0.3)
+            took = time.monotonic() - start
+            release.set()
+            fake.hold_searches = None
+            _, hits = await index.search(_vectors(1)[0], space, build_filters(), 3, timeout_s=5.0)
+            return took, hits
+        finally:
+            release.set()
+            await index.close()
+
+    try:
+        took, hits = asyncio.run(scenario())
+    finally:
+        fake.stop()
+    assert took < 2.5, took  # the deadline (0.3 s) plus a loaded machine's margin, not 5 s
+    assert len(hits) == 3  # the held request did not break the client for the next one

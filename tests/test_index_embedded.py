@@ -89,6 +89,18 @@ def test_filtered_knn_equals_brute_force(filled, case):
         assert h.score == pytest.approx(float(vectors[i] @ query), abs=1e-5)
 
 
+def test_a_search_past_the_requests_deadline_is_deadline_exceeded(filled):
+    # No time left: the search is abandoned, not answered late; with time left it answers.
+    from gateway.errors import DeadlineExceeded
+
+    index, _, _ = filled
+    query = _vectors(1, seed=9)[0]
+    with pytest.raises(DeadlineExceeded, match="deadline"):
+        asyncio.run(index.search(query, SPACE, build_filters(), 10, timeout_s=0.0))
+    _, hits = asyncio.run(index.search(query, SPACE, build_filters(), 10, timeout_s=30.0))
+    assert len(hits) == 10
+
+
 def test_upsert_replaces_by_id(filled):
     index, products, vectors = filled
     changed = Product(**{**products[0].to_dict(), "price": 1.0, "title": "renamed"})

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from gateway.catalog import Product
-from gateway.errors import FailedPrecondition
+from gateway.errors import DeadlineExceeded, FailedPrecondition
 from gateway.filters import SearchFilters
 
 
@@ -88,6 +90,19 @@ def check_query(vector: np.ndarray, query_space: EmbeddingSpace, index_space: Em
         )
 
 
+@contextlib.asynccontextmanager
+async def within(timeout_s: float | None, what: str):
+    """The request's remaining deadline around one index call."""
+    if timeout_s is None:
+        yield
+        return
+    try:
+        async with asyncio.timeout(max(timeout_s, 0.0)):
+            yield
+    except TimeoutError:
+        raise DeadlineExceeded(f"{what} did not finish within the request's deadline") from None
+
+
 class CatalogIndex(ABC):
     """A product index whose vectors all belong to one embedding space per physical index,
     read through an alias that names the serving one."""
@@ -113,8 +128,12 @@ class CatalogIndex(ABC):
         filters: SearchFilters,
         k: int,
         with_vectors: bool = False,
+        index: str | None = None,
+        timeout_s: float | None = None,
     ) -> tuple[EmbeddingSpace, list[ScoredProduct]]:
-        """kNN over the alias target with the filters applied before ranking."""
+        """kNN over the space's index (or the one named) with the filters applied before
+        ranking. `timeout_s`: what is left of the request's deadline; past it the search is
+        abandoned with DeadlineExceeded (never an answer after the client has given up)."""
 
     @abstractmethod
     async def ensure(self, space: EmbeddingSpace, make_current_if_none: bool = True) -> str:

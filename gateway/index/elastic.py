@@ -69,6 +69,7 @@ from gateway.index.base import (
     ScoredProduct,
     StoredProduct,
     check_query,
+    within,
 )
 from gateway.index.lww import IMAGE, Op
 from gateway.index.lww import apply as lww_apply
@@ -548,7 +549,11 @@ class ElasticIndex(CatalogIndex):
         except FailedPrecondition:
             return None
 
-    async def search(self, vector, space, filters, k, with_vectors=False, index=None):
+    async def search(self, vector, space, filters, k, with_vectors=False, index=None, timeout_s=None):
+        async with within(timeout_s, f"search of {index or space.index_name}"):
+            return await self._search(vector, space, filters, k, with_vectors, index, timeout_s)
+
+    async def _search(self, vector, space, filters, k, with_vectors, index, timeout_s):
         # The index of the query's own space (or the one named), never "whatever the alias
         # names now": a request that resolved its space before an alias move stays consistent.
         target = index or space.index_name
@@ -560,7 +565,10 @@ class ElasticIndex(CatalogIndex):
                 query, k, filters, self.num_candidates_factor, with_vectors, self.rescore_oversample
             )
             try:
-                resp = await self._call(f"search {target}", self._client().search(index=target, body=body))
+                # The deadline (asyncio) ends the request first; the HTTP timeout, just behind it,
+                # is the backstop for a request that outlives its caller.
+                client = self._client(min(timeout_s + 1.0, self.timeout_s) if timeout_s else None)
+                resp = await self._call(f"search {target}", client.search(index=target, body=body))
             except NotFoundError:
                 self._forget(target)  # deleted meanwhile: look it up once more
                 continue

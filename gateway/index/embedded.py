@@ -35,6 +35,7 @@ from gateway.index.base import (
     ScoredProduct,
     StoredProduct,
     check_query,
+    within,
 )
 from gateway.index.lww import Op
 from gateway.index.lww import apply as lww_apply
@@ -220,7 +221,7 @@ class EmbeddedIndex(CatalogIndex):
         target = self._manifest()["aliases"].get(self.alias)
         return None if target is None else self._space_of(target)
 
-    async def search(self, vector, space, filters, k, with_vectors=False, index=None):
+    async def search(self, vector, space, filters, k, with_vectors=False, index=None, timeout_s=None):
         # The index of the query's own space (or the one named), never "whatever the alias
         # names now": a request that resolved its space before an alias move stays consistent.
         target = index or space.index_name
@@ -240,8 +241,9 @@ class EmbeddedIndex(CatalogIndex):
             .limit(k)
         )
         try:
-            query = await self._plan(table, target, query, where)
-            rows = (await query.to_arrow()).to_pylist()
+            async with within(timeout_s, f"search of {target}"):
+                query = await self._plan(table, target, query, where)
+                rows = (await query.to_arrow()).to_pylist()
         except (RuntimeError, OSError) as exc:
             # Lance reports missing or unreadable files as RuntimeError: the index is not
             # there to answer. Forget the handle so a restored index is picked up again.

@@ -143,7 +143,7 @@ class LookSearcher:
             await self._embed_queries(queries, look, space, deadline)
         # 3 retrieve + 3b dedup, all layers at once
         with timings.stage("retrieve"):
-            outcomes = await asyncio.gather(*(self._retrieve(q, space, filters) for q in queries))
+            outcomes = await asyncio.gather(*(self._retrieve(q, space, filters, deadline) for q in queries))
         if fallback_started is not None:
             self.query_reserve.observe(time.monotonic() - fallback_started)
         # 4 rerank, all layers at once; segmentation (if configured) runs once, for whichever
@@ -246,7 +246,7 @@ class LookSearcher:
             for (q, region), v in zip(need_region, results.pop(0)):
                 q.region, q.region_vector = region, v
 
-    async def _retrieve(self, query: LayerQuery, space, filters: SearchFilters) -> LayerOutcome:
+    async def _retrieve(self, query: LayerQuery, space, filters: SearchFilters, deadline) -> LayerOutcome:
         """kNN for one layer. A region embedding (the garment itself) leads when there is one;
         the text query alone is the LLM path's vector."""
         vector = query.text_vector
@@ -266,7 +266,12 @@ class LookSearcher:
         layer_filters = replace(filters, categories=categories, gender=gender)
         vector_space = EmbeddingSpace(space.model, space.version, int(vector.shape[0]))
         _, hits = await self.index.search(
-            vector, vector_space, layer_filters, self.settings.candidates_per_layer, with_vectors=True
+            vector,
+            vector_space,
+            layer_filters,
+            self.settings.candidates_per_layer,
+            with_vectors=True,
+            timeout_s=deadline.left(),
         )
         candidates = dedup([Candidate(h) for h in hits], self.settings.dedup_threshold)
         return LayerOutcome(query, candidates)
