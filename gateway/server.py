@@ -201,6 +201,21 @@ class LookSearchServicer(pb_grpc.LookSearchServicer):
         self.look_searcher = look_searcher
         self.settings = settings
         self.in_flight = 0
+        self._handlers: set[asyncio.Task] = set()
+        self.draining = False
+
+    async def drain(self, grace_s: float) -> None:
+        """SIGTERM: the server has stopped taking calls; requests in flight get the grace
+        period to finish, then end with UNAVAILABLE (a retry goes to another replica) just
+        before grpcio's own hard stop would cancel them without a useful status."""
+        self.draining = True
+        pending = set(self._handlers)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=max(0.1, grace_s - 1.0))
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
 
     def _deadline(self, context) -> Deadline:
         remaining = context.time_remaining()
@@ -228,6 +243,8 @@ class LookSearchServicer(pb_grpc.LookSearchServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {request.kind} ({request.error})"
             )
         self.in_flight += 1
+        task = asyncio.current_task()
+        self._handlers.add(task)
         start = time.perf_counter()
         code = "OK"
         try:
@@ -240,14 +257,20 @@ class LookSearchServicer(pb_grpc.LookSearchServicer):
             log(logger, logging.INFO, "request refused", rpc=rpc, code=code, error=str(exc))
             await context.abort(exc.code, str(exc))
         except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
+            if not self.draining:
+                code = "CANCELLED"  # the client went away
+                raise
+            code = "UNAVAILABLE"
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down; retry (another replica answers)"
+            )
         except Exception:
             code = "INTERNAL"
             logger.exception("unexpected error in %s", rpc)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
         finally:
             self.in_flight -= 1
+            self._handlers.discard(task)
             elapsed = time.perf_counter() - start
             RPC_SECONDS.labels(rpc).observe(elapsed)
             if code != "OK":
@@ -330,7 +353,8 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         ]
     )
     look_searcher = build_look_searcher(settings, embedder, index)
-    add_look_search(LookSearchServicer(searcher, look_searcher, settings), server)
+    search_servicer = LookSearchServicer(searcher, look_searcher, settings)
+    add_look_search(search_servicer, server)
     from gateway.admin import AdminServicer
 
     admin = AdminServicer(settings, index, embedder)
@@ -377,7 +401,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     log(logger, logging.INFO, "shutting down", grace_s=settings.shutdown_grace_s)
     await health_servicer.enter_graceful_shutdown()
     # An activation that has not reached its commit point rolls back (gateway/jobs.py).
-    await asyncio.gather(server.stop(settings.shutdown_grace_s), admin.jobs.shutdown(60.0))
+    await asyncio.gather(
+        server.stop(settings.shutdown_grace_s),
+        search_servicer.drain(settings.shutdown_grace_s),
+        admin.jobs.shutdown(60.0),
+    )
     watcher.cancel()
     await embedder.close()
     await index.close()

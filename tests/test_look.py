@@ -4,6 +4,7 @@ OpenAI-compatible server that the real `openai` client talks to."""
 import base64
 import io
 import json
+import signal
 import threading
 import time
 
@@ -467,3 +468,67 @@ def test_fallback_queries_use_the_segmenter_when_configured(llm, vision_stack, l
     assert {lr.layer for lr in resp.layers} == {"topwear", "outerwear", "dress", "bottomwear", "footwear"}
     assert {lr.query_source for lr in resp.layers} == {"fallback"}
     assert {lr.rerank_source for lr in resp.layers} <= {"segmentation", "embedding", "none"}
+
+
+def test_sigterm_with_requests_in_flight(llm, triton, indexed, look, tmp_path):
+    """Two looks whose LLM answers come after the SIGTERM complete; two whose answers never
+    come end with UNAVAILABLE at the grace period; nothing hangs and the gateway exits 0."""
+    finishing, stuck = threading.Event(), threading.Event()
+    calls = []
+
+    def script(kind, body):
+        if kind == "QueryAnswer":
+            calls.append(kind)
+            return Reply(GOOD_QUERIES, hold=finishing if len(calls) <= 2 else stuck)
+        return reverse_ranking(kind, body)
+
+    llm.script = script
+    llm.requests.clear()
+    env = looksync_env(
+        triton,
+        indexed,
+        LOOKSYNC_LLM_BASE_URL=llm.base_url,
+        LOOKSYNC_LLM_MODEL="stub-vision",
+        LOOKSYNC_CACHE="off",
+        LOOKSYNC_SHUTDOWN_GRACE_S="6",
+    )
+    gw = start_gateway(env, tmp_path / "gateway.log")
+    outcomes: dict[int, str] = {}
+
+    def one(n):
+        with gw.client() as c:
+            try:
+                c.search_look(look[0], k_per_layer=3, timeout_s=60)
+                outcomes[n] = "OK"
+            except grpc.RpcError as exc:
+                outcomes[n] = exc.code().name
+
+    threads = []
+    try:
+        for n in range(4):
+            threads.append(threading.Thread(target=one, args=(n,)))
+            threads[-1].start()
+            wait_for(lambda n=n: len(calls) > n, what=f"look {n} to reach the LLM")
+        gw.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "shutting down" in gw.log.read_text(), what="the gateway to start draining")
+
+        def late_call() -> str:
+            with gw.client() as late:
+                try:
+                    late.search_text("dress", k=1, timeout_s=5)
+                    return "OK"  # sent before the listener closed: answered, fine
+                except grpc.RpcError as exc:
+                    return exc.code().name
+
+        # Once draining, new calls are refused (a retry goes to another replica).
+        wait_for(lambda: late_call() == "UNAVAILABLE", what="new calls to be refused")
+        finishing.set()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        assert gw.process.wait(30) == 0
+    finally:
+        finishing.set()
+        stuck.set()
+        gw.stop()
+    assert sorted(outcomes.values()) == ["OK", "OK", "UNAVAILABLE", "UNAVAILABLE"], outcomes
