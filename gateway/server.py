@@ -92,7 +92,7 @@ def build_look_searcher(settings: Settings, embedder: TritonEmbedder, index: Cat
             settings.dedup_threshold,
             settings.llm_timeout_s,
         ),
-        settings.max_image_pixels,
+        settings.max_look_pixels,
         settings.triton_timeout_s,
         result_cache=make_cache(settings.cache, "look", settings.redis_url, settings.cache_ttl_s, 1000),
         text_cache=make_cache(settings.cache, "text", settings.redis_url, settings.cache_ttl_s, 20000),

@@ -90,7 +90,11 @@ class Settings(BaseSettings):
     tls_cert_file: Path | None = Field(None, description="PEM certificate: serve gRPC over TLS")
     tls_key_file: Path | None = Field(None, description="PEM private key for tls_cert_file")
     max_request_bytes: int = 16 << 20
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = Field(40_000_000, description="SearchImage: largest image accepted (pixels)")
+    max_look_pixels: int = Field(
+        30_000_000,
+        description="SearchLook: largest look accepted (pixels); docs/ARCHITECTURE.md gives the memory it bounds",
+    )
     max_k: int = 200
     max_k_per_layer: int = 50
     shutdown_grace_s: float = 5.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import weakref
 from dataclasses import replace
 from typing import Literal
@@ -223,7 +224,10 @@ def _image_only_queries(regions: list[Region], vectors) -> list[LayerQuery]:
 # all the image tower sees (it resizes to its input size), and a 25 MP look decoded in full is
 # 75 MB of RGB per request.
 LOOK_WORKING_SIDE = 1024
-LOOK_DECODES_AT_ONCE = 2
+# Decodes of looks at once across the gateway: half the cores (at least one), so that decoding
+# big looks never takes every core from the requests already decoded (and from Triton when it
+# shares the host); it also bounds decode memory (see max_look_pixels).
+LOOK_DECODES_AT_ONCE = max(1, (os.cpu_count() or 2) // 2)
 _decode_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> semaphore
 
 
