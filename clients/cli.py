@@ -244,7 +244,6 @@ def cmd_ingest_worker(args) -> int:
 
     from gateway.embedder import TritonEmbedder
     from gateway.indexer import Indexer, resolve_space
-    from gateway.ingest.events import ATTRS
     from gateway.ingest.fetch import FetchPolicy
     from gateway.ingest.worker import IngestWorker, WorkerSettings
     from gateway.observability import setup_logging
@@ -262,16 +261,12 @@ def cmd_ingest_worker(args) -> int:
             async def space():  # retried by the worker until Triton has a READY version
                 return await resolve_space(embedder, s.embedding_model, None)
 
-            async def remember(product_id: str, attrs: dict) -> None:
-                await client.hset(f"{ATTRS}{product_id}", mapping=attrs)
-
             def make_indexer(target):
                 return Indexer(
                     embedder,
                     index,
                     target,
                     batch_size=s.ingest_batch_size,
-                    attributes=remember,
                     source="ingest",
                 )
 

@@ -99,7 +99,6 @@ class Indexer:
         batch_size: int = 32,
         in_flight: int = 2,
         timeout_s: float = 60.0,
-        attributes=None,
         source: str = "bulk",
     ):
         self.embedder = embedder
@@ -108,7 +107,6 @@ class Indexer:
         self.batch_size = batch_size
         self.timeout_s = timeout_s
         self.zero_shot = ZeroShot(embedder)
-        self.attributes = attributes  # optional async callable(product_id, dict): the attribute cache
         self.source = source
         self._slots = asyncio.Semaphore(in_flight)
 
@@ -181,15 +179,6 @@ class Indexer:
                     (product, content_hash(item.image), np.asarray(vectors[n], np.float32), item.event_seq)
                 )
                 outcome[item.ref] = None
-                if self.attributes is not None:
-                    await self.attributes(
-                        product.id,
-                        {
-                            "category": product.category,
-                            "gender": product.gender,
-                            **{f"{k}_source": v for k, v in sources.items()},
-                        },
-                    )
             await self.index.upsert(self.space, rows)
             t3 = time.perf_counter()
             report.stage_s["read"] += t1 - t0

@@ -474,7 +474,6 @@ def test_mixed_stream_yields_the_expected_index(
     got = _index_state(tmp_path / "data", {f"p{n:05d}" for n in range(12)})
     _assert_matches(got, expected)
     assert got["p00003"].category == "dress" and got["p00003"].gender == "women"
-    assert stream.hgetall("looksync:attrs:p00003")[b"category_source"] == b"vendor"
     assert stream.xlen(DEAD_LETTERS) == 0
 
 
@@ -993,9 +992,6 @@ def test_redis_state_stays_bounded_after_10000_events(
         assert live.poll() is None
     finally:
         _stop(live)
-    # Attribute records die with their product.
-    assert not any(stream.exists(f"looksync:attrs:{pid}") for pid in ids[:5])
-    assert all(stream.exists(f"looksync:attrs:{pid}") for pid in ids[5:])
     got = _index_state(tmp_path / "data", set(ids))
     assert sorted(got) == ids[5:]
     assert got[ids[9]].price == 9979.0  # the last update of p00109: i = 9979

@@ -20,7 +20,6 @@ DEAD_LETTERS = "catalog-updates:dead"
 GROUP = "looksync-ingest"
 # Stream ids that trimming must keep (field: who holds it, e.g. a swap's catch-up point).
 HOLDS = "catalog-updates:holds"
-ATTRS = "looksync:attrs:"  # + product id: where each attribute came from (vendor, zero-shot)
 SCHEMA = 1
 TYPES = ("product.upsert", "product.update", "product.delete")
 # Fields a metadata-only update may change. A new image is a product.upsert.

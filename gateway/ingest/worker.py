@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from gateway.errors import DeadlineExceeded, LookSyncError, Unavailable
 from gateway.index.base import CatalogIndex, EmbeddingSpace
 from gateway.indexer import Indexer, IndexReport, IngestItem
-from gateway.ingest.events import ATTRS, DEAD_LETTERS, GROUP, HOLDS, STREAM, Event, PoisonEvent, parse_event
+from gateway.ingest.events import DEAD_LETTERS, GROUP, HOLDS, STREAM, Event, PoisonEvent, parse_event
 from gateway.ingest.fetch import FetchError, FetchPolicy, fetch
 from gateway.observability import log
 
@@ -417,11 +417,6 @@ class IngestWorker:
             # "missing" there is fine: the rebuild has not reached the product yet, and its
             # snapshot write is older than this event, so it will not undo it.
             await self.index.apply_events(space, ops)
-        deleted = [
-            e.product_id for e, o in zip(events, outcomes) if e.type == "product.delete" and o == "applied"
-        ]
-        if deleted:  # its attribute record goes with the product
-            await self.redis.delete(*(f"{ATTRS}{pid}" for pid in deleted))
         for event, outcome in zip(events, outcomes):
             if outcome == "missing":
                 # Maybe its upsert is still on its way (another worker, or not yet published):
