@@ -865,18 +865,18 @@ def test_closed_port_is_unavailable_quickly(call):
 
 def test_one_elasticsearch_major_in_every_install_and_deployment():
     """Client and server must share a major (an 8.x server refuses a 9.x client's headers):
-    pyproject, the gateway image and compose's server all name the same one."""
+    pyproject's extra, the constraints file the images install with, the gateway image (which
+    installs that extra under the constraints) and compose's server all name the same one."""
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    pins = {
-        "pyproject.toml": (root / "pyproject.toml").read_text(),
-        "deploy/Dockerfile": (root / "deploy/Dockerfile").read_text(),
-    }
-    for where, text in pins.items():
-        (pin,) = re.findall(r'"elasticsearch\[async\]([^"]+)"', text)
-        assert ">=8." in pin and "<9" in pin, (where, pin)
+    (pin,) = re.findall(r'"elasticsearch\[async\]([^"]+)"', (root / "pyproject.toml").read_text())
+    assert ">=8." in pin and "<9" in pin, pin
+    (locked,) = re.findall(r"^elasticsearch==(\d+)\.", (root / "constraints.txt").read_text(), re.M)
+    assert locked == "8"
+    dockerfile = (root / "deploy/Dockerfile").read_text()
+    assert re.search(r"pip install -c constraints\.txt \"\.\[[^\]]*elasticsearch", dockerfile), dockerfile
     compose = (root / "deploy/docker-compose.yml").read_text()
     (server,) = re.findall(r"elasticsearch/elasticsearch:(\d+)\.", compose)
     assert server == "8"
