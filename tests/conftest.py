@@ -274,6 +274,40 @@ HELD_IMAGES = threading.Event()
 HELD_REQUESTS: list[str] = []  # paths of /held/ requests received, in order
 
 
+def _encoded(fmt: str, size=(256, 192)) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    noise = np.random.default_rng(4).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, fmt)
+    return buf.getvalue()
+
+
+# Whole transfers of images that are not acceptable: truncated data, formats outside
+# JPEG/PNG/WebP/GIF (Photoshop, PostScript, TIFF, BMP).
+ODD_IMAGES = {
+    "/half.jpg": lambda: (lambda b: b[: len(b) // 2])(_encoded("JPEG")),
+    "/half.png": lambda: (lambda b: b[: len(b) // 2])(_encoded("PNG")),
+    "/half.webp": lambda: (lambda b: b[: len(b) // 2])(_encoded("WEBP")),
+    "/photoshop.jpg": lambda: (
+        b"8BPS"
+        + (1).to_bytes(2, "big")
+        + bytes(6)
+        + (3).to_bytes(2, "big")
+        + (10).to_bytes(4, "big") * 2
+        + (8).to_bytes(2, "big")
+        + (3).to_bytes(2, "big")
+        + bytes(64)
+    ),
+    "/postscript.jpg": lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+    "/scan.jpg": lambda: _encoded("TIFF", (32, 32)),
+    "/bitmap.jpg": lambda: _encoded("BMP", (32, 32)),
+}
+
+
 class _Handler(SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
@@ -333,6 +367,8 @@ class _Handler(SimpleHTTPRequestHandler):
             self._send(b"<html>hi</html>", "text/html")
         elif self.path == "/garbage.jpg":
             self._send(b"\x00\x01" * 500, "image/jpeg")
+        elif self.path in ODD_IMAGES:  # served whole, labelled image/jpeg
+            self._send(ODD_IMAGES[self.path](), "image/jpeg")
         else:
             super().do_GET()
 

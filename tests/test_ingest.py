@@ -24,7 +24,7 @@ from gateway.index.lww import apply as lww_apply
 from gateway.ingest.enrich import standardise, vendor_category, vendor_gender, zero_shot_fill
 from gateway.ingest.events import DEAD_LETTERS, GROUP, STREAM, PoisonEvent, parse_event
 from gateway.ingest.fetch import FetchError, FetchPolicy, fetch_sync
-from tests.conftest import REPO, free_port, looksync_env, metric, start_redis, wait_for
+from tests.conftest import ODD_IMAGES, REPO, free_port, looksync_env, metric, start_redis, wait_for
 
 SPACE = EmbeddingSpace("clip", 1, 64)
 
@@ -893,6 +893,8 @@ def _hostile_urls(image_server: str) -> dict[str, str]:
         f"{image_server}/bomb.png": "fetch_not_image",  # 3.6 gigapixels claimed
         f"{image_server}/huge.jpg": "fetch_too_large",
         f"{image_server}/nothing-here.jpg": "fetch_http_status",
+        # Whole transfers of cut images and of formats outside JPEG/PNG/WebP/GIF.
+        **{f"{image_server}{path}": "fetch_not_image" for path in ODD_IMAGES},
     }
 
 
