@@ -413,6 +413,32 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_dedup(args) -> int:
+    from gateway.dedup import Dedup, DedupSettings
+    from gateway.server import open_index
+
+    s = _settings()
+
+    async def run():
+        index = open_index(s)
+        try:
+            space = await index.space()
+            if space is None:
+                raise ValueError(f"no index behind the alias {index.alias}: index a catalog first")
+            settings = DedupSettings(args.image_threshold, args.title_threshold)
+            return await Dedup(index, space, settings).run(full=args.full, progress=not args.quiet)
+        finally:
+            await index.close()
+
+    r = asyncio.run(run())
+    print(
+        f"dedup ({r.mode}): {r.listings} listings in {r.items} items ({r.grouped_items} with several "
+        f"listings); {r.written} listings given an item; {r.pairs_confirmed} pairs joined, "
+        f"{r.pairs_refused} refused by the all-pairs check; {r.wall_s:.1f}s"
+    )
+    return 0
+
+
 def cmd_sample_catalog(args) -> int:
     from clients.sample_catalog import generate
 
@@ -578,6 +604,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true")
     _add_connection(p)
     p.set_defaults(func=cmd_admin)
+
+    p = sub.add_parser(
+        "dedup", help="group listings of the same item across retailers (incremental; --full regroups)"
+    )
+    p.add_argument("--full", action="store_true", help="regroup the whole catalog")
+    p.add_argument("--image-threshold", type=float, default=0.92, help="image cosine a pair needs")
+    p.add_argument(
+        "--title-threshold", type=float, default=0.9, help="title word overlap (Jaccard) a pair needs"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_dedup)
 
     p = sub.add_parser("sample-catalog", help="generate the synthetic sample catalog")
     p.add_argument("out")

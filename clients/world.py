@@ -72,6 +72,9 @@ KINDS = {
 }
 BRANDS = ("Nordlys", "Atelier Rue", "Kumo", "Verde & Co", "Halcyon", "Brisa", "Oakline", "Moda Sol")
 MARKETS = ("US", "GB", "DE", "FR", "SE")
+RETAILERS = ("Shopline", "Modehaus", "Closetly", "Boutique Nord", "StyleMart", "Urbanfit")
+# Words a shop puts around the same garment's name (title variants of planted duplicates).
+_TITLE_WRAPS = ("{t}", "{t} - {r}", "New: {t}", "{r} | {t}", "{t} (women)", "{t} - official store")
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,10 @@ class Product:
     id: str
     style: Style
     record: dict
+    # A planted duplicate: another retailer's listing of `dup_of`, photographed again
+    # (dx, dy shift in pixels, crop fraction kept, JPEG quality).
+    dup_of: str | None = None
+    reshoot: tuple[int, int, float, int] | None = None
 
 
 @dataclass
@@ -218,8 +225,12 @@ class Look:
     styles: dict[str, Style] = field(default_factory=dict)  # zone -> the varied style worn
 
 
-def make_catalog(n: int, seed: int) -> list[Product]:
+def make_catalog(n: int, seed: int, duplicates: float = 0.0) -> list[Product]:
+    """n products; with `duplicates` > 0, that share of them is also listed by 1-3 other
+    retailers (appended after the n originals, ids w<n>... on): the same garment re-shot
+    (shifted, cropped, re-compressed), under another title wrapping, price and market."""
     rng = random.Random(seed)
+    shops = random.Random(f"{seed}-retailers")  # a stream of its own: the rest is unchanged
     products = []
     kinds = list(KINDS)
     for i in range(n):
@@ -254,8 +265,48 @@ def make_catalog(n: int, seed: int) -> list[Product]:
             "in_stock": rng.random() < 0.85,
             "image_url": f"images/{pid}.png",
         }
+        record["retailer"] = shops.choice(RETAILERS)
+        record["product_url"] = f"https://{record['retailer'].lower().replace(' ', '')}.example/p/{pid}"
         products.append(Product(pid, style, record))
-    return products
+    return products + _plant_duplicates(products, duplicates, random.Random(f"{seed}-duplicates"))
+
+
+def _plant_duplicates(products: list[Product], share: float, rng: random.Random) -> list[Product]:
+    out: list[Product] = []
+    for original in products:
+        if rng.random() >= share:
+            continue
+        others = [r for r in RETAILERS if r != original.record["retailer"]]
+        for retailer in rng.sample(others, rng.randint(1, 3)):
+            pid = f"w{len(products) + len(out):05d}"
+            title = rng.choice(_TITLE_WRAPS).format(t=original.record["title"], r=retailer)
+            record = {
+                **original.record,
+                "id": pid,
+                "title": title,
+                "price": round(original.record["price"] * rng.uniform(0.8, 1.2), 2),
+                "market": rng.choice(MARKETS),
+                "in_stock": rng.random() < 0.85,
+                "image_url": f"images/{pid}.jpg",
+                "retailer": retailer,
+                "product_url": f"https://{retailer.lower().replace(' ', '')}.example/p/{pid}",
+            }
+            reshoot = (rng.randint(-3, 3), rng.randint(-3, 3), rng.uniform(0.92, 1.0), rng.randint(70, 92))
+            out.append(Product(pid, original.style, record, original.id, reshoot))
+    return out
+
+
+def render_listing(product: Product, size: int = 128) -> Image.Image:
+    """A listing's photo; a planted duplicate re-shoots its original's."""
+    img = render(product.style, size=size)
+    if product.reshoot is None:
+        return img
+    dx, dy, keep, _ = product.reshoot
+    bg = img.getpixel((0, 0))
+    moved = Image.new("RGB", img.size, bg)
+    moved.paste(img, (dx, dy))
+    margin = int(size * (1 - keep) / 2)
+    return moved.crop((margin, margin, size - margin, size - margin)).resize((size, size))
 
 
 def vary(style: Style, rng: random.Random) -> Style:
@@ -331,18 +382,26 @@ def png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_world(out: Path, products: int = 400, looks: int = 60, seed: int = 1) -> dict:
-    """catalog.jsonl + images/, looks/*.png + looks.json (ground truth); returns the manifest."""
+def write_world(
+    out: Path, products: int = 400, looks: int = 60, seed: int = 1, duplicates: float = 0.0
+) -> dict:
+    """catalog.jsonl + images/, looks/*.png + looks.json (ground truth); returns the manifest.
+    `duplicates`: the share of products also listed by other retailers (manifest "items": each
+    listing's item, the original's id)."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "looks").mkdir(exist_ok=True)
-    catalog = make_catalog(products, seed)
+    catalog = make_catalog(products, seed, duplicates)
     with open(out / "catalog.jsonl", "w") as fh:
         for p in catalog:
-            render(p.style, size=128).save(out / p.record["image_url"])
+            if p.reshoot is None:
+                render_listing(p).save(out / p.record["image_url"])
+            else:
+                render_listing(p).save(out / p.record["image_url"], "JPEG", quality=p.reshoot[3])
             fh.write(json.dumps(p.record) + "\n")
     truth = []
-    for look in make_looks(catalog, looks, seed + 1):
+    originals = [p for p in catalog if p.dup_of is None]
+    for look in make_looks(originals, looks, seed + 1):
         render_look(look, seed).save(out / "looks" / f"{look.id}.png")
         truth.append(
             {
@@ -357,6 +416,7 @@ def write_world(out: Path, products: int = 400, looks: int = 60, seed: int = 1) 
         "products": products,
         "looks": truth,
         "captions": {p.id: p.style.caption for p in catalog},
+        "items": {p.id: p.dup_of or p.id for p in catalog},
         "attributes": {
             p.id: {
                 "kind": p.style.kind,

@@ -33,6 +33,11 @@ class Product:
     sizes: list[str] = field(default_factory=list)
     in_stock: bool = True
     image_url: str = ""
+    retailer: str = ""  # who sells this listing ("" = unknown)
+    product_url: str = ""  # where to buy it (http/https)
+    # The item this listing is one offer of (`looksync dedup`, gateway/dedup.py): set by the
+    # dedup job only, never by a catalog record; "" until assigned.
+    item_id: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +52,16 @@ def standard_category(value: str) -> str | None:
 
 # Longest accepted value of each text field: vendor feeds send anything, and every stored
 # byte is served, cached and sent to the LLM.
-TEXT_LIMITS = {"id": 200, "title": 500, "brand": 200, "image_url": 2000, "category": 100, "gender": 20}
+TEXT_LIMITS = {
+    "id": 200,
+    "title": 500,
+    "brand": 200,
+    "image_url": 2000,
+    "category": 100,
+    "gender": 20,
+    "retailer": 200,
+    "product_url": 2000,
+}
 MAX_SIZES, MAX_SIZE_CHARS = 100, 40
 
 
@@ -106,6 +120,13 @@ def check_field(name: str, value):
         if not isinstance(value, bool):
             raise RecordError(f"in_stock: expected true or false, got {value!r}")
         return value
+    if name == "retailer":
+        return _text(name, value, required=False)
+    if name == "product_url":
+        url = _text(name, value, required=False)
+        if url and not (url.lower().startswith(("http://", "https://")) and len(url) > 8):
+            raise RecordError(f"product_url: {url[:60]!r} is not an http(s) URL")
+        return url
     return _text(name, value)
 
 
@@ -125,6 +146,8 @@ def parse_record(raw: dict) -> Product:
         sizes=check_field("sizes", raw.get("sizes", [])),
         in_stock=check_field("in_stock", raw.get("in_stock", True)),
         image_url=check_field("image_url", raw.get("image_url")),
+        retailer=check_field("retailer", raw.get("retailer")),
+        product_url=check_field("product_url", raw.get("product_url")),
     )
 
 

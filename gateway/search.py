@@ -21,6 +21,7 @@ from gateway.embedder import TritonEmbedder
 from gateway.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from gateway.filters import SearchFilters
 from gateway.index.base import CatalogIndex, EmbeddingSpace, ScoredProduct, index_name
+from gateway.items import OVERFETCH, group_by_item
 
 # Longer text cannot change the embedding (the model sees 77 tokens, and a token is at least
 # one character), so cut it before it costs tokenizer time; the response says it was cut.
@@ -155,8 +156,13 @@ class Searcher:
         return await request_space(self.index, requested)
 
     async def _retrieve(self, vector, space, filters, k, timings, deadline) -> tuple[EmbeddingSpace, list]:
+        """kNN, then one hit per item with its offers (gateway/items.py)."""
         with timings.stage("retrieve"):
-            return await self.index.search(vector, space, filters, k, timeout_s=deadline.left())
+            index_space, hits = await self.index.search(
+                vector, space, filters, k * OVERFETCH, timeout_s=deadline.left()
+            )
+        with timings.stage("items"):
+            return index_space, await group_by_item(self.index, index_space, hits, filters, k)
 
     async def _embed_text(self, space, text, deadline) -> tuple[np.ndarray, bool]:
         emb, truncated = await self.embedder.embed_texts(

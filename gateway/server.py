@@ -100,8 +100,24 @@ def build_look_searcher(settings: Settings, embedder: TritonEmbedder, index: Cat
     )
 
 
-def _hit(product, score: float, duplicates: int = 0) -> pb.Hit:
-    return pb.Hit(product=pb.Product(**product.to_dict()), score=score, duplicates=duplicates)
+def _hit(product, score: float, duplicates: int = 0, offers=()) -> pb.Hit:
+    return pb.Hit(
+        product=pb.Product(**product.to_dict()),
+        score=score,
+        duplicates=duplicates,
+        offers=[
+            pb.Offer(
+                product_id=o.id,
+                retailer=o.retailer,
+                price=o.price,
+                currency=o.currency,
+                in_stock=o.in_stock,
+                product_url=o.product_url,
+                market=o.market,
+            )
+            for o in offers
+        ],
+    )
 
 
 def space_pb(space: EmbeddingSpace) -> pb.EmbeddingSpace:
@@ -128,7 +144,9 @@ def _look_response(result: LookResult, request_id: str) -> pb.SearchLookResponse
                 query=q.query,
                 query_source=q.source,
                 rerank_source=outcome.rerank_source,
-                hits=[_hit(c.hit.product, c.hit.score, c.duplicates) for c in outcome.candidates],
+                hits=[
+                    _hit(c.hit.product, c.hit.score, c.duplicates, c.hit.offers) for c in outcome.candidates
+                ],
             )
         )
     return pb.SearchLookResponse(
@@ -147,9 +165,7 @@ def _space_from_proto(msg) -> EmbeddingSpace | None:
 
 
 def _response(result: SearchResult, request_id: str) -> pb.SearchResponse:
-    hits = [
-        pb.Hit(product=pb.Product(**h.product.to_dict()), score=h.score, duplicates=0) for h in result.hits
-    ]
+    hits = [_hit(h.product, h.score, 0, h.offers) for h in result.hits]
     space = space_pb(result.space)
     timings = [pb.StageTiming(stage=name, ms=ms) for name, ms in result.timings.stages]
     return pb.SearchResponse(

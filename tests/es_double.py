@@ -2560,7 +2560,9 @@ class ElasticsearchDouble:
         # https://www.elastic.co/guide/en/elasticsearch/reference/8.17/search-search.html
         params = self._params(query, {"allow_no_indices", "expand_wildcards", "ignore_unavailable"}, "search")
         spec = self._body_keys(
-            body, {"knn", "query", "size", "from", "track_total_hits", "_source"}, "search"
+            body,
+            {"knn", "query", "size", "from", "track_total_hits", "_source", "sort", "search_after"},
+            "search",
         )
         if "from" in spec:
             raise unsupported("[from] in a search (paging)")
@@ -2581,6 +2583,9 @@ class ElasticsearchDouble:
         parsed_query = parse_query(spec["query"]) if "query" in spec else None
         if knn is not None and parsed_query is not None:
             raise unsupported("[knn] together with [query] (hybrid scoring)")
+        sort = _parse_sort(spec.get("sort"), spec.get("search_after"))
+        if sort is not None and knn is not None:
+            raise unsupported("[sort] with [knn]")
         now = self.now()
         targets = self._search_targets(args, params, now)
         failures: list[dict] = []
@@ -2604,9 +2609,14 @@ class ElasticsearchDouble:
         scored.sort(key=lambda h: (-h[0], h[1], h[2]))
         if knn is not None:
             scored = scored[: knn["k"]]
+        if sort is not None:
+            scored = _sorted_after(scored, *sort)
         hits = []
         for score, name, doc_id, source in scored[:size]:
             hit = {"_index": name, "_id": doc_id, "_score": score}
+            if sort is not None:  # sorted by a field: no scores, the sort values instead
+                hit["_score"] = None
+                hit["sort"] = [source.get(sort[0])]
             wanted, includes, excludes = source_opts
             if wanted:
                 hit["_source"] = _filter_source(copy.deepcopy(source), includes, excludes)
@@ -2619,7 +2629,7 @@ class ElasticsearchDouble:
                 "value": int(min(total, limit)),
                 "relation": "eq" if total <= limit else "gte",
             }
-        out_hits["max_score"] = scored[0][0] if scored and size > 0 else None
+        out_hits["max_score"] = scored[0][0] if scored and size > 0 and sort is None else None
         out_hits["hits"] = hits
         return 200, {
             "took": 1,
@@ -2768,3 +2778,40 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
             raise DuplicateKey(f"Duplicate field '{key}'")
         out[key] = value
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Sorting by a field and search_after paging (what the backend's catalog scan uses)
+# https://www.elastic.co/guide/en/elasticsearch/reference/8.17/sort-search-results.html
+# https://www.elastic.co/guide/en/elasticsearch/reference/8.17/paginate-search-results.html#search-after
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_sort(raw: Any, after: Any) -> tuple[str, str, Any] | None:
+    """One keyword field, asc or desc: `[{"id": "asc"}]` or `[{"id": {"order": "desc"}}]`.
+    search_after needs a sort and one value per sort field."""
+    if raw is None:
+        if after is not None:
+            raise illegal("Cannot use [search_after] without a sort")
+        return None
+    if not isinstance(raw, list) or len(raw) != 1 or not isinstance(raw[0], dict) or len(raw[0]) != 1:
+        raise unsupported("[sort] other than one field")
+    ((name, order),) = raw[0].items()
+    if isinstance(order, dict):
+        order = order.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise parse_error(f"[sort] unknown order [{order}]")
+    if after is not None and (not isinstance(after, list) or len(after) != 1):
+        raise illegal("search_after has 1 value(s) per sort field; got a different count")
+    return name, order, None if after is None else after[0]
+
+
+def _sorted_after(scored: list, name: str, order: str, after: Any) -> list:
+    """Hits in field order (documents without the field last, as `missing: _last`), only those
+    after the search_after value."""
+    present = [h for h in scored if h[3].get(name) is not None]
+    missing = [h for h in scored if h[3].get(name) is None]
+    present.sort(key=lambda h: h[3][name], reverse=order == "desc")
+    if after is not None:
+        present = [h for h in present if (h[3][name] > after if order == "asc" else h[3][name] < after)]
+    return present + missing

@@ -1164,3 +1164,37 @@ def test_the_backend_bodies_are_accepted_and_answered_exactly(d, es):
     for hit, i in zip(hits, expected):
         assert score_to_cosine(hit["_score"]) == pytest.approx(float(vectors[i] @ query), abs=1e-5)
         assert "vector" not in hit["_source"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sorting by a field and search_after (the backend's catalog scan)
+# https://www.elastic.co/guide/en/elasticsearch/reference/8.17/sort-search-results.html
+# https://www.elastic.co/guide/en/elasticsearch/reference/8.17/paginate-search-results.html#search-after
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sort_by_a_keyword_and_page_with_search_after(d, es):
+    name = make_products(es)
+    for n, brand in enumerate(["delta", "alpha", "charlie", "bravo"]):
+        es.index(index=name, id=f"p{n}", document={"brand": brand, "price": n})
+    es.index(index=name, id="nobrand", document={"price": 9})
+    es.indices.refresh(index=name)
+    seen, after = [], None
+    while True:
+        extra = {"search_after": after} if after is not None else {}
+        resp = es.search(index=name, sort=[{"brand": "asc"}], size=2, **extra)
+        hits = resp["hits"]["hits"]
+        if not hits:
+            break
+        # Sorted by a field: no score, the sort values instead.
+        assert all(h["_score"] is None and len(h["sort"]) == 1 for h in hits)
+        assert resp["hits"]["max_score"] is None
+        seen += [h["sort"][0] for h in hits]
+        after = hits[-1]["sort"]
+        if after == [None]:  # the documents without the field come last (missing: _last)
+            break
+    assert seen == ["alpha", "bravo", "charlie", "delta", None]
+    desc = es.search(index=name, sort=[{"brand": {"order": "desc"}}], size=2)["hits"]["hits"]
+    assert [h["_source"]["brand"] for h in desc] == ["delta", "charlie"]
+    with pytest.raises(BadRequestError):
+        es.search(index=name, search_after=["alpha"], size=2)  # search_after needs a sort

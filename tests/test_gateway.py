@@ -59,7 +59,7 @@ def test_image_search_with_text_modifier_returns_blended_scores(client, catalog,
     plain = client.search_image(image, k=5)
     blended = client.search_image(image, k=5, text_modifier="in bright red", text_weight=0.5)
     assert blended.hits[0].score < plain.hits[0].score
-    assert [t.stage for t in blended.timings] == ["validate_image", "embed", "retrieve"]
+    assert [t.stage for t in blended.timings] == ["validate_image", "embed", "retrieve", "items"]
 
 
 def test_naming_a_space_without_an_index_is_refused(client):

@@ -117,6 +117,10 @@ def test_index_body_for_a_64d_space():
                     "similarity": "dot_product",
                     "index_options": {"type": "int8_hnsw", "m": 16, "ef_construction": 100},
                 },
+                # offers (retailer, where to buy) and the item the dedup job grouped it into
+                "retailer": {"type": "keyword"},
+                "product_url": {"type": "keyword"},
+                "item_id": {"type": "keyword"},
                 # per-field last-writer-wins state and tombstones (not searchable but deleted)
                 "field_seqs": {"type": "object", "enabled": False},
                 "deleted": {"type": "boolean"},
@@ -238,6 +242,7 @@ def test_write_actions_create_new_products_and_update_stored_ones_under_their_se
     vector = np.array([0.6, 0.8], dtype=np.float32)
     fields = product_source(a, "ha", vector)
     fields.pop("id")
+    fields.pop("item_id")  # as ElasticIndex.upsert: only the dedup job sets it
     new, _ = lww_apply(None, Op("upsert", "a1", 100, fields))
     stored = {**new, "field_seqs": dict(new["field_seqs"])}
     updated, outcome = lww_apply(stored, Op("update", "a1", 200, {"price": 39.0}))
@@ -262,11 +267,13 @@ def test_write_actions_create_new_products_and_update_stored_ones_under_their_se
             "sizes": ["S", "M"],
             "in_stock": True,
             "image_url": "a.jpg",
+            "retailer": "",
+            "product_url": "",
             "image_hash": "ha",
             "vector": [float(np.float32(0.6)), float(np.float32(0.8))],
             "deleted": False,
             "deleted_seq": 0,
-            "field_seqs": {f: 100 for f in _FIELDS if f != "id"} | {"image": 100},
+            "field_seqs": {f: 100 for f in _FIELDS if f not in ("id", "item_id")} | {"image": 100},
             "event_seq": 100,
         },
     }

@@ -155,7 +155,7 @@ class Filters(_message.Message):
     def __init__(self, categories: _Optional[_Iterable[str]] = ..., gender: _Optional[str] = ..., market: _Optional[str] = ..., brands: _Optional[_Iterable[str]] = ..., sizes: _Optional[_Iterable[str]] = ..., min_price: _Optional[float] = ..., max_price: _Optional[float] = ..., in_stock_only: _Optional[bool] = ...) -> None: ...
 
 class Product(_message.Message):
-    __slots__ = ("id", "title", "brand", "category", "gender", "market", "price", "currency", "sizes", "in_stock", "image_url")
+    __slots__ = ("id", "title", "brand", "category", "gender", "market", "price", "currency", "sizes", "in_stock", "image_url", "retailer", "product_url", "item_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     BRAND_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,9 @@ class Product(_message.Message):
     SIZES_FIELD_NUMBER: _ClassVar[int]
     IN_STOCK_FIELD_NUMBER: _ClassVar[int]
     IMAGE_URL_FIELD_NUMBER: _ClassVar[int]
+    RETAILER_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_URL_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     title: str
     brand: str
@@ -178,17 +181,40 @@ class Product(_message.Message):
     sizes: _containers.RepeatedScalarFieldContainer[str]
     in_stock: bool
     image_url: str
-    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., brand: _Optional[str] = ..., category: _Optional[str] = ..., gender: _Optional[str] = ..., market: _Optional[str] = ..., price: _Optional[float] = ..., currency: _Optional[str] = ..., sizes: _Optional[_Iterable[str]] = ..., in_stock: _Optional[bool] = ..., image_url: _Optional[str] = ...) -> None: ...
+    retailer: str
+    product_url: str
+    item_id: str
+    def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., brand: _Optional[str] = ..., category: _Optional[str] = ..., gender: _Optional[str] = ..., market: _Optional[str] = ..., price: _Optional[float] = ..., currency: _Optional[str] = ..., sizes: _Optional[_Iterable[str]] = ..., in_stock: _Optional[bool] = ..., image_url: _Optional[str] = ..., retailer: _Optional[str] = ..., product_url: _Optional[str] = ..., item_id: _Optional[str] = ...) -> None: ...
+
+class Offer(_message.Message):
+    __slots__ = ("product_id", "retailer", "price", "currency", "in_stock", "product_url", "market")
+    PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
+    RETAILER_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    IN_STOCK_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_URL_FIELD_NUMBER: _ClassVar[int]
+    MARKET_FIELD_NUMBER: _ClassVar[int]
+    product_id: str
+    retailer: str
+    price: float
+    currency: str
+    in_stock: bool
+    product_url: str
+    market: str
+    def __init__(self, product_id: _Optional[str] = ..., retailer: _Optional[str] = ..., price: _Optional[float] = ..., currency: _Optional[str] = ..., in_stock: _Optional[bool] = ..., product_url: _Optional[str] = ..., market: _Optional[str] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("product", "score", "duplicates")
+    __slots__ = ("product", "score", "duplicates", "offers")
     PRODUCT_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    OFFERS_FIELD_NUMBER: _ClassVar[int]
     product: Product
     score: float
     duplicates: int
-    def __init__(self, product: _Optional[_Union[Product, _Mapping]] = ..., score: _Optional[float] = ..., duplicates: _Optional[int] = ...) -> None: ...
+    offers: _containers.RepeatedCompositeFieldContainer[Offer]
+    def __init__(self, product: _Optional[_Union[Product, _Mapping]] = ..., score: _Optional[float] = ..., duplicates: _Optional[int] = ..., offers: _Optional[_Iterable[_Union[Offer, _Mapping]]] = ...) -> None: ...
 
 class EmbeddingSpace(_message.Message):
     __slots__ = ("model", "version", "dim", "family", "modalities")

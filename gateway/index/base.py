@@ -71,6 +71,8 @@ class ScoredProduct:
     product: Product
     score: float
     vector: np.ndarray | None = None
+    # The item's other listings that pass the request's filters, cheapest first (gateway/items.py).
+    offers: list[Product] = field(default_factory=list)
 
 
 @dataclass
@@ -134,6 +136,25 @@ class CatalogIndex(ABC):
         """kNN over the space's index (or the one named) with the filters applied before
         ranking. `timeout_s`: what is left of the request's deadline; past it the search is
         abandoned with DeadlineExceeded (never an answer after the client has given up)."""
+
+    async def listings(self, space: EmbeddingSpace, item_ids: list[str]) -> dict[str, list[Product]]:
+        """The live listings of these items (the dedup job's groups), by item id."""
+        raise NotImplementedError(f"{type(self).__name__} does not group listings into items")
+
+    async def scan(self, space: EmbeddingSpace, batch_size: int = 2048):
+        """Every live product with its image hash and vector, in batches of StoredProduct (an
+        async iterator; the dedup job reads the catalog with it)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot scan its products")
+        yield  # pragma: no cover  (makes this an async generator)
+
+    async def assign_items(self, space: EmbeddingSpace, items: dict[str, tuple[str, str]]) -> list[str]:
+        """product id -> (item id, the image hash it was grouped on); outcomes as apply_ops."""
+        from gateway.index.lww import Op
+
+        return await self.apply_ops(
+            space,
+            [Op("item", pid, 0, {"item_id": item, "image_hash": h}) for pid, (item, h) in items.items()],
+        )
 
     @abstractmethod
     async def ensure(self, space: EmbeddingSpace, make_current_if_none: bool = True) -> str:

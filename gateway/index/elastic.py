@@ -152,6 +152,7 @@ def index_body(
                 "image_url": keyword,
                 "image_hash": keyword,
                 "vector": vector_mapping(space.dim, m, ef_construction, index_type),
+                **ADDED_FIELDS,
                 **BOOKKEEPING,
             },
         },
@@ -169,6 +170,13 @@ BOOKKEEPING = {
     "event_seq": {"type": "long"},
 }
 NOT_DELETED = {"bool": {"must_not": [{"term": {"deleted": True}}]}}
+# Product fields added after the first release; an older index gets them in its mapping
+# (adding fields is allowed under "dynamic": "strict"). Documents without them read as "".
+ADDED_FIELDS = {
+    "retailer": {"type": "keyword"},
+    "product_url": {"type": "keyword"},
+    "item_id": {"type": "keyword"},
+}
 
 
 def space_from_meta(name: str, meta: dict | None) -> EmbeddingSpace:
@@ -355,7 +363,7 @@ def set_alias_actions(alias: str, wanted: Iterable[str], current: Iterable[str])
 
 
 def product_from_source(source: dict) -> Product:
-    return Product(**{f: source[f] for f in _FIELDS})
+    return Product(**{f: source[f] if f not in ADDED_FIELDS else source.get(f) or "" for f in _FIELDS})
 
 
 def unit(vector: np.ndarray) -> np.ndarray:
@@ -633,8 +641,9 @@ class ElasticIndex(CatalogIndex):
         recorded = space_from_meta(name, mappings[name].get("_meta"))
         if recorded != space:
             raise FailedPrecondition(f"index {name} holds {recorded}, not {space}")
-        missing = {k: v for k, v in BOOKKEEPING.items() if k not in mappings[name].get("properties", {})}
-        if missing:  # an index made before per-field ordering: adding fields is allowed when strict
+        known = mappings[name].get("properties", {})
+        missing = {k: v for k, v in {**BOOKKEEPING, **ADDED_FIELDS}.items() if k not in known}
+        if missing:  # an index made before these fields: adding fields is allowed when strict
             await self._call(
                 f"add ordering fields to {name}",
                 self._client().indices.put_mapping(index=name, properties=missing),
@@ -856,6 +865,7 @@ class ElasticIndex(CatalogIndex):
             seq = item[3] if len(item) > 3 and item[3] is not None else _now_seq()
             fields = product_source(product, image_hash, unit(vector))
             fields.pop("id")
+            fields.pop("item_id")  # only the dedup job sets it (an "item" op)
             ops.append(Op("upsert", product.id, seq, fields))
         await self.apply_ops(space, ops)
 
@@ -898,6 +908,48 @@ class ElasticIndex(CatalogIndex):
                         np.asarray(source["vector"], dtype=np.float32),
                     )
         return found
+
+    async def listings(self, space, item_ids):
+        out: dict[str, list[Product]] = {}
+        if not item_ids:
+            return out
+        name = await self.ensure(space, make_current_if_none=False)
+        for start in range(0, len(item_ids), 500):
+            chunk = item_ids[start : start + 500]
+            body = {
+                "query": {"bool": {"filter": [{"terms": {"item_id": chunk}}], **NOT_DELETED["bool"]}},
+                "size": min(10_000, 64 * len(chunk)),
+                "_source": {"excludes": ["vector"]},
+            }
+            resp = await self._call(
+                f"read item listings from {name}", self._client().search(index=name, body=body)
+            )
+            for hit in resp["hits"]["hits"]:
+                product = product_from_source(hit["_source"])
+                out.setdefault(product.item_id, []).append(product)
+        return out
+
+    async def scan(self, space, batch_size=1000):
+        """Every live product in id order, paged with search_after (no scroll context to keep)."""
+        name = await self.ensure(space, make_current_if_none=False)
+        after = None
+        while True:
+            body = {"query": NOT_DELETED, "sort": [{"id": "asc"}], "size": batch_size}
+            if after is not None:
+                body["search_after"] = after
+            resp = await self._call(f"scan {name}", self._client().search(index=name, body=body))
+            hits = resp["hits"]["hits"]
+            if not hits:
+                return
+            yield [
+                StoredProduct(
+                    product_from_source(h["_source"]),
+                    h["_source"]["image_hash"],
+                    np.asarray(h["_source"]["vector"], np.float32),
+                )
+                for h in hits
+            ]
+            after = hits[-1]["sort"]
 
     async def count(self, space):
         """Documents visible to search (written ones appear after the index refresh interval)."""

@@ -66,6 +66,9 @@ def _schema(dim: int) -> pa.Schema:
             ("sizes", pa.list_(pa.string())),
             ("in_stock", pa.bool_()),
             ("image_url", pa.string()),
+            ("retailer", pa.string()),
+            ("product_url", pa.string()),
+            ("item_id", pa.string()),
             ("image_hash", pa.string()),
             # Event ordering (gateway/index/lww.py): the seq of the event that set each field,
             # so replays and out-of-order deliveries cannot regress a product.
@@ -81,6 +84,10 @@ def _schema(dim: int) -> pa.Schema:
             ("vector", pa.list_(pa.float32(), dim)),
         ]
     )
+
+
+# Columns added after the first release, in the order they came (see EmbeddedIndex._migrate).
+ADDED_COLUMNS = ("retailer", "product_url", "item_id")
 
 
 def _quote(value: str) -> str:
@@ -110,7 +117,7 @@ def where_clause(f: SearchFilters) -> str:
 
 
 def _row_product(row: dict) -> Product:
-    return Product(**{k: row[k] for k in _FIELDS})
+    return Product(**{k: row[k] if row.get(k) is not None else "" for k in _FIELDS})
 
 
 class Manifest:
@@ -205,8 +212,22 @@ class EmbeddedIndex(CatalogIndex):
                 table = await db.open_table(name)
             except (ValueError, FileNotFoundError) as exc:
                 raise Unavailable(f"index {name!r} cannot be opened: {exc}") from None
+            await self._migrate(name, table)
             self._tables[(name, strong)] = table
         return table
+
+    async def _migrate(self, name: str, table) -> None:
+        """Tables made before a column existed get it, empty (Product fields added since:
+        retailer, product_url, item_id). Under the writer lock: one process adds them."""
+        missing = [f for f in ADDED_COLUMNS if f not in (await table.schema()).names]
+        if not missing:
+            return
+        async with self._writer(name):
+            await table.checkout_latest()
+            missing = [f for f in ADDED_COLUMNS if f not in (await table.schema()).names]
+            if missing:
+                await table.add_columns({f: "CAST('' AS STRING)" for f in missing})
+                await table.alter_columns(*({"path": f, "nullable": True} for f in missing))
 
     def _space_of(self, name: str) -> EmbeddingSpace:
         meta = self._manifest()["indexes"].get(name)
@@ -372,6 +393,7 @@ class EmbeddedIndex(CatalogIndex):
             seq = item[3] if len(item) > 3 and item[3] is not None else wall_clock_seq()
             fields = {**product.to_dict(), "image_hash": image_hash, "vector": np.asarray(vector, np.float32)}
             fields.pop("id")
+            fields.pop("item_id")  # only the dedup job sets it (an "item" op)
             ops.append(Op("upsert", product.id, seq, fields))
         await self.apply_ops(space, ops)
 
@@ -476,6 +498,34 @@ class EmbeddedIndex(CatalogIndex):
                 row["field_seqs"] = json.loads(row["field_seqs"] or "{}")
                 found[row["id"]] = row
         return found
+
+    async def listings(self, space, item_ids):
+        out: dict[str, list[Product]] = {}
+        if not item_ids:
+            return out
+        table = await self._table(await self.ensure(space, make_current_if_none=False))
+        for start in range(0, len(item_ids), 500):
+            chunk = item_ids[start : start + 500]
+            where = f"deleted = false AND item_id IN ({', '.join(map(_quote, chunk))})"
+            rows = await table.query().where(where).select(list(_FIELDS)).to_arrow()
+            for row in rows.to_pylist():
+                out.setdefault(row["item_id"], []).append(_row_product(row))
+        return out
+
+    async def scan(self, space, batch_size=2048):
+        table = await self._table(await self.ensure(space, make_current_if_none=False), strong=True)
+        query = table.query().where("deleted = false").select([*_FIELDS, "image_hash", "vector"])
+        batch: list[StoredProduct] = []
+        async for records in await query.to_batches():
+            for row in records.to_pylist():
+                batch.append(
+                    StoredProduct(_row_product(row), row["image_hash"], np.asarray(row["vector"], np.float32))
+                )
+                if len(batch) >= batch_size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
 
     async def get(self, space, ids):
         rows = await self._rows(space, ids) if ids else {}

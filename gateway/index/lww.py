@@ -23,7 +23,7 @@ IMAGE = "image"  # the image hash and vector travel together, under one seq
 
 @dataclass
 class Op:
-    kind: str  # "upsert" | "update" | "delete"
+    kind: str  # "upsert" | "update" | "delete" | "item"
     product_id: str
     seq: int
     fields: dict = field(default_factory=dict)  # upsert: every field, + image_hash, vector
@@ -31,6 +31,16 @@ class Op:
 
 def apply(row: dict | None, op: Op) -> tuple[dict | None, str]:
     """The new row (None: unchanged) and the outcome: applied | stale | missing."""
+    if op.kind == "item":
+        # The dedup job's grouping (gateway/dedup.py): not a catalog event, so outside the
+        # per-field ordering; it applies to a live product, as of the image it was computed on.
+        if row is None or row["deleted"]:
+            return None, "missing"
+        if op.fields.get("image_hash") not in (None, row.get("image_hash")):
+            return None, "stale"  # the image changed since: the next dedup run decides again
+        if row.get("item_id", "") == op.fields["item_id"]:
+            return None, "stale"
+        return {**row, "item_id": op.fields["item_id"]}, "applied"
     seqs = dict(row["field_seqs"]) if row else {}
     if op.kind == "upsert":
         if row is not None and row["deleted"] and row["deleted_seq"] >= op.seq:
@@ -43,6 +53,8 @@ def apply(row: dict | None, op: Op) -> tuple[dict | None, str]:
         for name, value in op.fields.items():
             key = IMAGE if name in ("image_hash", "vector") else name
             if seqs.get(key, -1) < op.seq:
+                if name == "image_hash" and row is not None and row.get("image_hash") != value:
+                    new["item_id"] = ""  # another picture: its item is decided again
                 new[name] = value
                 changed = True
         for name in op.fields:

@@ -23,7 +23,19 @@ HOLDS = "catalog-updates:holds"
 SCHEMA = 1
 TYPES = ("product.upsert", "product.update", "product.delete")
 # Fields a metadata-only update may change. A new image is a product.upsert.
-UPDATABLE = ("title", "brand", "category", "gender", "market", "price", "currency", "sizes", "in_stock")
+UPDATABLE = (
+    "title",
+    "brand",
+    "category",
+    "gender",
+    "market",
+    "price",
+    "currency",
+    "sizes",
+    "in_stock",
+    "retailer",
+    "product_url",
+)
 
 
 class PoisonEvent(ValueError):

@@ -26,6 +26,7 @@ from gateway.embedder import TritonEmbedder
 from gateway.errors import LookSyncError
 from gateway.filters import SearchFilters
 from gateway.index.base import CatalogIndex, EmbeddingSpace, ScoredProduct
+from gateway.items import OVERFETCH, group_by_item
 from gateway.llm import LLMError
 from gateway.look.dedup import dedup
 from gateway.look.querygen import FallbackQueryGenerator, LLMQueryGenerator, decode_look_async, llm_image
@@ -178,6 +179,13 @@ class LookSearcher:
                 ]
                 if len(candidates) < len(layer["candidates"]):
                     return None  # something left: search again rather than answer with fewer
+                # Offers are current too: the item's listings as they are now.
+                hits = await group_by_item(
+                    self.index, space, [c.hit for c in candidates], filters, len(candidates)
+                )
+                if len(hits) < len(candidates):
+                    return None  # listings were grouped into one item since: search again
+                candidates = [Candidate(h, c.duplicates) for h, c in zip(hits, candidates)]
                 layers.append(LayerOutcome(query, candidates, layer["rerank_source"]))
             return layers
         except (KeyError, TypeError, ValueError) as exc:  # an entry of another shape: a miss
@@ -269,9 +277,14 @@ class LookSearcher:
             vector,
             vector_space,
             layer_filters,
-            self.settings.candidates_per_layer,
+            self.settings.candidates_per_layer * OVERFETCH,
             with_vectors=True,
             timeout_s=deadline.left(),
+        )
+        # One candidate per item (offers attached); listings the dedup job has not grouped yet
+        # are collapsed by image similarity.
+        hits = await group_by_item(
+            self.index, vector_space, hits, layer_filters, self.settings.candidates_per_layer
         )
         candidates = dedup([Candidate(h) for h in hits], self.settings.dedup_threshold)
         return LayerOutcome(query, candidates)

@@ -1,0 +1,200 @@
+"""Offline catalog dedup (`looksync dedup`): the listings of one item, sold by several retailers,
+re-photographed or re-compressed, under other titles and prices, grouped into one item.
+
+    scan the index (every live listing with its vector)
+      -> candidate pairs: each listing's nearest neighbours in the index's own kNN, within its
+         category (never all pairs)
+      -> confirmed by two signals: image cosine >= image_threshold AND title similarity >=
+         title_threshold (content words of the titles, brand and retailer names and filler
+         left out: "red striped shirt" vs "red checked shirt" differ, a shop's prefix does not)
+      -> items: components of confirmed pairs, merged only when every listing of one matches
+         every listing of the other on both signals (no chaining A~B~C into one item when A and
+         C differ), and at most MAX_ITEM_LISTINGS listings
+      -> item_id = the smallest product id of the item, written as "item" ops (gateway/index/lww.py)
+
+Incremental (the default): only listings without an item (new, or their image changed since,
+which clears it) are placed: into the item of a confirmed neighbour, or an item of their own.
+`full=True` regroups the whole catalog. Re-running either is harmless: a listing whose item is
+unchanged is not written.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import unicodedata
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import Counter
+from tqdm import tqdm
+
+from gateway.filters import build_filters
+from gateway.index.base import EmbeddingSpace, StoredProduct
+from gateway.observability import log
+
+logger = logging.getLogger("looksync.dedup")
+ASSIGNED = Counter("looksync_dedup_assigned_total", "Listings written with a new item id", ["mode"])
+
+MAX_ITEM_LISTINGS = 16
+NEIGHBOURS = 10
+_FILLER = {
+    "a", "an", "and", "the", "for", "with", "in", "of", "by", "new", "sale", "women", "womens",
+    "woman", "men", "mens", "man", "unisex", "ladies", "free", "shipping", "official", "store",
+    "shop", "collection", "edition", "item",
+}  # fmt: skip
+
+
+def title_tokens(title: str, names: tuple[str, ...] = ()) -> frozenset[str]:
+    """The words of a title that describe the garment: lower-cased, accents off, brand and
+    retailer names and filler words dropped."""
+    text = unicodedata.normalize("NFKD", title.lower())
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    for name in names:
+        if name:
+            text = text.replace(name.lower(), " ")
+    return frozenset(t for t in re.findall(r"[a-z0-9]+", text.replace("'", "")) if t not in _FILLER)
+
+
+def title_similarity(a: frozenset[str], b: frozenset[str]) -> float:
+    if not a or not b:
+        return 0.0
+    return len(a & b) / len(a | b)
+
+
+@dataclass
+class DedupSettings:
+    image_threshold: float = 0.92
+    title_threshold: float = 0.9
+    neighbours: int = NEIGHBOURS
+
+
+@dataclass
+class DedupReport:
+    listings: int = 0
+    items: int = 0
+    grouped_items: int = 0  # items of two or more listings
+    written: int = 0
+    pairs_confirmed: int = 0
+    pairs_refused: int = 0
+    wall_s: float = 0.0
+    mode: str = "incremental"
+    items_of: dict[str, str] = field(default_factory=dict)  # product id -> item id (this run's view)
+
+
+class _Listing:
+    __slots__ = ("id", "category", "tokens", "vector", "image_hash", "item_id")
+
+    def __init__(self, stored: StoredProduct):
+        p = stored.product
+        self.id, self.category, self.item_id, self.image_hash = p.id, p.category, p.item_id, stored.image_hash
+        self.tokens = title_tokens(p.title, (p.brand, p.retailer))
+        v = np.asarray(stored.vector, np.float32)
+        self.vector = v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+class Dedup:
+    def __init__(self, index, space: EmbeddingSpace, settings: DedupSettings | None = None):
+        self.index, self.space = index, space
+        self.s = settings or DedupSettings()
+        self.listings: dict[str, _Listing] = {}
+        self.parent: dict[str, str] = {}
+        self.members: dict[str, list[str]] = {}
+
+    # -- components: keyed by a root id; a listing's parent chain leads to its root ----------
+
+    def _find(self, pid: str) -> str:
+        root = self.parent[pid]
+        while root in self.parent and self.parent[root] != root:
+            root = self.parent[root]
+        return root
+
+    def _matches(self, a: _Listing, b: _Listing) -> bool:
+        return (
+            a.category == b.category
+            and float(a.vector @ b.vector) >= self.s.image_threshold
+            and title_similarity(a.tokens, b.tokens) >= self.s.title_threshold
+        )
+
+    def _merge(self, a: str, b: str, report: DedupReport) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra == rb:
+            return
+        ma, mb = self.members[ra], self.members[rb]
+        # Complete linkage: every listing of one item matches every listing of the other.
+        if len(ma) + len(mb) > MAX_ITEM_LISTINGS or not all(
+            self._matches(self.listings[x], self.listings[y]) for x in ma for y in mb
+        ):
+            report.pairs_refused += 1
+            return
+        report.pairs_confirmed += 1
+        keep, gone = (ra, rb) if len(ma) >= len(mb) else (rb, ra)
+        for pid in self.members[gone]:
+            self.parent[pid] = keep
+        self.members[keep].extend(self.members.pop(gone))
+
+    # -- the job ---------------------------------------------------------------------------
+
+    async def run(self, full: bool = False, progress: bool = True) -> DedupReport:
+        start = time.perf_counter()
+        report = DedupReport(mode="full" if full else "incremental")
+        catalog: dict[str, StoredProduct] = {}
+        async for batch in self.index.scan(self.space):
+            for stored in batch:
+                catalog[stored.product.id] = stored
+        report.listings = len(catalog)
+        # Existing items are the starting components (incremental); a full run starts from
+        # singletons.
+        for pid in sorted(catalog):
+            stored = catalog[pid]
+            self.listings[pid] = _Listing(stored)
+            root = stored.product.item_id if (stored.product.item_id and not full) else pid
+            self.parent[pid] = root
+            self.members.setdefault(root, []).append(pid)
+        todo = sorted(catalog) if full else sorted(p for p, s in catalog.items() if not s.product.item_id)
+        bar = tqdm(total=len(todo), unit="listing", desc=f"dedup ({report.mode})", disable=not progress)
+        for pid in todo:
+            listing = self.listings[pid]
+            _, hits = await self.index.search(
+                listing.vector,
+                self.space,
+                build_filters(categories=[listing.category]),
+                self.s.neighbours + 1,
+            )
+            for hit in hits:
+                other = hit.product.id
+                if other != pid and other in self.listings and self._matches(listing, self.listings[other]):
+                    self._merge(pid, other, report)
+            bar.update(1)
+        bar.close()
+        # Item ids: an existing item keeps its id; a new one is named after its smallest id.
+        writes: dict[str, tuple[str, str]] = {}
+        for members in self.members.values():
+            kept = sorted({catalog[m].product.item_id for m in members} - {""})
+            item = kept[0] if (kept and not full) else min(members)
+            for m in members:
+                report.items_of[m] = item
+                if catalog[m].product.item_id != item:
+                    writes[m] = (item, catalog[m].image_hash)
+            report.items += 1
+            report.grouped_items += len(members) > 1
+        ids = sorted(writes)
+        for start_at in range(0, len(ids), 500):
+            chunk = {pid: writes[pid] for pid in ids[start_at : start_at + 500]}
+            outcomes = await self.index.assign_items(self.space, chunk)
+            report.written += sum(o == "applied" for o in outcomes)
+        ASSIGNED.labels(report.mode).inc(report.written)
+        report.wall_s = time.perf_counter() - start
+        log(
+            logger,
+            logging.INFO,
+            "dedup done",
+            mode=report.mode,
+            listings=report.listings,
+            items=report.items,
+            grouped=report.grouped_items,
+            written=report.written,
+            wall_s=round(report.wall_s, 2),
+        )
+        return report
