@@ -609,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         "dedup", help="group listings of the same item across retailers (incremental; --full regroups)"
     )
     p.add_argument("--full", action="store_true", help="regroup the whole catalog")
-    p.add_argument("--image-threshold", type=float, default=0.92, help="image cosine a pair needs")
+    p.add_argument("--image-threshold", type=float, default=0.5, help="image cosine a pair needs")
     p.add_argument(
         "--title-threshold", type=float, default=0.9, help="title word overlap (Jaccard) a pair needs"
     )

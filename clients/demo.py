@@ -8,6 +8,7 @@ over gRPC -> write a contact sheet -> stop what it started.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -70,6 +71,24 @@ def _index(settings: Settings, catalog: Path) -> None:
     asyncio.run(run())
 
 
+def _dedup(settings: Settings) -> None:
+    from gateway.dedup import Dedup
+    from gateway.server import open_index
+
+    async def run():
+        index = open_index(settings)
+        try:
+            return await Dedup(index, await index.space()).run(full=True)
+        finally:
+            await index.close()
+
+    r = asyncio.run(run())
+    print(
+        f"dedup: {r.listings} listings in {r.items} items, {r.grouped_items} of them sold by several "
+        f"retailers ({r.wall_s:.1f}s)"
+    )
+
+
 def _wait_serving(client: LookSyncClient, proc: subprocess.Popen, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -89,8 +108,8 @@ def _show(title: str, resp) -> None:
     for rank, hit in enumerate(resp.hits, 1):
         p = hit.product
         print(
-            f"  {rank}. {hit.score:.3f} {p.id} {p.title} | {p.brand} | {p.gender} {p.market} "
-            f"{p.price:.2f} {p.currency}"
+            f"  {rank}. {hit.score:.3f} {p.id} {p.title} | {p.brand} | {p.retailer} | {p.gender} {p.market} "
+            f"{p.price:.2f} {p.currency}" + (f" (+{len(hit.offers)} offers)" if hit.offers else "")
         )
     print("  timings: " + ", ".join(f"{t.stage} {t.ms:.1f} ms" for t in resp.timings))
 
@@ -135,9 +154,15 @@ def run_demo(keep_running: bool = False) -> int:
         from clients.world import write_world
 
         world = data / "world"
-        manifest = write_world(world, products=400, looks=12, seed=2001)  # not the training seed
+        # Not the training seed; a fifth of the products is also sold by 1-3 other retailers.
+        manifest = write_world(world, products=400, looks=12, seed=2001, duplicates=0.2)
         catalog = world / "catalog.jsonl"
+        image_of = {
+            r["id"]: world / r["image_url"] for r in map(json.loads, catalog.read_text().splitlines())
+        }
+        item_of = manifest["items"]
         _index(settings, catalog)
+        _dedup(settings)
 
         _step("4/5 gateway: gRPC on " + settings.gateway_url)
         env = dict(os.environ)
@@ -163,11 +188,25 @@ def run_demo(keep_running: bool = False) -> int:
             filters=FilterArgs(categories=("dress",), max_price=150, in_stock_only=True),
         )
         _show('search-text "a blue midi dress" --category dress --max-price 150 --in-stock', r2)
-        query = world / "images" / "w00007.png"
+        # A product sold by several retailers: one hit, its other listings as offers.
+        sold_by = {}
+        for pid, item in item_of.items():
+            sold_by.setdefault(item, []).append(pid)
+        shared = min(i for i, listings in sold_by.items() if len(listings) >= 3)
+        query = image_of[shared]
         r3 = client.search_image(query.read_bytes(), k=5)
-        _show(f"search-image {query.name} (a catalog product's own image: it should come first)", r3)
+        _show(f"search-image {query.name} (a catalog product's own image: its item should come first)", r3)
+        first = r3.hits[0]
+        print(
+            f"  item {first.product.item_id or first.product.id}: {first.product.id} at {first.product.retailer}"
+        )
+        for offer in first.offers:
+            print(
+                f"    also at {offer.retailer}: {offer.product_id} {offer.price:.2f} {offer.currency} "
+                f"{offer.market} {'in stock' if offer.in_stock else 'sold out'} {offer.product_url}"
+            )
 
-        rows = [(query, [world / "images" / f"{h.product.id}.png" for h in r3.hits])]
+        rows = [(query, [image_of[h.product.id] for h in r3.hits])]
         found = total = 0
         for look in manifest["looks"][:3]:
             path = world / look["image"]
@@ -176,12 +215,13 @@ def run_demo(keep_running: bool = False) -> int:
             print(f"\nsearch-look {look['image']} (worn variations of {', '.join(sorted(truth))})")
             for layer in resp.layers:
                 ids = [h.product.id for h in layer.hits]
-                marks = ", ".join(f"{i}{'*' if i in truth else ''}" for i in ids)
+                # A hit counts when it is any listing of the worn item (another retailer's too).
+                marks = ", ".join(f"{i}{'*' if item_of[i] in truth else ''}" for i in ids)
                 print(
                     f'  [{layer.layer}] "{layer.query}" ({layer.query_source}, {layer.rerank_source}): {marks}'
                 )
-                rows.append((path, [world / "images" / f"{i}.png" for i in ids]))
-            found += len(truth & {h.product.id for layer in resp.layers for h in layer.hits})
+                rows.append((path, [image_of[i] for i in ids]))
+            found += len(truth & {item_of[h.product.id] for layer in resp.layers for h in layer.hits})
             total += len(truth)
             print("  timings: " + ", ".join(f"{t.stage} {t.ms:.1f} ms" for t in resp.timings))
         print(f"\nsource garments found in the top 5 of their layer: {found}/{total} (* marks them)")

@@ -72,6 +72,13 @@ KINDS = {
 }
 BRANDS = ("Nordlys", "Atelier Rue", "Kumo", "Verde & Co", "Halcyon", "Brisa", "Oakline", "Moda Sol")
 MARKETS = ("US", "GB", "DE", "FR", "SE")
+# Product-line names: a brand's line name travels with the garment to every shop that sells it.
+LINES = (
+    "Fjord", "Aster", "Loma", "Brio", "Cove", "Dune", "Elm", "Fern", "Gale", "Haven", "Iris", "Juno",
+    "Kite", "Lark", "Mesa", "Nova", "Opal", "Pine", "Quill", "Reed", "Sage", "Tide", "Umber", "Vale",
+    "Wren", "Yara", "Zephyr", "Alba", "Bay", "Cedar", "Delta", "Ember", "Flint", "Grove", "Heath",
+    "Ivy", "Jade", "Knoll", "Linden", "Moss",
+)  # fmt: skip
 RETAILERS = ("Shopline", "Modehaus", "Closetly", "Boutique Nord", "StyleMart", "Urbanfit")
 # Words a shop puts around the same garment's name (title variants of planted duplicates).
 _TITLE_WRAPS = ("{t}", "{t} - {r}", "New: {t}", "{r} | {t}", "{t} (women)", "{t} - official store")
@@ -265,6 +272,7 @@ def make_catalog(n: int, seed: int, duplicates: float = 0.0) -> list[Product]:
             "in_stock": rng.random() < 0.85,
             "image_url": f"images/{pid}.png",
         }
+        record["title"] = f"{record['title']} {shops.choice(LINES)}"
         record["retailer"] = shops.choice(RETAILERS)
         record["product_url"] = f"https://{record['retailer'].lower().replace(' ', '')}.example/p/{pid}"
         products.append(Product(pid, style, record))

@@ -4,9 +4,10 @@ re-photographed or re-compressed, under other titles and prices, grouped into on
     scan the index (every live listing with its vector)
       -> candidate pairs: each listing's nearest neighbours in the index's own kNN, within its
          category (never all pairs)
-      -> confirmed by two signals: image cosine >= image_threshold AND title similarity >=
-         title_threshold (content words of the titles, brand and retailer names and filler
-         left out: "red striped shirt" vs "red checked shirt" differ, a shop's prefix does not)
+      -> confirmed by the listings' own words and the picture: same category and brand (when
+         both name one), title similarity >= title_threshold (content words of the titles, brand
+         and retailer names and filler left out: "red striped shirt" vs "red checked shirt"
+         differ, a shop's prefix does not) AND image cosine >= image_threshold
       -> items: components of confirmed pairs, merged only when every listing of one matches
          every listing of the other on both signals (no chaining A~B~C into one item when A and
          C differ), and at most MAX_ITEM_LISTINGS listings
@@ -65,7 +66,7 @@ def title_similarity(a: frozenset[str], b: frozenset[str]) -> float:
 
 @dataclass
 class DedupSettings:
-    image_threshold: float = 0.92
+    image_threshold: float = 0.5
     title_threshold: float = 0.9
     neighbours: int = NEIGHBOURS
 
@@ -84,11 +85,12 @@ class DedupReport:
 
 
 class _Listing:
-    __slots__ = ("id", "category", "tokens", "vector", "image_hash", "item_id")
+    __slots__ = ("id", "category", "brand", "tokens", "vector", "image_hash", "item_id")
 
     def __init__(self, stored: StoredProduct):
         p = stored.product
         self.id, self.category, self.item_id, self.image_hash = p.id, p.category, p.item_id, stored.image_hash
+        self.brand = p.brand.strip().lower()
         self.tokens = title_tokens(p.title, (p.brand, p.retailer))
         v = np.asarray(stored.vector, np.float32)
         self.vector = v / max(float(np.linalg.norm(v)), 1e-12)
@@ -113,6 +115,7 @@ class Dedup:
     def _matches(self, a: _Listing, b: _Listing) -> bool:
         return (
             a.category == b.category
+            and (a.brand == b.brand or not a.brand or not b.brand)
             and float(a.vector @ b.vector) >= self.s.image_threshold
             and title_similarity(a.tokens, b.tokens) >= self.s.title_threshold
         )

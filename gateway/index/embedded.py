@@ -322,8 +322,11 @@ class EmbeddedIndex(CatalogIndex):
                 if recorded != space:
                     raise FailedPrecondition(f"index {name} holds {recorded}, not {space}")
             db = await self._connect()
-            # exist_ok: another process may have created it a moment ago.
-            await db.create_table(name, schema=_schema(space.dim), exist_ok=True)
+            try:
+                await db.open_table(name)  # an older table may lack columns: _table migrates it
+            except (ValueError, FileNotFoundError):
+                # exist_ok: another process may have created it a moment ago.
+                await db.create_table(name, schema=_schema(space.dim), exist_ok=True)
             with self.manifest.edit() as data:
                 data["indexes"].setdefault(
                     name,
@@ -455,6 +458,7 @@ class EmbeddedIndex(CatalogIndex):
                 return outcomes
             batch = self._batch(
                 space,
+                await table.schema(),
                 [
                     {**r, "row_version": (stored[r["id"]]["row_version"] + 1) if r["id"] in stored else 1}
                     for r in rows.values()
@@ -470,7 +474,7 @@ class EmbeddedIndex(CatalogIndex):
                 return outcomes
         raise Unavailable(f"index {space.index_name}: too many concurrent writers for the same products")
 
-    def _batch(self, space: EmbeddingSpace, rows: list[dict]) -> pa.Table:
+    def _batch(self, space: EmbeddingSpace, table_schema: pa.Schema, rows: list[dict]) -> pa.Table:
         blank = {f: "" for f in _FIELDS} | {"price": 0.0, "sizes": [], "in_stock": False, "image_hash": ""}
         full = []
         for r in rows:
@@ -485,7 +489,8 @@ class EmbeddedIndex(CatalogIndex):
             np.concatenate([np.asarray(r["vector"], np.float32) for r in full]), type=pa.float32()
         )
         columns["vector"] = pa.FixedSizeListArray.from_arrays(flat, space.dim)
-        return pa.table(columns, schema=schema)
+        # In the table's own column order: a migrated table has its added columns last.
+        return pa.table(columns, schema=schema).select(table_schema.names).cast(table_schema)
 
     async def _rows(self, space: EmbeddingSpace, ids: list[str]) -> dict[str, dict]:
         table = await self._table(await self.ensure(space, make_current_if_none=False), strong=True)
