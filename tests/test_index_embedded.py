@@ -311,3 +311,42 @@ def test_writers_in_several_processes_never_duplicate_a_new_id(tmp_path):
     assert len(ids) == 30 * 5 and len(set(ids)) == len(ids), "a new id was inserted twice"
     # Last writer wins by event order, whatever order the processes committed in.
     assert {r["title"] for r in got} == {"w2"}
+
+
+def test_a_table_from_before_the_offer_columns_is_migrated_in_place(tmp_path):
+    # A table written by an older release (no retailer, product_url, item_id columns) keeps its
+    # rows, gains the columns empty, and takes writes and dedup assignments.
+    import lancedb
+    import pyarrow as pa
+
+    from gateway.index.embedded import ADDED_COLUMNS, Manifest, _schema
+
+    old = pa.schema([f for f in _schema(16) if f.name not in ADDED_COLUMNS])
+    products, vectors = _products(3), _vectors(3)
+
+    async def scenario():
+        index = EmbeddedIndex(tmp_path, refresh_s=0.0)
+        await index.upsert(SPACE, list(zip(products, [f"h{p.id}" for p in products], vectors)))
+        rows = await (await index._table(SPACE.index_name)).query().to_arrow()
+        await index.close()
+        db = await lancedb.connect_async(str(tmp_path))
+        await db.drop_table(SPACE.index_name)
+        await db.create_table(SPACE.index_name, rows.select(old.names).cast(old))
+        reopened = EmbeddedIndex(tmp_path, refresh_s=0.0)
+        try:
+            got = await reopened.get(SPACE, [p.id for p in products])
+            assert {pid: s.product.retailer for pid, s in got.items()} == {p.id: "" for p in products}
+            new = Product(**{**products[0].to_dict(), "id": "n1", "retailer": "Shop", "item_id": ""})
+            await reopened.upsert(SPACE, [(new, "hn1", vectors[0])])
+            assert (await reopened.assign_items(SPACE, {products[1].id: ("n1", f"h{products[1].id}")})) == [
+                "applied"
+            ]
+            got = await reopened.get(SPACE, ["n1", products[1].id])
+            assert got["n1"].product.retailer == "Shop" and got[products[1].id].product.item_id == "n1"
+            _, hits = await reopened.search(vectors[0], SPACE, build_filters(), 5)
+            assert {h.product.id for h in hits} == {p.id for p in products} | {"n1"}
+        finally:
+            await reopened.close()
+        assert Manifest(tmp_path).read()["indexes"][SPACE.index_name]["dim"] == 16
+
+    asyncio.run(scenario())
