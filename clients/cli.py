@@ -242,6 +242,7 @@ def cmd_ingest_worker(args) -> int:
     import redis.asyncio as redis
     from prometheus_client import start_http_server
 
+    from gateway.dedup import DedupSettings
     from gateway.embedder import TritonEmbedder
     from gateway.indexer import Indexer, resolve_space
     from gateway.ingest.fetch import FetchPolicy
@@ -292,6 +293,9 @@ def cmd_ingest_worker(args) -> int:
                     drain_timeout_s=s.ingest_drain_timeout_s,
                     dead_letters_max=s.ingest_dead_letters_max,
                     consumer_idle_s=s.ingest_consumer_idle_s,
+                    dedup=DedupSettings(s.dedup_image_threshold, s.dedup_title_threshold)
+                    if s.dedup_on_ingest
+                    else None,
                 ),
                 consumer=args.consumer,
             )
@@ -609,9 +613,17 @@ def main(argv: list[str] | None = None) -> int:
         "dedup", help="group listings of the same item across retailers (incremental; --full regroups)"
     )
     p.add_argument("--full", action="store_true", help="regroup the whole catalog")
-    p.add_argument("--image-threshold", type=float, default=0.5, help="image cosine a pair needs")
     p.add_argument(
-        "--title-threshold", type=float, default=0.9, help="title word overlap (Jaccard) a pair needs"
+        "--image-threshold",
+        type=float,
+        default=_settings().dedup_image_threshold,
+        help="image cosine a pair needs (LOOKSYNC_DEDUP_IMAGE_THRESHOLD)",
+    )
+    p.add_argument(
+        "--title-threshold",
+        type=float,
+        default=_settings().dedup_title_threshold,
+        help="title word overlap (Jaccard) a pair needs (LOOKSYNC_DEDUP_TITLE_THRESHOLD)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_dedup)

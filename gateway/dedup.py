@@ -137,6 +137,37 @@ class Dedup:
             self.parent[pid] = keep
         self.members[keep].extend(self.members.pop(gone))
 
+    # -- ingestion: new listings join existing items as they arrive ------------------------
+
+    async def place(self, ids: list[str]) -> int:
+        """Listings among `ids` that have no item join the item of a confirmed neighbour (every
+        listing of that item must match). Those that match none stay without an item: the next
+        `looksync dedup` run groups them (two shops may list a new item in the same batch).
+        Returns how many were placed."""
+        stored = await self.index.get(self.space, list(ids))
+        placed = 0
+        for s in stored.values():
+            if s.product.item_id:
+                continue
+            me = _Listing(s)
+            _, hits = await self.index.search(
+                me.vector, self.space, build_filters(categories=[me.category]), self.s.neighbours + 1
+            )
+            for hit in hits:
+                item = hit.product.item_id
+                if hit.product.id == me.id or not item:
+                    continue
+                members = (await self.index.listings(self.space, [item])).get(item, [])
+                listings = await self.index.get(self.space, [m.id for m in members if m.id != me.id])
+                if 0 < len(listings) < MAX_ITEM_LISTINGS and all(
+                    self._matches(me, _Listing(other)) for other in listings.values()
+                ):
+                    outcome = await self.index.assign_items(self.space, {me.id: (item, s.image_hash)})
+                    placed += outcome == ["applied"]
+                    break
+        ASSIGNED.labels("ingest").inc(placed)
+        return placed
+
     # -- the job ---------------------------------------------------------------------------
 
     async def run(self, full: bool = False, progress: bool = True) -> DedupReport:

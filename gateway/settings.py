@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     max_k_per_layer: int = 50
     shutdown_grace_s: float = 5.0
 
+    # Items (gateway/dedup.py): the thresholds `looksync dedup` and ingestion use
+    dedup_image_threshold: float = Field(0.5, description="image cosine two listings of one item need")
+    dedup_title_threshold: float = Field(0.9, description="title word overlap two listings of one item need")
+    dedup_on_ingest: bool = Field(True, description="the ingest worker puts new listings into existing items")
+
     # Ingestion
     index_batch_size: int = 32
     ingest_batch_size: int = 64

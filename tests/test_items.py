@@ -218,3 +218,41 @@ def test_searches_answer_one_hit_per_item_with_its_offers(triton, tmp_path):
             assert hit.product.id == min(in_stock, key=lambda p: (records[p]["price"], p))
     finally:
         gw.stop()
+
+
+def test_ingestion_puts_a_new_listing_into_its_item_without_a_full_run(
+    triton, catalog, products, redis_url, image_server, tmp_path
+):
+    import redis as redis_sync
+
+    from gateway.ingest.events import STREAM
+    from tests.conftest import looksync
+    from tests.test_ingest import _env, _stop, _wait_drained, _worker
+
+    env = _env(triton, tmp_path, redis_url)
+    stream = redis_sync.Redis.from_url(redis_url)
+    stream.flushdb()
+    for args in (("index", str(catalog), "--quiet"), ("dedup", "--full", "--quiet")):
+        done = looksync(*args, env=env)
+        assert done.returncode == 0, done.stderr
+    before = asyncio.run(_stored_items(tmp_path / "data" / "index"))
+    source = products[3]
+    listing = {
+        **source.to_dict(),
+        "id": "other-shop-3",
+        "title": f"NEW: {source.title} - Other Shop",
+        "retailer": "Other Shop",
+        "product_url": "https://othershop.example/p/3",
+        "price": round(source.price * 1.1, 2),
+        "image_url": f"{image_server}/{source.image_url}",
+    }
+    listing.pop("item_id")
+    stream.xadd(STREAM, {"event": json.dumps({"schema": 1, "type": "product.upsert", "product": listing})})
+    worker = _worker(env, tmp_path / "worker.log", "items-worker")
+    try:
+        _wait_drained(stream)
+    finally:
+        _stop(worker)
+    after = asyncio.run(_stored_items(tmp_path / "data" / "index"))
+    assert after["other-shop-3"] == before[source.id] != ""
+    assert {p: i for p, i in after.items() if p != "other-shop-3"} == before  # nothing else moved

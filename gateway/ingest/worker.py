@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from gateway.dedup import Dedup, DedupSettings
 from gateway.errors import DeadlineExceeded, LookSyncError, Unavailable
 from gateway.index.base import CatalogIndex, EmbeddingSpace
 from gateway.indexer import Indexer, IndexReport, IngestItem
@@ -52,6 +53,7 @@ class WorkerSettings:
     trim_every_s: float = 30.0  # how often the stream, dead letters and consumers are tidied
     dead_letters_max: int = 100_000
     consumer_idle_s: float = 3600.0  # a consumer with nothing pending, idle this long, is removed
+    dedup: DedupSettings | None = None  # new listings join existing items (None: left to `looksync dedup`)
 
 
 def is_redis_outage(exc: BaseException) -> bool:
@@ -454,6 +456,7 @@ class IngestWorker:
                 for space in await self.targets():
                     if space != primary and space not in others:
                         await self.indexer(space).write_batch(items, IndexReport(space=space))
+                written = [by_ref[ref].product_id for ref, error in outcome.items() if error is None]
                 for ref, error in outcome.items():
                     if error is None:
                         await self._ack(ref, "product.upsert", "applied")
@@ -466,7 +469,17 @@ class IngestWorker:
                             error,
                             "invalid_record",
                         )
+                if written and self.settings.dedup is not None:
+                    await self._place_in_items(primary, written)
             BATCH_SECONDS.observe(time.perf_counter() - start)
+
+    async def _place_in_items(self, space: EmbeddingSpace, ids: list[str]) -> None:
+        """Best effort, after the acks: a listing not placed here keeps no item until the next
+        `looksync dedup` run, and search shows it as an item of its own meanwhile."""
+        try:
+            await Dedup(self.index, space, self.settings.dedup).place(ids)
+        except Exception as exc:  # never a reason to fail or redeliver the upserts
+            log(logger, logging.WARNING, "placing new listings into items failed", error=_one_line(exc))
 
     # --- bookkeeping ------------------------------------------------------------------------
 
