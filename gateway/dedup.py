@@ -40,6 +40,7 @@ ASSIGNED = Counter("looksync_dedup_assigned_total", "Listings written with a new
 
 MAX_ITEM_LISTINGS = 16
 NEIGHBOURS = 10
+BATCH = 128  # listings per kNN request (one multi-vector query where the backend has them)
 _FILLER = {
     "a", "an", "and", "the", "for", "with", "in", "of", "by", "new", "sale", "women", "womens",
     "woman", "men", "mens", "man", "unisex", "ladies", "free", "shipping", "official", "store",
@@ -143,28 +144,40 @@ class Dedup:
         """Listings among `ids` that have no item join the item of a confirmed neighbour (every
         listing of that item must match). Those that match none stay without an item: the next
         `looksync dedup` run groups them (two shops may list a new item in the same batch).
-        Returns how many were placed."""
+        A few requests per call, whatever the number of ids. Returns how many were placed."""
         stored = await self.index.get(self.space, list(ids))
-        placed = 0
-        for s in stored.values():
-            if s.product.item_id:
-                continue
-            me = _Listing(s)
-            _, hits = await self.index.search(
-                me.vector, self.space, build_filters(categories=[me.category]), self.s.neighbours + 1
+        todo = [_Listing(s) for s in stored.values() if not s.product.item_id]
+        neighbours: dict[str, list[str]] = {}  # listing -> items of its neighbours, nearest first
+        # One multi-vector query for the whole batch, any category (a request per category
+        # costs more than it saves); each listing keeps the neighbours of its own category.
+        found = (
+            await self.index.search_many(
+                [me.vector for me in todo], self.space, build_filters(), 3 * self.s.neighbours
             )
-            for hit in hits:
-                item = hit.product.item_id
-                if hit.product.id == me.id or not item:
-                    continue
-                members = (await self.index.listings(self.space, [item])).get(item, [])
-                listings = await self.index.get(self.space, [m.id for m in members if m.id != me.id])
-                if 0 < len(listings) < MAX_ITEM_LISTINGS and all(
-                    self._matches(me, _Listing(other)) for other in listings.values()
-                ):
-                    outcome = await self.index.assign_items(self.space, {me.id: (item, s.image_hash)})
-                    placed += outcome == ["applied"]
+            if todo
+            else []
+        )
+        for me, hits in zip(todo, found):
+            items = [
+                h.product.item_id
+                for h in hits
+                if h.product.id != me.id and h.product.item_id and h.product.category == me.category
+            ]
+            neighbours[me.id] = list(dict.fromkeys(items))[: self.s.neighbours]
+        wanted = sorted({i for items in neighbours.values() for i in items})
+        members = await self.index.listings(self.space, wanted) if wanted else {}
+        member_ids = sorted({m.id for ms in members.values() for m in ms})
+        known = {pid: _Listing(s) for pid, s in (await self.index.get(self.space, member_ids)).items()}
+        writes: dict[str, tuple[str, str]] = {}
+        for me in todo:
+            for item in neighbours.get(me.id, []):
+                others = [known[m.id] for m in members.get(item, []) if m.id in known and m.id != me.id]
+                if 0 < len(others) < MAX_ITEM_LISTINGS and all(self._matches(me, o) for o in others):
+                    writes[me.id] = (item, me.image_hash)
                     break
+        placed = 0
+        if writes:
+            placed = sum(o == "applied" for o in await self.index.assign_items(self.space, writes))
         ASSIGNED.labels("ingest").inc(placed)
         return placed
 
@@ -188,19 +201,29 @@ class Dedup:
             self.members.setdefault(root, []).append(pid)
         todo = sorted(catalog) if full else sorted(p for p, s in catalog.items() if not s.product.item_id)
         bar = tqdm(total=len(todo), unit="listing", desc=f"dedup ({report.mode})", disable=not progress)
+        by_category: dict[str, list[str]] = {}
         for pid in todo:
-            listing = self.listings[pid]
-            _, hits = await self.index.search(
-                listing.vector,
-                self.space,
-                build_filters(categories=[listing.category]),
-                self.s.neighbours + 1,
-            )
-            for hit in hits:
-                other = hit.product.id
-                if other != pid and other in self.listings and self._matches(listing, self.listings[other]):
-                    self._merge(pid, other, report)
-            bar.update(1)
+            by_category.setdefault(self.listings[pid].category, []).append(pid)
+        for category, pids in sorted(by_category.items()):
+            for at in range(0, len(pids), BATCH):
+                chunk = pids[at : at + BATCH]
+                found = await self.index.search_many(
+                    [self.listings[p].vector for p in chunk],
+                    self.space,
+                    build_filters(categories=[category]),
+                    self.s.neighbours + 1,
+                )
+                for pid, hits in zip(chunk, found):
+                    listing = self.listings[pid]
+                    for hit in hits:
+                        other = hit.product.id
+                        if (
+                            other != pid
+                            and other in self.listings
+                            and self._matches(listing, self.listings[other])
+                        ):
+                            self._merge(pid, other, report)
+                bar.update(len(chunk))
         bar.close()
         # Item ids: an existing item keeps its id; a new one is named after its smallest id.
         writes: dict[str, tuple[str, str]] = {}

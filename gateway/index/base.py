@@ -137,6 +137,13 @@ class CatalogIndex(ABC):
         ranking. `timeout_s`: what is left of the request's deadline; past it the search is
         abandoned with DeadlineExceeded (never an answer after the client has given up)."""
 
+    async def search_many(
+        self, vectors: list[np.ndarray], space: EmbeddingSpace, filters: SearchFilters, k: int
+    ) -> list[list[ScoredProduct]]:
+        """kNN for several query vectors (batch jobs); per vector, its hits. Backends that can
+        send them as one request override this."""
+        return [(await self.search(v, space, filters, k))[1] for v in vectors]
+
     async def listings(self, space: EmbeddingSpace, item_ids: list[str]) -> dict[str, list[Product]]:
         """The live listings of these items (the dedup job's groups), by item id."""
         raise NotImplementedError(f"{type(self).__name__} does not group listings into items")

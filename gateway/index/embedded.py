@@ -252,19 +252,40 @@ class EmbeddedIndex(CatalogIndex):
                 raise FailedPrecondition(f"no index {target!r} for query space {space}")
         index_space = self._space_of(target)
         check_query(vector, space, index_space)
+        rows = await self._knn(target, np.asarray(vector, dtype=np.float32), filters, k, timeout_s)
+        hits = []
+        for row in rows:
+            vec = np.asarray(row["vector"], dtype=np.float32) if with_vectors else None
+            hits.append(ScoredProduct(_row_product(row), 1.0 - float(row["_distance"]), vec))
+        return index_space, hits
+
+    async def search_many(self, vectors, space, filters, k, with_vectors=False):
+        """One LanceDB multi-vector query for several query vectors of one space."""
+        if len(vectors) == 0:
+            return []
+        target = space.index_name
+        if target not in self._manifest()["indexes"]:
+            raise FailedPrecondition(f"no index {target!r} for query space {space}")
+        for v in vectors:
+            check_query(v, space, self._space_of(target))
+        batch = [np.asarray(v, dtype=np.float32) for v in vectors]
+        rows = await self._knn(target, batch if len(batch) > 1 else batch[0], filters, k, None)
+        out: list[list[ScoredProduct]] = [[] for _ in vectors]
+        for row in rows:
+            vec = np.asarray(row["vector"], dtype=np.float32) if with_vectors else None
+            out[row.get("query_index", 0)].append(
+                ScoredProduct(_row_product(row), 1.0 - float(row["_distance"]), vec)
+            )
+        return out
+
+    async def _knn(self, target: str, vectors, filters, k: int, timeout_s: float | None) -> list[dict]:
         table = await self._table(target)
         where = where_clause(filters)
-        query = (
-            table.query()
-            .nearest_to(np.asarray(vector, dtype=np.float32))
-            .distance_type("cosine")
-            .where(where)
-            .limit(k)
-        )
+        query = table.query().nearest_to(vectors).distance_type("cosine").where(where).limit(k)
         try:
             async with within(timeout_s, f"search of {target}"):
                 query = await self._plan(table, target, query, where)
-                rows = (await query.to_arrow()).to_pylist()
+                return (await query.to_arrow()).to_pylist()
         except (RuntimeError, OSError) as exc:
             # Lance reports missing or unreadable files as RuntimeError: the index is not
             # there to answer. Forget the handle so a restored index is picked up again.
@@ -273,11 +294,6 @@ class EmbeddedIndex(CatalogIndex):
             raise Unavailable(
                 f"embedded index {target} cannot be read: {str(exc).splitlines()[0][:200]}"
             ) from None
-        hits = []
-        for row in rows:
-            vec = np.asarray(row["vector"], dtype=np.float32) if with_vectors else None
-            hits.append(ScoredProduct(_row_product(row), 1.0 - float(row["_distance"]), vec))
-        return index_space, hits
 
     async def _plan(self, table, name: str, query, where: str):
         """Exact search when the table has no ANN index or the filter leaves few rows; the ANN
@@ -299,8 +315,13 @@ class EmbeddedIndex(CatalogIndex):
         return query.nprobes(nprobes).refine_factor(4)
 
     async def optimize(self, space: EmbeddingSpace) -> bool:
-        """Build the ANN index once the table is big enough; returns whether one exists."""
+        """B-tree indexes on `id` and `item_id` (reads by id and by item: writes, offers,
+        dedup), and the ANN index once the table is big enough; returns whether that exists."""
+        from lancedb.index import BTree
+
         table = await self._table(await self.ensure(space, make_current_if_none=False), strong=True)
+        for column in ("id", "item_id"):
+            await table.create_index(column, config=BTree(), replace=True)
         rows = await table.count_rows()
         if rows < self.ann_min_rows:
             return False
