@@ -186,20 +186,20 @@ class Dedup:
     async def run(self, full: bool = False, progress: bool = True) -> DedupReport:
         start = time.perf_counter()
         report = DedupReport(mode="full" if full else "incremental")
-        catalog: dict[str, StoredProduct] = {}
+        # Only what grouping needs is kept per listing (words, brand, vector): a catalog of
+        # millions is held as compact records, not as products.
         async for batch in self.index.scan(self.space):
             for stored in batch:
-                catalog[stored.product.id] = stored
-        report.listings = len(catalog)
+                self.listings[stored.product.id] = _Listing(stored)
+        report.listings = len(self.listings)
         # Existing items are the starting components (incremental); a full run starts from
         # singletons.
-        for pid in sorted(catalog):
-            stored = catalog[pid]
-            self.listings[pid] = _Listing(stored)
-            root = stored.product.item_id if (stored.product.item_id and not full) else pid
+        for pid in sorted(self.listings):
+            item = self.listings[pid].item_id
+            root = item if (item and not full) else pid
             self.parent[pid] = root
             self.members.setdefault(root, []).append(pid)
-        todo = sorted(catalog) if full else sorted(p for p, s in catalog.items() if not s.product.item_id)
+        todo = sorted(p for p, x in self.listings.items() if full or not x.item_id)
         bar = tqdm(total=len(todo), unit="listing", desc=f"dedup ({report.mode})", disable=not progress)
         by_category: dict[str, list[str]] = {}
         for pid in todo:
@@ -228,12 +228,12 @@ class Dedup:
         # Item ids: an existing item keeps its id; a new one is named after its smallest id.
         writes: dict[str, tuple[str, str]] = {}
         for members in self.members.values():
-            kept = sorted({catalog[m].product.item_id for m in members} - {""})
+            kept = sorted({self.listings[m].item_id for m in members} - {""})
             item = kept[0] if (kept and not full) else min(members)
             for m in members:
                 report.items_of[m] = item
-                if catalog[m].product.item_id != item:
-                    writes[m] = (item, catalog[m].image_hash)
+                if self.listings[m].item_id != item:
+                    writes[m] = (item, self.listings[m].image_hash)
             report.items += 1
             report.grouped_items += len(members) > 1
         ids = sorted(writes)
