@@ -218,6 +218,8 @@ async def index_catalog(
         lines = sum(1 for line in fh if line.strip())
     bar = tqdm(total=lines, unit="product", desc="indexing", disable=not progress)
     done = 0
+    if on_progress is not None:
+        on_progress(0, lines)  # the total is known before the first batch is written
 
     def advance(n: int) -> None:
         nonlocal done

@@ -32,7 +32,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -91,8 +91,18 @@ class JobRecord:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> JobRecord:
+        """A record written by this or another release (unknown keys ignored, missing ones
+        defaulted), so that a rolling deploy never makes a job unreadable."""
         data = json.loads(raw)
-        data["before"] = Before(**data["before"])
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        before = data.get("before") or {}
+        data["before"] = Before(
+            **{k: before.get(k) for k in ("alias_target", "write_targets", "indexes", "loaded")}
+        )
+        data["before"].write_targets = data["before"].write_targets or []
+        data["before"].indexes = data["before"].indexes or []
+        data["before"].loaded = data["before"].loaded or []
         return cls(**data)
 
 
