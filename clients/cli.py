@@ -418,23 +418,12 @@ def cmd_models(args) -> int:
 
 
 def cmd_dedup(args) -> int:
-    from gateway.dedup import Dedup, DedupSettings
-    from gateway.server import open_index
+    from gateway.dedup import run_dedup
 
-    s = _settings()
-
-    async def run():
-        index = open_index(s)
-        try:
-            space = await index.space()
-            if space is None:
-                raise ValueError(f"no index behind the alias {index.alias}: index a catalog first")
-            settings = DedupSettings(args.image_threshold, args.title_threshold)
-            return await Dedup(index, space, settings).run(full=args.full, progress=not args.quiet)
-        finally:
-            await index.close()
-
-    r = asyncio.run(run())
+    s = _settings().model_copy(
+        update={"dedup_image_threshold": args.image_threshold, "dedup_title_threshold": args.title_threshold}
+    )
+    r = asyncio.run(run_dedup(s, full=args.full, progress=not args.quiet))
     print(
         f"dedup ({r.mode}): {r.listings} listings in {r.items} items ({r.grouped_items} with several "
         f"listings); {r.written} listings given an item; {r.pairs_confirmed} pairs joined, "

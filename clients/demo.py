@@ -72,17 +72,9 @@ def _index(settings: Settings, catalog: Path) -> None:
 
 
 def _dedup(settings: Settings) -> None:
-    from gateway.dedup import Dedup
-    from gateway.server import open_index
+    from gateway.dedup import run_dedup
 
-    async def run():
-        index = open_index(settings)
-        try:
-            return await Dedup(index, await index.space()).run(full=True)
-        finally:
-            await index.close()
-
-    r = asyncio.run(run())
+    r = asyncio.run(run_dedup(settings, full=True))
     print(
         f"dedup: {r.listings} listings in {r.items} items, {r.grouped_items} of them sold by several "
         f"retailers ({r.wall_s:.1f}s)"

@@ -255,3 +255,18 @@ class Dedup:
             wall_s=round(report.wall_s, 2),
         )
         return report
+
+
+async def run_dedup(settings, full: bool = False, progress: bool = True) -> DedupReport:
+    """`looksync dedup` (and the demo): the job over the index behind the alias."""
+    from gateway.server import open_index
+
+    index = open_index(settings)
+    try:
+        space = await index.space()
+        if space is None:
+            raise ValueError(f"no index behind the alias {index.alias}: index a catalog first")
+        thresholds = DedupSettings(settings.dedup_image_threshold, settings.dedup_title_threshold)
+        return await Dedup(index, space, thresholds).run(full=full, progress=progress)
+    finally:
+        await index.close()

@@ -334,11 +334,7 @@ class Jobs:
                     # interrupted as soon as its lock is released below.
                     raise
                 job.error = job.error or "cancelled (the gateway is shutting down)"
-                if job.committed:
-                    space = await rollback(self.index, models)
-                    job.steps.append(f"rolled back: alias -> {space.index_name}")
-                else:
-                    await self._restore(job, models)
+                await self._undo(job, models)
                 job.state = CANCELLED
                 raise
             except Exception as exc:
@@ -381,6 +377,15 @@ class Jobs:
             )
         swap.report = SwapReport(old, new)
         swap.report.counts = (0, await self.index.count(new))
+
+    async def _undo(self, job: JobRecord, models: TritonModels) -> None:
+        """After the commit point: the alias moves back (a rollback); before it: the state
+        from before the job is restored."""
+        if job.committed:
+            space = await rollback(self.index, models)
+            job.steps.append(f"rolled back: alias -> {space.index_name}")
+        else:
+            await self._restore(job, models)
 
     async def _restore(self, job: JobRecord, models: TritonModels) -> None:
         """Back to the state from before the job (not past the commit point: see the module)."""
@@ -426,11 +431,7 @@ class Jobs:
             raise FailedPrecondition("another activation is running; try again once it is done")
         models = self._models(job.model)
         try:
-            if job.committed:
-                space = await rollback(self.index, models)
-                job.steps.append(f"rolled back: alias -> {space.index_name}")
-            else:
-                await self._restore(job, models)
+            await self._undo(job, models)
             job.state = ROLLED_BACK
             await self._save(job)
             return job

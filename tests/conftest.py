@@ -274,6 +274,25 @@ HELD_IMAGES = threading.Event()
 HELD_REQUESTS: list[str] = []  # paths of /held/ requests received, in order
 
 
+def psd_bytes() -> bytes:
+    """A valid Photoshop header ("8BPS", version 1, 3 channels, 10x10, depth 8, RGB)."""
+    return (
+        b"8BPS"
+        + (1).to_bytes(2, "big")
+        + bytes(6)
+        + (3).to_bytes(2, "big")
+        + (10).to_bytes(4, "big") * 2
+        + (8).to_bytes(2, "big")
+        + (3).to_bytes(2, "big")
+        + bytes(64)
+    )
+
+
+def eps_bytes() -> bytes:
+    """A minimal encapsulated PostScript header: Pillow's EPS plugin would hand it to Ghostscript."""
+    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+
+
 def _encoded(fmt: str, size=(256, 192)) -> bytes:
     import io
 
@@ -292,17 +311,8 @@ ODD_IMAGES = {
     "/half.jpg": lambda: (lambda b: b[: len(b) // 2])(_encoded("JPEG")),
     "/half.png": lambda: (lambda b: b[: len(b) // 2])(_encoded("PNG")),
     "/half.webp": lambda: (lambda b: b[: len(b) // 2])(_encoded("WEBP")),
-    "/photoshop.jpg": lambda: (
-        b"8BPS"
-        + (1).to_bytes(2, "big")
-        + bytes(6)
-        + (3).to_bytes(2, "big")
-        + (10).to_bytes(4, "big") * 2
-        + (8).to_bytes(2, "big")
-        + (3).to_bytes(2, "big")
-        + bytes(64)
-    ),
-    "/postscript.jpg": lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+    "/photoshop.jpg": lambda: psd_bytes(),
+    "/postscript.jpg": lambda: eps_bytes(),
     "/scan.jpg": lambda: _encoded("TIFF", (32, 32)),
     "/bitmap.jpg": lambda: _encoded("BMP", (32, 32)),
 }

@@ -54,7 +54,7 @@ def world(jobs_triton, swap_repo, catalog, image_server, redis_url, tmp_path):  
         LOOKSYNC_ADMIN_TOKEN=TOKEN,
         LOOKSYNC_ADMIN_ALLOW_PLAINTEXT="true",
         LOOKSYNC_ADMIN_CATALOG_DIR=str(catalogs),
-        LOOKSYNC_SWAP_LOCK_TTL_S="2",
+        LOOKSYNC_SWAP_LOCK_TTL_S="5",  # a loaded machine may delay a heartbeat by seconds
     )
     indexed = looksync("index", str(catalog), "--quiet", "--version", "1", env=env)
     assert indexed.returncode == 0, indexed.stderr
@@ -89,6 +89,14 @@ def _reindexing(client, job_id):
         what="the rebuild to reach the held image",
     )
     return job
+
+
+def _held_activation(client):
+    """The state before, and an activation of v2 started and stopped on the held image."""
+    before = _state(client)
+    started = client.activate_model(2, "catalog.jsonl", grace_s=0.5, force=True)
+    _reindexing(client, started.job_id)
+    return before, started
 
 
 def _refused(call, code, needle):
@@ -189,9 +197,7 @@ def test_a_failed_activation_rolls_back(world):
 def test_cancel_rolls_back(world, held_images):
     gateway, _, _ = world
     _, client = gateway()
-    before = _state(client)
-    started = client.activate_model(2, "catalog.jsonl", grace_s=0.5, force=True)
-    _reindexing(client, started.job_id)
+    before, started = _held_activation(client)
     cancelled = client.cancel_job(started.job_id)
     held_images.set()  # the fetch in the cancelled rebuild's thread may finish now
     assert cancelled.state == "cancelled" and "CancelJob" in cancelled.error
@@ -202,9 +208,7 @@ def test_cancel_rolls_back(world, held_images):
 def test_a_gateway_killed_mid_swap_leaves_a_state_a_retry_or_rollback_completes(world, held_images, then):
     gateway, url, total = world
     gw, client = gateway()
-    before = _state(client)
-    started = client.activate_model(2, "catalog.jsonl", grace_s=0.5, force=True)
-    _reindexing(client, started.job_id)
+    before, started = _held_activation(client)
     os.kill(gw.process.pid, signal.SIGKILL)
     gw.process.wait(30)
 
@@ -239,9 +243,7 @@ def test_a_gateway_killed_mid_swap_leaves_a_state_a_retry_or_rollback_completes(
 def test_sigterm_during_an_activation_rolls_it_back(world, held_images):
     gateway, _, _ = world
     gw, client = gateway()
-    before = _state(client)
-    started = client.activate_model(2, "catalog.jsonl", grace_s=0.5, force=True)
-    _reindexing(client, started.job_id)
+    before, started = _held_activation(client)
     gw.process.send_signal(signal.SIGTERM)
     held_images.set()  # the rebuild's fetch thread ends; the job itself is cancelled
     assert gw.process.wait(90) == 0

@@ -20,7 +20,16 @@ from gateway.api import looksync_pb2 as pb
 from gateway.api import looksync_pb2_grpc as pb_grpc
 from gateway.errors import InvalidArgument
 from gateway.filters import build_filters
-from tests.conftest import free_port, looksync, looksync_env, metric, start_gateway, wait_for
+from tests.conftest import (
+    eps_bytes,
+    free_port,
+    looksync,
+    looksync_env,
+    metric,
+    psd_bytes,
+    start_gateway,
+    wait_for,
+)
 from tests.llm_stub import Reply, ScriptedLLM, candidate_ids
 
 OK, INVALID = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT
@@ -78,25 +87,6 @@ def _look_bytes(fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _eps() -> bytes:
-    # A minimal encapsulated PostScript header: Pillow's EPS plugin would hand it to Ghostscript.
-    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
-
-
-def _psd() -> bytes:
-    # "8BPS", version 1, 6 reserved bytes, 3 channels, 10x10, depth 8, RGB: a valid PSD header.
-    return (
-        b"8BPS"
-        + (1).to_bytes(2, "big")
-        + bytes(6)
-        + (3).to_bytes(2, "big")
-        + (10).to_bytes(4, "big") * 2
-        + (8).to_bytes(2, "big")
-        + (3).to_bytes(2, "big")
-        + bytes(64)
-    )
-
-
 # name -> (rpc, request, expected code, fragment of the message)
 CORPUS = {
     "image: zero bytes": ("image", dict(image=b""), INVALID, "image is empty"),
@@ -140,8 +130,8 @@ CORPUS = {
         INVALID,
         "not a supported image format",
     ),
-    "image: EPS": ("image", dict(image=_eps()), INVALID, "not a supported image format"),
-    "image: PSD": ("image", dict(image=_psd()), INVALID, "not a supported image format"),
+    "image: EPS": ("image", dict(image=eps_bytes()), INVALID, "not a supported image format"),
+    "image: PSD": ("image", dict(image=psd_bytes()), INVALID, "not a supported image format"),
     "image: text weight 1.5": (
         "image",
         dict(image=JPEG, text_modifier="red", text_weight=1.5),

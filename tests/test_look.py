@@ -490,7 +490,8 @@ def test_sigterm_with_requests_in_flight(llm, triton, indexed, look, tmp_path):
         LOOKSYNC_LLM_BASE_URL=llm.base_url,
         LOOKSYNC_LLM_MODEL="stub-vision",
         LOOKSYNC_CACHE="off",
-        LOOKSYNC_SHUTDOWN_GRACE_S="6",
+        LOOKSYNC_SHUTDOWN_GRACE_S="10",
+        LOOKSYNC_LLM_TIMEOUT_S="60",  # the stuck calls stay stuck past the grace period
     )
     gw = start_gateway(env, tmp_path / "gateway.log")
     outcomes: dict[int, str] = {}
@@ -511,6 +512,7 @@ def test_sigterm_with_requests_in_flight(llm, triton, indexed, look, tmp_path):
             wait_for(lambda n=n: len(calls) > n, what=f"look {n} to reach the LLM")
         gw.process.send_signal(signal.SIGTERM)
         wait_for(lambda: "shutting down" in gw.log.read_text(), what="the gateway to start draining")
+        finishing.set()  # at once: the grace period (10 s) is theirs, on a loaded machine too
 
         def late_call() -> str:
             with gw.client() as late:
@@ -522,7 +524,6 @@ def test_sigterm_with_requests_in_flight(llm, triton, indexed, look, tmp_path):
 
         # Once draining, new calls are refused (a retry goes to another replica).
         wait_for(lambda: late_call() == "UNAVAILABLE", what="new calls to be refused")
-        finishing.set()
         for t in threads:
             t.join(60)
         assert not any(t.is_alive() for t in threads)
