@@ -78,6 +78,19 @@ def looksync_env(triton: TritonServer, data_dir: Path, **extra) -> dict[str, str
     return env
 
 
+def llm_env(triton: TritonServer, data_dir: Path, llm, **extra) -> dict[str, str]:
+    """A gateway's settings with a scripted LLM (tests/llm_stub.py) and no result cache, so
+    that every request runs the pipeline."""
+    return looksync_env(
+        triton,
+        data_dir,
+        LOOKSYNC_LLM_BASE_URL=llm.base_url,
+        LOOKSYNC_LLM_MODEL="stub-vision",
+        LOOKSYNC_CACHE="off",
+        **extra,
+    )
+
+
 def looksync(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "clients.cli", *args],

@@ -15,7 +15,7 @@ from clients.looks import compose_look
 from gateway.api import looksync_pb2 as pb
 from gateway.api import looksync_pb2_grpc as pb_grpc
 from gateway.look.querygen import LOOK_DECODES_AT_ONCE
-from tests.conftest import looksync_env, start_gateway, wait_for
+from tests.conftest import llm_env, start_gateway, wait_for
 from tests.llm_stub import Reply, ScriptedLLM
 
 SIDE = 5000  # 25 MP
@@ -73,13 +73,7 @@ def test_search_text_keeps_its_latency_while_big_looks_are_in_flight(
     # reduction only (what used to block the event loop), with no Triton work of their own.
     release = threading.Event()
     llm = ScriptedLLM(script=lambda kind, body: Reply(status=500, hold=release)).start()
-    env = looksync_env(
-        triton,
-        indexed,
-        LOOKSYNC_LLM_BASE_URL=llm.base_url,
-        LOOKSYNC_LLM_MODEL="stub-vision",
-        LOOKSYNC_CACHE="off",
-    )
+    env = llm_env(triton, indexed, llm)
     gw = start_gateway(env, tmp_path / "gateway.log")
     look = _big_look(catalog, products)
     assert len(look) < 16 << 20

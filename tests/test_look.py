@@ -19,7 +19,7 @@ from gateway.catalog import Product
 from gateway.index.base import ScoredProduct
 from gateway.look.dedup import dedup
 from gateway.look.types import Candidate
-from tests.conftest import looksync, looksync_env, start_gateway, wait_for
+from tests.conftest import llm_env, looksync, looksync_env, start_gateway, wait_for
 from tests.llm_stub import Reply, ScriptedLLM, candidate_ids
 
 ZONE_CATEGORIES = {
@@ -217,14 +217,7 @@ def llm():
 
 @pytest.fixture(scope="module")
 def llm_gateway(llm, triton, indexed, tmp_path_factory):
-    env = looksync_env(
-        triton,
-        indexed,
-        LOOKSYNC_LLM_BASE_URL=llm.base_url,
-        LOOKSYNC_LLM_MODEL="stub-vision",
-        LOOKSYNC_LLM_API_KEY="sk-test-secret",
-        LOOKSYNC_CACHE="off",
-    )
+    env = llm_env(triton, indexed, llm, LOOKSYNC_LLM_API_KEY="sk-test-secret")
     gw = start_gateway(env, tmp_path_factory.mktemp("llm") / "gateway.log")
     yield gw
     gw.stop()
@@ -427,14 +420,7 @@ def vision_stack(tiny_repo, catalog, llm, tmp_path_factory):
     shutil.copytree(tiny_vision_repo(), repo, dirs_exist_ok=True)
     server = start_triton(repo, tmp_path_factory.mktemp("vision_triton"))
     data = tmp_path_factory.mktemp("vision_data")
-    env = looksync_env(
-        server,
-        data,
-        LOOKSYNC_LLM_BASE_URL=llm.base_url,
-        LOOKSYNC_LLM_MODEL="stub-vision",
-        LOOKSYNC_CACHE="off",
-        LOOKSYNC_SEGMENTATION="true",
-    )
+    env = llm_env(server, data, llm, LOOKSYNC_SEGMENTATION="true")
     assert looksync("index", str(catalog), "--quiet", env=env).returncode == 0
     gw = start_gateway(env, tmp_path_factory.mktemp("vision_gw") / "gateway.log")
     yield gw
@@ -484,12 +470,10 @@ def test_sigterm_with_requests_in_flight(llm, triton, indexed, look, tmp_path):
 
     llm.script = script
     llm.requests.clear()
-    env = looksync_env(
+    env = llm_env(
         triton,
         indexed,
-        LOOKSYNC_LLM_BASE_URL=llm.base_url,
-        LOOKSYNC_LLM_MODEL="stub-vision",
-        LOOKSYNC_CACHE="off",
+        llm,
         LOOKSYNC_SHUTDOWN_GRACE_S="10",
         LOOKSYNC_LLM_TIMEOUT_S="60",  # the stuck calls stay stuck past the grace period
     )
