@@ -1,12 +1,19 @@
 """Serving efficiency against the limit: CLIP image and text throughput through Triton (CPU
-target) at several concurrencies, dynamic batching on and off, next to in-process ONNX Runtime
-on the same ONNX files at the same batch sizes — one run, reported as ratios.
+target) at several concurrencies, next to in-process ONNX Runtime on the same ONNX files at the
+same batch sizes — one run, reported as ratios. Each serving setting is one row per change:
+
+    bls        the wrapper calls `<model>_<tower>_encoder` through BLS (two python-backend hops;
+               the GPU target's layout), dynamic batching on
+    inprocess  the wrapper runs the encoder's ONNX file itself (one hop; the CPU default), batching on
+    inprocess, batching off
 
     python -m benchmarks.serving_efficiency [--quick] [--archs looksync-tiny,ViT-B-32]
 
 "In-process" does the same work as the Triton model: decode + resize + normalise + encoder for
-images, tokenise + encoder for texts. The load generator is asyncio tritonclient in this
-process; its CPU share is reported, since on a 2-core machine it competes with the server.
+images, tokenise (the version's tokenizer.json) + encoder for texts. The load generator is
+asyncio tritonclient in this process; its CPU share is reported, since on a 2-core machine it
+competes with the server. A plot of throughput and efficiency against concurrency is written
+next to the JSON.
 """
 
 from __future__ import annotations
@@ -29,8 +36,8 @@ from PIL import Image
 from tritonclient.grpc import model_config_pb2
 
 from benchmarks.common import append_results, markdown_table, write_json
-from export.triton.clip_bpe import ClipTokenizer
 from export.triton.preprocess import ImageSpec, image_bytes_to_pixels
+from export.triton.text_tokenizer import TextTokenizer
 from gateway.tritonserver import TritonServer
 
 CONCURRENCY = (1, 4, 16, 64)
@@ -70,7 +77,12 @@ def in_process(repo: Path, name: str, images: list[bytes], threads: int, repeat:
     meta = json.loads((repo / f"{name}_image/1/preprocess.json").read_text())
     spec = ImageSpec.from_meta(meta)
     tmeta = json.loads((repo / f"{name}_text/1/preprocess.json").read_text())
-    tokenizer = ClipTokenizer(str(repo / f"{name}_text/1" / tmeta["bpe_file"]), tmeta["context_length"])
+    tokenizer = TextTokenizer(
+        str(repo / f"{name}_text/1" / tmeta["tokenizer_file"]),
+        tmeta["context_length"],
+        tmeta["pad_id"],
+        tmeta["clean"],
+    )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     image_sess = ort.InferenceSession(str(repo / f"{name}_image_encoder/1/model.onnx"), opts)
@@ -98,8 +110,12 @@ def in_process(repo: Path, name: str, images: list[bytes], threads: int, repeat:
     return out
 
 
-async def set_batching(client, repo: Path, name: str, on: bool) -> None:
-    """Reload the family with dynamic batching on or off (explicit model control)."""
+SETTINGS = (("bls", True), ("inprocess", True), ("inprocess", False))  # (runner, batching)
+
+
+async def configure(client, repo: Path, name: str, runner: str, on: bool) -> None:
+    """Reload the family with this runner and dynamic batching on or off (explicit model
+    control; the encoders load first, the wrappers call them)."""
     for suffix in ("image_encoder", "text_encoder", "image", "text"):
         model = f"{name}_{suffix}"
         config = text_format.Parse(
@@ -107,6 +123,10 @@ async def set_batching(client, repo: Path, name: str, on: bool) -> None:
         )
         if not on:
             config.ClearField("dynamic_batching")
+        if suffix.endswith("encoder"):
+            config.parameters["lazy_session"].string_value = "1" if runner == "inprocess" else "0"
+        else:
+            config.parameters["runner"].string_value = runner
         await client.load_model(
             model, config=json_format.MessageToJson(config, preserving_proto_field_name=True)
         )
@@ -153,27 +173,60 @@ async def through_triton(
     texts = [t.encode() for t in TEXTS]
     out = {}
     try:
-        for batching in (True, False):
-            await set_batching(client, repo, name, batching)
+        for runner, batching in SETTINGS:
+            await configure(client, repo, name, runner, batching)
             for kind, payloads in (("image", images), ("text", texts)):
                 model = f"{name}_{kind}"
                 await drive(client, model, kind, payloads, 4, 20)  # warm-up
                 for c in CONCURRENCY:
-                    inf0, exe0 = await stats(client, f"{name}_{kind}_encoder")
+                    # Batches are formed at the wrapper; the encoder runs one per execution.
+                    inf0, exe0 = await stats(client, model)
                     r = await drive(client, model, kind, payloads, c, requests)
-                    inf1, exe1 = await stats(client, f"{name}_{kind}_encoder")
+                    inf1, exe1 = await stats(client, model)
                     r["mean_batch"] = (inf1 - inf0) / max(1, exe1 - exe0)
-                    out[(batching, kind, c)] = r
+                    out[(runner, batching, kind, c)] = r
                     print(
-                        f"[bench] {name} {kind:5s} batching={'on ' if batching else 'off'} c={c:2d}: "
+                        f"[bench] {name} {kind:5s} {runner:9s} batching={'on ' if batching else 'off'} c={c:2d}: "
                         f"{r['per_s']:7.1f}/s  p50 {r['p50_ms']:6.1f} ms  mean batch {r['mean_batch']:4.1f}  "
                         f"generator CPU {r['generator_cpu_share']:.2f}",
                         flush=True,
                     )
-        await set_batching(client, repo, name, True)
+        await configure(client, repo, name, "inprocess", True)
     finally:
         await client.close()
     return out
+
+
+def plot_efficiency(figures: dict, names: list[str]) -> Path:
+    """Triton throughput (and the in-process limit) against concurrency, one panel per tower."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(names), 2, figsize=(11, 4 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        for col, kind in enumerate(("image", "text")):
+            ax = axes[row][col]
+            limit = [figures[f"in_process_per_s_{name}_{kind}_c{c}"] for c in CONCURRENCY]
+            ax.plot(CONCURRENCY, limit, "k--", label="in-process ONNX Runtime (limit)")
+            for runner, batching in SETTINGS:
+                key = f"{name}_{kind}_{runner}_{'on' if batching else 'off'}"
+                ys = [figures[f"triton_per_s_{key}_c{c}"] for c in CONCURRENCY]
+                label = f"Triton, {runner}, batching {'on' if batching else 'off'}"
+                ax.plot(CONCURRENCY, ys, marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(CONCURRENCY, [str(c) for c in CONCURRENCY])
+            ax.set_xlabel("concurrency (requests in flight)")
+            ax.set_ylabel(f"{kind}s / s")
+            ax.set_title(f"{name}: {kind} tower")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(__file__).resolve().parent / "results" / "serving_efficiency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
@@ -206,44 +259,32 @@ def main() -> None:
             finally:
                 server.stop()
             for kind in ("image", "text"):
-                for c in CONCURRENCY:
-                    on, off = served[(True, kind, c)], served[(False, kind, c)]
-                    ref = limit[kind][c]
-                    rows.append(
-                        [
-                            arch,
-                            kind,
-                            c,
-                            f"{ref:.0f}",
-                            f"{on['per_s']:.0f}",
-                            f"{on['per_s'] / ref:.2f}",
-                            f"{on['mean_batch']:.1f}",
-                            f"{off['per_s']:.0f}",
-                            f"{on['per_s'] / off['per_s']:.2f}",
-                            f"{on['p50_ms']:.1f}",
-                            f"{on['generator_cpu_share']:.2f}",
-                        ]
-                    )
-                    key = f"{name}_{kind}_c{c}"
-                    figures[f"serving_efficiency_{key}"] = round(on["per_s"] / ref, 3)
-                    figures[f"batching_speedup_{key}"] = round(on["per_s"] / off["per_s"], 3)
-                    figures[f"triton_per_s_{key}"] = round(on["per_s"], 1)
+                for runner, batching in SETTINGS:
+                    for c in CONCURRENCY:
+                        r, ref = served[(runner, batching, kind, c)], limit[kind][c]
+                        setting = f"{runner}, batching {'on' if batching else 'off'}"
+                        rows.append(
+                            [
+                                arch, kind, setting, c, f"{ref:.0f}", f"{r['per_s']:.0f}",
+                                f"{r['per_s'] / ref:.2f}", f"{r['mean_batch']:.1f}", f"{r['p50_ms']:.1f}",
+                                f"{r['generator_cpu_share']:.2f}",
+                            ]
+                        )  # fmt: skip
+                        key = f"{name}_{kind}_{runner}_{'on' if batching else 'off'}_c{c}"
+                        figures[f"serving_efficiency_{key}"] = round(r["per_s"] / ref, 3)
+                        figures[f"triton_per_s_{key}"] = round(r["per_s"], 1)
+                        figures[f"p50_ms_{key}"] = round(r["p50_ms"], 2)
+                    for c in CONCURRENCY:
+                        figures[f"in_process_per_s_{name}_{kind}_c{c}"] = round(limit[kind][c], 1)
         header = [
-            "model",
-            "tower",
-            "concurrency",
-            "in-process/s (batch = concurrency)",
-            "Triton/s batching on",
-            "efficiency",
-            "mean batch",
-            "Triton/s batching off",
-            "batching speed-up",
-            "p50 ms (on)",
-            "load generator CPU share",
-        ]
+            "model", "tower", "setting", "concurrency", "in-process/s (batch = concurrency)", "Triton/s",
+            "efficiency", "mean batch", "p50 ms", "load generator CPU share",
+        ]  # fmt: skip
         table = markdown_table(header, rows)
         print(table)
         write_json("serving_efficiency" + ("_quick" if args.quick else ""), figures)
+        plot = plot_efficiency(figures, [a.lower().replace("-", "") for a in archs])
+        print(f"plot: {plot}")
         if not args.no_record:
             append_results(
                 "Serving efficiency: Triton (CPU target, python backend) vs in-process ONNX Runtime",
@@ -251,7 +292,9 @@ def main() -> None:
                 "Efficiency = Triton throughput / in-process throughput of the same work (decode, resize, "
                 "normalise, encoder; or tokenise, encoder) at batch size = concurrency, same ONNX file, same "
                 "onnxruntime thread count. One image or text per request. Server, load generator and the "
-                "in-process reference share the machine's 2 cores.",
+                "in-process reference share the machine's 2 cores. Settings: `bls` = the wrapper calls the "
+                "encoder model through BLS (two python-backend hops), `inprocess` = the wrapper runs the "
+                f"encoder itself (one hop, the CPU default). Plot: `benchmarks/results/{plot.name}`.",
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -40,7 +40,7 @@ def _ms(fn, repeat: int) -> float:
 
 
 def part_latencies(repo: Path, threads: int, repeat: int) -> dict[str, float]:
-    from export.triton_vision.bart_bpe import BartTokenizer
+    from export.triton_vision.bart_tokenizer import BartTokenizer
     from export.triton_vision.florence2_runtime import Florence2Grounder, Florence2Spec
     from export.triton_vision.image_ops import square_pixels
     from export.triton_vision.onnx_parts import InProcessParts

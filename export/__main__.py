@@ -38,6 +38,12 @@ def main(argv: list[str] | None = None) -> None:
         clip.add_argument("--repository", type=Path, default=Path("model_repository"))
         clip.add_argument("--seed", type=int, default=0)
         clip.add_argument("--onnx-threads", type=int, default=0, help="cpu target: onnxruntime threads")
+        clip.add_argument(
+            "--runner",
+            choices=["inprocess", "bls"],
+            default=None,
+            help="where the wrappers run the encoder: in their own process (cpu default) or via BLS (gpu default)",
+        )
 
     for name, what in (
         ("sam2", "SAM2 box prompts -> masks (sam2_mask)"),
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                 repository=args.repository,
                 seed=args.seed,
                 onnx_threads=args.onnx_threads,
+                runner=args.runner or "",
             )
         )
 

@@ -42,6 +42,7 @@ class ExportRequest:
     onnx_threads: int = 0
     family: str = "clip"  # clip | siglip | dinov2 (export/families.py)
     tokenizer: str | None = None  # siglip: a local Hugging Face tokenizer directory
+    runner: str = ""  # wrappers run the encoder "inprocess" or via "bls"; "" = the target's default
 
 
 def _log(msg: str, t0: float) -> None:
@@ -95,6 +96,10 @@ def export_clip(req: ExportRequest) -> Path:
     """Export one version of an embedding model of any family (export/families.py): the image
     tower always, the text tower when the family has one."""
     t0 = time.monotonic()
+    if req.runner not in ("", "inprocess", "bls"):
+        raise SystemExit(f"runner must be 'inprocess' or 'bls', not {req.runner!r}")
+    if req.target == "gpu" and req.runner == "inprocess":
+        raise SystemExit("the gpu target runs the encoders on Triton's GPU backends: runner 'bls' only")
     from export.families import build
 
     towers = build(req.family, req.arch, req.checkpoint, req.pretrained, req.seed, req.tokenizer)
@@ -153,6 +158,7 @@ def export_clip(req: ExportRequest) -> Path:
     image_meta = {**identity, **towers.image_meta, "image_encoder": f"{req.name}_image_encoder"}
     shutil.copy(TRITON_CODE / "clip_image.py", staging["image"] / "model.py")
     shutil.copy(TRITON_CODE / "preprocess.py", staging["image"] / "preprocess.py")
+    shutil.copy(TRITON_CODE / "encoder_runner.py", staging["image"] / "encoder_runner.py")
     (staging["image"] / "preprocess.json").write_text(json.dumps(image_meta, indent=2))
 
     context_length = 0
@@ -161,10 +167,10 @@ def export_clip(req: ExportRequest) -> Path:
         context_length = int(text_meta["context_length"])
         _check_tokenizer(towers, text_meta, staging["text"])
         shutil.copy(TRITON_CODE / "clip_text.py", staging["text"] / "model.py")
-        for helper in ("clip_bpe.py", "unigram.py"):
-            shutil.copy(TRITON_CODE / helper, staging["text"] / helper)
+        shutil.copy(TRITON_CODE / "text_tokenizer.py", staging["text"] / "text_tokenizer.py")
+        shutil.copy(TRITON_CODE / "encoder_runner.py", staging["text"] / "encoder_runner.py")
         (staging["text"] / "preprocess.json").write_text(json.dumps(text_meta, indent=2))
-        _log(f"text: {text_meta['tokenizer']} tokenizer, context {context_length}, parity exact", t0)
+        _log(f"text: tokenizer.json (clean {text_meta['clean']}), context {context_length}, parity exact", t0)
 
     plan = ServingPlan(
         model=req.name,
@@ -174,6 +180,7 @@ def export_clip(req: ExportRequest) -> Path:
         onnx_threads=req.onnx_threads,
         family=towers.family,
         text=towers.text is not None,
+        runner=req.runner,
     )
     for model_name, text in all_configs(plan).items():
         (repo / model_name / "config.pbtxt").write_text(text)
@@ -205,30 +212,30 @@ def _check_family(repo: Path, req: ExportRequest, modalities: list[str]) -> None
 
 
 def _check_tokenizer(towers, text_meta: dict, folder: Path) -> None:
-    """The serving tokenizer (export/triton/) must give exactly the reference tokenizer's ids
-    on a corpus with the awkward cases; otherwise the export stops."""
+    """The serving tokenizer (export/triton/text_tokenizer.py on the files written here) must
+    give exactly the reference tokenizer's ids on a corpus with the awkward cases; otherwise
+    the export stops."""
     for name, source in towers.text_files.items():
-        shutil.copy(source, folder / name)
+        if callable(source):
+            source(folder / name)
+        else:
+            shutil.copy(source, folder / name)
     corpus = [
         "red striped shirt", "A RED, Striped shirt!!", "", "   ", "t-shirt_with under_scores",
         "café crème résumé", "cafe\u0301 combining", "ﬁne ligatures ① ²", "日本語 👗 dress", "Ω omega ÅNGSTRÖM",
         "Ｆｕｌｌｗｉｄｔｈ", "👩\u200d👩\u200d👧 👍🏽", "&amp;quot;quoted&amp;quot;", "cafÃ© mojibake", "tab\there\u00a0nbsp",
+        "don't it's WE'RE", "<start_of_text> typed specials </s> <pad>",
         "a very long query about a long floral summer dress with a belt " * 8,
     ]  # fmt: skip
-    # The same modules that are copied next to the Triton model, imported as a package.
-    if text_meta["tokenizer"] == "unigram":
-        from export.triton.unigram import UnigramTokenizer
+    # The same module that is copied next to the Triton model, imported as a package.
+    from export.triton.text_tokenizer import TextTokenizer
 
-        ours = UnigramTokenizer(
-            str(folder / text_meta["tokenizer_file"]),
-            text_meta["context_length"],
-            text_meta["pad_id"],
-            text_meta["clean"],
-        )
-    else:
-        from export.triton.clip_bpe import ClipTokenizer
-
-        ours = ClipTokenizer(str(folder / text_meta["bpe_file"]), text_meta["context_length"])
+    ours = TextTokenizer(
+        str(folder / text_meta["tokenizer_file"]),
+        text_meta["context_length"],
+        text_meta["pad_id"],
+        text_meta["clean"],
+    )
     got, _ = ours(corpus)
     want = towers.tokenize(corpus)
     bad = [t for t, a, b in zip(corpus, got, want) if a.shape != b.shape or (a != b).any()]

@@ -3,8 +3,10 @@ its towers (PyTorch modules that return L2-normalised embeddings), how its image
 pre-processed and how its text is tokenised. Everything family-specific lives here.
 
     family   towers         pre-processing                         tokenizer
-    clip     image + text   shortest side, centre crop, CLIP mean  CLIP BPE, 77, trim padding
-    siglip   image + text   squash to a square, mean/std 0.5       Unigram (tokenizer.json), 64,
+    clip     image + text   shortest side, centre crop, CLIP mean  CLIP BPE (converted to a
+                                                                   tokenizer.json), 77
+    siglip   image + text   squash to a square, mean/std 0.5       the checkpoint's tokenizer.json
+                                                                   (Unigram), 64,
                                                                    padding kept (bidirectional,
                                                                    last-token pooling)
     dinov2   image only     shortest side 256, crop 224 (floor),   none: image-only space
@@ -50,7 +52,8 @@ class Towers:
     text: object | None  # torch.nn.Module: token ids -> normalised embedding; None: image-only
     image_meta: dict  # preprocess.json fields of <model>_image (ImageSpec.from_meta)
     text_meta: dict | None  # preprocess.json fields of <model>_text (tokenizer)
-    text_files: dict[str, Path]  # files copied next to the text model: name -> source
+    # Files written next to the text model: name -> a file to copy, or a function(destination).
+    text_files: dict[str, Path | Callable[[Path], object]]
     tokenize: Callable[[list[str]], np.ndarray] | None  # the reference tokenizer (parity)
     params: int
 
@@ -133,20 +136,27 @@ def _open_clip(family, arch, checkpoint, pretrained, tokenizer_dir) -> Towers:
     params = sum(p.numel() for p in model.parameters())
 
     if family == "clip":
+        from functools import partial
+
+        from export.clip_tokenizer import write as write_clip_tokenizer
+
         tok = open_clip.get_tokenizer(arch)
         bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
         text_meta = {
-            "tokenizer": "clip_bpe",
+            "tokenizer": "tokenizers",
+            "tokenizer_file": "tokenizer.json",
             "context_length": int(tok.context_length),
-            "bpe_file": bpe.name,
+            "pad_id": 0,
+            "clean": "lower",
             "trim_padding": False,
         }
         return Towers(
-            family, ImageTower().eval(), TextTower().eval(), image_meta, text_meta, {bpe.name: bpe},
+            family, ImageTower().eval(), TextTower().eval(), image_meta, text_meta,
+            {"tokenizer.json": partial(write_clip_tokenizer, bpe)},
             lambda texts: tok(texts).numpy().astype(np.int64), params,
         )  # fmt: skip
 
-    # siglip: a Hugging Face tokenizer directory, served by export/triton/unigram.py
+    # siglip: a Hugging Face tokenizer directory; its tokenizer.json is served as it is
     from open_clip.tokenizer import HFTokenizer
 
     text_cfg = open_clip.get_model_config(arch)["text_cfg"]
@@ -170,7 +180,7 @@ def _open_clip(family, arch, checkpoint, pretrained, tokenizer_dir) -> Towers:
     tok = HFTokenizer(str(local), context_length=context, clean=clean)
     pad_id = tok.tokenizer.pad_token_id
     text_meta = {
-        "tokenizer": "unigram",
+        "tokenizer": "tokenizers",
         "tokenizer_file": "tokenizer.json",
         "context_length": context,
         "pad_id": int(pad_id if pad_id is not None else 0),

@@ -20,8 +20,8 @@ Tokenizer and processor: a checkpoint directory brings its own; with random weig
 built offline (byte-level BART vocabulary, task and `<loc_0>`..`<loc_999>` tokens, and a
 `post_processor_config` with the task keys: docs/ARCHITECTURE.md, "Export"). Either way
 `save_pretrained` writes them into the version folder, and the python model in Triton tokenizes
-with a plain-Python reader of that `tokenizer.json`, which is checked against transformers'
-tokenizer here.
+with that `tokenizer.json` through Hugging Face `tokenizers` (checked against transformers'
+processor here, prompt ids and the whole greedy loop).
 
 `--tiny` with random weights also "imprints" the model: a few seconds of fitting so that it
 answers every grounding prompt with one fixed phrase and box. Random weights alone almost
@@ -100,7 +100,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 IMPRINT_ANSWER = ("garment", (200, 150, 800, 900))  # phrase, location bins x0 y0 x1 y1
 PARTS = ("vision_encoder", "encoder", "decoder_init", "decoder_step")
-CODE_FILES = (*RUNTIME_FILES, "bart_bpe.py", "florence2_post.py", "florence2_runtime.py")
+CODE_FILES = (*RUNTIME_FILES, "bart_tokenizer.py", "florence2_post.py", "florence2_runtime.py")
 
 
 @dataclass
@@ -121,12 +121,11 @@ class Florence2Request:
 
 def build_processor(image_size: int):
     """Florence2Processor built offline: byte-level BART vocabulary + task and location tokens."""
+    from tokenizers.pre_tokenizers import ByteLevel
     from transformers import BartTokenizer, CLIPImageProcessor, Florence2Processor
 
-    from export.triton_vision.bart_bpe import byte_to_char
-
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    for ch in byte_to_char().values():
+    for ch in sorted(ByteLevel.alphabet()):
         vocab.setdefault(ch, len(vocab))
     vocab["<mask>"] = len(vocab)
     tokenizer = BartTokenizer(vocab=vocab, merges=[], extra_special_tokens={"image_token": "<image>"})
@@ -500,7 +499,7 @@ def pipeline_parity(model, processor, meta: dict, version_dir: Path, rng) -> dic
     import torch
     from transformers import GenerationConfig
 
-    from export.triton_vision.bart_bpe import BartTokenizer
+    from export.triton_vision.bart_tokenizer import BartTokenizer
     from export.triton_vision.florence2_runtime import Florence2Grounder, Florence2Spec
     from export.triton_vision.onnx_parts import InProcessParts
 
@@ -513,7 +512,7 @@ def pipeline_parity(model, processor, meta: dict, version_dir: Path, rng) -> dic
     mask = inputs["attention_mask"].numpy().astype(bool)
     expected = [inputs["input_ids"][i][mask[i]].tolist() for i in range(len(rows))]
     if rows != expected:
-        raise SystemExit(f"plain-Python tokenizer differs from transformers':\n{rows}\n{expected}")
+        raise SystemExit(f"the serving tokenizer differs from transformers':\n{rows}\n{expected}")
     gen = meta["generation"]
     steps = 24
     config = GenerationConfig(

@@ -5,10 +5,15 @@ For a model named `clip`:
 
     clip_image_encoder   pixels -> embedding      (ONNX; python+onnxruntime on cpu, ORT/TRT on gpu)
     clip_text_encoder    token ids -> embedding   (same)
-    clip_image           image bytes -> embedding (python: decode + resize + normalise, then BLS)
-    clip_text            strings -> embedding     (python: BPE tokenise, then BLS)
+    clip_image           image bytes -> embedding (python: decode + resize + normalise, then the encoder)
+    clip_text            strings -> embedding     (python: tokenise, then the encoder)
 
-Names, inputs and outputs are the same on both targets; only backends and placement differ.
+Names, inputs and outputs are the same on both targets; only backends and placement differ. The
+wrappers run the encoder's ONNX file in their own process on the CPU target (`runner`
+"inprocess": one python-backend hop per request, export/triton/encoder_runner.py) and call the
+encoder model through BLS on the GPU target ("bls"). On the CPU target with the in-process
+runner the encoder models stay loadable (a BLS deployment, tools) but open their session only
+when first called, so the weights are in memory once.
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ class ServingPlan:
     fp16: bool = True
     family: str = "clip"  # recorded on <model>_image, read by the gateway (capabilities)
     text: bool = True  # False: an image-only family (DINOv2) has no text models
+    runner: str = ""  # "inprocess" | "bls"; "" = the target's default (cpu: inprocess, gpu: bls)
+
+    @property
+    def effective_runner(self) -> str:
+        return self.runner or ("bls" if self.target == "gpu" else "inprocess")
 
 
 def _dynamic_batching(b: Batching, encoder: bool = False) -> str:
@@ -105,11 +115,13 @@ def encoder_config(plan: ServingPlan, tower: str) -> str:
     else:
         text += f"instance_group [ {{ kind: KIND_CPU count: {plan.cpu_instances} }} ]\n"
         text += f'parameters {{ key: "intra_op_threads" value: {{ string_value: "{plan.onnx_threads}" }} }}\n'
+        lazy = "1" if plan.effective_runner == "inprocess" else "0"
+        text += f'parameters {{ key: "lazy_session" value: {{ string_value: "{lazy}" }} }}\n'
     return text
 
 
 def wrapper_config(plan: ServingPlan, tower: str) -> str:
-    """Config for the python model `<model>_<tower>` that pre-processes and calls the encoder."""
+    """Config for the python model `<model>_<tower>` that pre-processes and runs the encoder."""
     text = f'name: "{plan.model}_{tower}"\nbackend: "python"\n'
     text += f"max_batch_size: {plan.batching.max_batch_size}\n"
     if tower == "image":
@@ -127,6 +139,9 @@ def wrapper_config(plan: ServingPlan, tower: str) -> str:
     # Pre-processing is CPU work on both targets; more instances overlap decode with the GPU.
     count = plan.cpu_instances if plan.target == "cpu" else max(2, plan.gpu_instances * 2)
     text += f"instance_group [ {{ kind: KIND_CPU count: {count} }} ]\n"
+    text += f'parameters {{ key: "runner" value: {{ string_value: "{plan.effective_runner}" }} }}\n'
+    if plan.effective_runner == "inprocess":
+        text += f'parameters {{ key: "intra_op_threads" value: {{ string_value: "{plan.onnx_threads}" }} }}\n'
     if tower == "image":
         # The family and what the space can embed, for the gateway (one value per model name:
         # export refuses to put another family under an existing name).

@@ -409,7 +409,7 @@ def test_triton_image_has_what_the_gpu_python_models_import():
     third-party module in the Triton image. onnx_encoder.py runs on the CPU target only."""
     pip_name = {"PIL": "Pillow"}
     needed = set()
-    for name in ("clip_image.py", "clip_text.py", "preprocess.py", "clip_bpe.py"):
+    for name in ("clip_image.py", "clip_text.py", "preprocess.py", "text_tokenizer.py"):
         needed |= _third_party_imports(TRITON_CODE / name)
     runs = " ".join(rest for ins, rest in dockerfile(TRITON_DOCKERFILE) if ins == "RUN").lower()
     missing = {m for m in needed if pip_name.get(m, m).lower() not in runs}

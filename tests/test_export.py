@@ -48,8 +48,8 @@ def test_version_folders_are_complete_and_record_their_identity(tiny_repo):
     for path in (
         "clip_image/1/model.py",
         "clip_image/1/preprocess.py",
-        "clip_text/1/clip_bpe.py",
-        f"clip_text/1/{text_meta['bpe_file']}",
+        "clip_text/1/text_tokenizer.py",
+        f"clip_text/1/{text_meta['tokenizer_file']}",
         "clip_image_encoder/1/model.py",
     ):
         assert (tiny_repo / path).is_file(), path
@@ -92,3 +92,15 @@ def test_targets_share_model_names_inputs_and_outputs(target):
             assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
         else:
             assert cfg.backend == "python"
+        if not name.endswith("_encoder"):  # the wrappers: one hop on cpu, BLS to the GPU encoder
+            assert cfg.parameters["runner"].string_value == ("bls" if target == "gpu" else "inprocess")
+
+
+def test_gpu_target_refuses_the_in_process_runner(tmp_path):
+    with pytest.raises(SystemExit, match="runner 'bls' only"):
+        export_clip(
+            ExportRequest(
+                arch="looksync-tiny", version=1, repository=tmp_path, target="gpu", runner="inprocess"
+            )
+        )
+    assert not list(tmp_path.iterdir()), "nothing written"

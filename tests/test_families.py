@@ -15,7 +15,7 @@ from benchmarks.quality import Queries, compare_spaces
 from clients.world import write_world
 from export.clip import ExportRequest, export_clip
 from export.triton.preprocess import ImageSpec, pixels
-from export.triton.unigram import UnigramTokenizer
+from export.triton.text_tokenizer import TextTokenizer
 from tests.conftest import looksync, looksync_env, start_gateway, start_triton
 
 TINY = {"siglip": "looksync-siglip-tiny", "dinov2": "looksync-dinov2-tiny"}
@@ -64,7 +64,7 @@ def test_each_family_records_its_own_preprocessing(families_repo):
     assert (dino["family"], dino["modalities"], dino["crop_rounding"]) == ("dinov2", ["image"], "floor")
     assert (dino["image_size"], dino["resize_size"]) == (56, 64)
     text = _meta(families_repo, "siglip_text")
-    assert (text["tokenizer"], text["context_length"], text["trim_padding"]) == ("unigram", 64, False)
+    assert (text["tokenizer"], text["context_length"], text["trim_padding"]) == ("tokenizers", 64, False)
     assert not (families_repo / "dinov2_text").exists()
     assert 'string_value: "dinov2"' in (families_repo / "dinov2_image" / "config.pbtxt").read_text()
 
@@ -169,16 +169,14 @@ def test_harness_compares_two_spaces(served):
     assert "category" in breakdown and "gender" in breakdown and "dinov2 v1" in breakdown
 
 
-def test_serving_unigram_tokenizer_equals_open_clips_hf_tokenizer():
+def test_serving_tokenizer_equals_open_clips_hf_tokenizer_on_a_unigram_model():
     from open_clip.tokenizer import HFTokenizer
 
     from export.families import TOKENIZERS
 
     folder = TOKENIZERS / "looksync-unigram"
     reference = HFTokenizer(str(folder), context_length=16, clean="canonicalize")
-    ours = UnigramTokenizer(
-        str(folder / "tokenizer.json"), 16, reference.tokenizer.pad_token_id, "canonicalize"
-    )
+    ours = TextTokenizer(str(folder / "tokenizer.json"), 16, reference.tokenizer.pad_token_id, "canonicalize")
     texts = [
         "red striped shirt", "Red-Striped SHIRT!", "", "  \t ", "zqxj unknown wörds", "日本語 👗",
         "café crème", "ﬁ ligature ①", "one two three four five six seven eight nine ten eleven twelve",
@@ -234,17 +232,16 @@ def _t5_style_tokenizer(folder):
     return folder
 
 
-def test_precompiled_charsmap_normaliser_matches_tokenizers(tmp_path):
-    """The normaliser real SigLIP/T5 tokenizers use, id for id against the Rust implementation:
+def test_t5_style_checkpoint_tokenizer_serves_as_open_clip_tokenizes(tmp_path):
+    """A tokenizer.json shaped like real SigLIP/T5 ones (precompiled charsmap normaliser), served
+    id for id as open_clip's HFTokenizer gives them, cleaning, truncation and padding included:
     fullwidth forms, ligatures, compatibility characters, combining marks (graphemes), emoji with
     joiners and skin tones, Hangul, RTL, control and odd spaces."""
     from open_clip.tokenizer import HFTokenizer
 
     folder = _t5_style_tokenizer(tmp_path / "t5style")
     reference = HFTokenizer(str(folder), context_length=24, clean="whitespace")
-    ours = UnigramTokenizer(
-        str(folder / "tokenizer.json"), 24, reference.tokenizer.pad_token_id, "whitespace"
-    )
+    ours = TextTokenizer(str(folder / "tokenizer.json"), 24, reference.tokenizer.pad_token_id, "whitespace")
     texts = [
         "Ｆｕｌｌｗｉｄｔｈ ＴＥＸＴ", "ﬁne ﬂoral ① ² ㎏ ℃ Ⅻ", "cafe\u0301 cre\u0300me", "e\u0301\u0302\u0303 stacked",
         "👩\u200d👩\u200d👧 family 👍🏽", "한국어 텍스트", "مرحبا بالعالم", "tab\there\u00a0nbsp\u2003em",
@@ -270,7 +267,7 @@ def test_precompiled_charsmap_normaliser_matches_tokenizers(tmp_path):
         shutil.copytree(folder, variant)
         (variant / "tokenizer.json").write_text(json.dumps({**spec, "pre_tokenizer": pre}))
         reference = HFTokenizer(str(variant), context_length=24, clean="whitespace")
-        ours = UnigramTokenizer(
+        ours = TextTokenizer(
             str(variant / "tokenizer.json"), 24, reference.tokenizer.pad_token_id, "whitespace"
         )
         for text, a, b in zip(texts, ours(texts)[0], reference(texts).numpy()):
@@ -281,7 +278,7 @@ def test_precompiled_charsmap_normaliser_matches_tokenizers(tmp_path):
         ExportRequest(family="siglip", arch=TINY["siglip"], name="siglip", version=1, repository=repo,
                       tokenizer=str(folder))
     )  # fmt: skip
-    assert _meta(repo, "siglip_text")["tokenizer"] == "unigram"
+    assert _meta(repo, "siglip_text")["tokenizer"] == "tokenizers"
 
 
 def test_mos_tasks_show_two_spaces_blind(served, tmp_path):

@@ -1,14 +1,15 @@
 """Server-side pre-processing matches open_clip's (the training-time transform and tokenizer)."""
 
 import io
-import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from export.triton.clip_bpe import ClipTokenizer
+from export.clip_tokenizer import write as write_clip_tokenizer
 from export.triton.preprocess import ImageSpec, InvalidImage, decode_image, pixels, probe_image
+from export.triton.text_tokenizer import TextTokenizer
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -23,9 +24,11 @@ def _jpeg(img: Image.Image, **kw) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
-    return ClipTokenizer(path, 77)
+def tokenizer(tmp_path_factory):
+    """What export writes into a CLIP text version, served as the Triton model serves it."""
+    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    path = write_clip_tokenizer(bpe, tmp_path_factory.mktemp("clip-tok") / "tokenizer.json")
+    return TextTokenizer(str(path), 77, 0, "lower")
 
 
 TEXTS = [
@@ -38,6 +41,12 @@ TEXTS = [
     "under_score hello-world 3/4 sleeves",
     "word " * 100,
     "",
+    "<start_of_text> typed <END_OF_TEXT> specials",
+    "don't it's WE'LL",
+    "cafÃ© mojibake &amp;amp; tab\there\u00a0nbsp",
+    "Ｆｕｌｌｗｉｄｔｈ ﬁ ① 👩\u200d👩\u200d👧 e\u0301",
+    "word " * 75,
+    "word " * 76,
 ]
 
 
@@ -45,12 +54,28 @@ def test_tokenizer_matches_open_clip(tokenizer):
     ref = open_clip.get_tokenizer("ViT-B-32")(TEXTS).numpy()
     ids, truncated = tokenizer(TEXTS)
     np.testing.assert_array_equal(ids, ref)
-    assert truncated.tolist() == [False] * 7 + [True, False]
+    full = [len(open_clip.tokenizer._tokenizer.encode(t)) + 2 for t in TEXTS]
+    assert truncated.tolist() == [n > 77 for n in full]
+    assert truncated.tolist() == [False] * 7 + [True] + [False] * 5 + [False, True]
 
 
 def test_truncated_text_still_ends_with_end_of_text(tokenizer):
     ids, truncated = tokenizer(["pleated " * 200])
-    assert truncated[0] and ids[0, -1] == tokenizer.eot_id and ids[0, 0] == tokenizer.sot_id
+    sot, eot = tokenizer.token_id("<start_of_text>"), tokenizer.token_id("<end_of_text>")
+    assert truncated[0] and ids[0, -1] == eot and ids[0, 0] == sot
+
+
+def test_serving_tokenizer_needs_ftfy_and_never_falls_back(tmp_path):
+    """Text left unrepaired tokenises differently from training: without ftfy the module fails
+    to import (the Triton model then fails to load) instead of serving other ids."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['ftfy'] = None; import export.triton.text_tokenizer"
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+    assert run.returncode != 0 and "ftfy" in run.stderr
 
 
 @pytest.mark.parametrize("size", [(64, 64), (100, 37), (37, 100), (321, 123), (30, 30)])

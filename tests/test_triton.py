@@ -12,8 +12,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
-from export.triton.clip_bpe import ClipTokenizer
 from export.triton.preprocess import ImageSpec, image_bytes_to_pixels
+from export.triton.text_tokenizer import TextTokenizer
 from gateway.embedder import TritonEmbedder
 from gateway.errors import InvalidArgument
 
@@ -76,7 +76,8 @@ def test_triton_embeddings_equal_onnxruntime_directly(triton, tiny_repo: Path):
     np.testing.assert_allclose(got_img, ref_img, atol=1e-5)
 
     tmeta = json.loads((tiny_repo / "clip_text/1/preprocess.json").read_text())
-    ids, _ = ClipTokenizer(str(tiny_repo / "clip_text/1" / tmeta["bpe_file"]), 77)(texts)
+    tokenizer = TextTokenizer(str(tiny_repo / "clip_text/1" / tmeta["tokenizer_file"]), 77, 0, "lower")
+    ids, _ = tokenizer(texts)
     session = ort.InferenceSession(str(tiny_repo / "clip_text_encoder/1/model.onnx"))
     (ref_txt,) = session.run(None, {"input_ids": ids})
     np.testing.assert_allclose(got_txt, ref_txt, atol=1e-5)
@@ -90,7 +91,9 @@ def _stats(tc, model):
 
 def test_dynamic_batching_groups_concurrent_requests(triton, tc):
     images = _images(4)
-    before = {m: _stats(tc, m) for m in ("clip_image", "clip_image_encoder")}
+    # The wrapper runs the encoder in its own process on the cpu target: its executions are the
+    # encoder's batches (test_bls_runner_... covers the encoder as its own Triton model).
+    before = {m: _stats(tc, m) for m in ("clip_image",)}
 
     async def burst(embedder):
         calls = [embedder.embed_images("clip", 1, [images[i % 4]], 30) for i in range(64)]
@@ -132,3 +135,42 @@ def test_long_text_is_truncated_and_flagged(triton):
     )
     assert truncated.tolist() == [True, False]
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def _reload(tc, repo: Path, model: str, **params) -> None:
+    """Load `model` again with its config's parameters changed (explicit model control)."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    for key, value in params.items():
+        config.parameters[key].string_value = value
+    tc.load_model(model, config=json_format.MessageToJson(config, preserving_proto_field_name=True))
+
+
+def test_wrappers_run_the_encoder_in_process_or_through_bls_with_the_same_answers(triton, tc, tiny_repo):
+    """One hop on the cpu target: the encoder models are never called (and never open their
+    session). Switched to the BLS runner (the GPU target's), the same version gives the same
+    embeddings through the encoder models."""
+    images, texts = _images(3), ["red dress", "striped shirt with a collar"]
+
+    async def both(embedder):
+        img = await embedder.embed_images("clip", 1, images, 30)
+        txt, _ = await embedder.embed_texts("clip", 1, texts, 30)
+        return img, txt
+
+    encoders = ("clip_image_encoder", "clip_text_encoder")
+    before = {m: _stats(tc, m)[0] for m in encoders}
+    img_inprocess, txt_inprocess = _run(_with_embedder(triton, both))
+    assert {m: _stats(tc, m)[0] for m in encoders} == before, "in-process runner called an encoder model"
+    try:
+        for model in ("clip_image", "clip_text"):
+            _reload(tc, tiny_repo, model, runner="bls")
+        img_bls, txt_bls = _run(_with_embedder(triton, both))
+        after = {m: _stats(tc, m)[0] for m in encoders}
+        assert all(after[m] >= before[m] + 1 for m in encoders), (before, after)
+    finally:
+        for model in ("clip_image", "clip_text"):
+            _reload(tc, tiny_repo, model)
+    np.testing.assert_allclose(img_bls, img_inprocess, atol=1e-5)
+    np.testing.assert_allclose(txt_bls, txt_inprocess, atol=1e-5)

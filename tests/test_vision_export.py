@@ -11,7 +11,7 @@ from google.protobuf import text_format
 from PIL import Image
 from tritonclient.grpc import model_config_pb2
 
-from export.triton_vision.bart_bpe import BartTokenizer
+from export.triton_vision.bart_tokenizer import BartTokenizer
 from export.triton_vision.florence2_post import Box, dequantize, parse_location_text
 from export.triton_vision.image_ops import resize_bilinear
 from tests.vision_fixtures import tiny_vision_repo
@@ -245,7 +245,7 @@ def test_serving_tokenizer_applies_bpe_merges_like_tokenizers(tmp_path):
     bpe.add_tokens(["<loc_0>", "<loc_1>"])
     bpe.save(str(tmp_path / "tokenizer.json"))
     ours = BartTokenizer(str(tmp_path / "tokenizer.json"))
-    assert ours.ranks, "the trained tokenizer has merges"
+    assert len(bpe.get_vocab()) > 256 + 4 + 2, "it learned merges beyond the byte alphabet"
     for text in ("a red shirt<loc_1> with stripes", "The SHIRT's boots, 42 of them!", "jeans\n\nnew  line"):
         assert ours.encode(text) == bpe.encode(text).ids, text
         assert ours.decode(bpe.encode(text).ids) == bpe.decode(

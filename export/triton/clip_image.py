@@ -1,8 +1,9 @@
 """`<model>_image`: image bytes in, L2-normalised embedding out.
 
 Decodes and pre-processes each image here (per version: the spec is in preprocess.json next
-to this file), then calls `<model>_image_encoder` of the *same version* through BLS with the
-whole batch, so dynamic batching carries through to the encoder. A bad image fails only its
+to this file), then runs the ONNX image encoder of the *same version* on the whole batch: in
+this process on the CPU target, through BLS to `<model>_image_encoder` on the GPU target
+(encoder_runner.py), so dynamic batching carries through to the encoder. A bad image fails only its
 own request, with a message that starts with "invalid image:".
 """
 
@@ -14,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+from encoder_runner import EncoderError, make_encoder  # noqa: E402
 from preprocess import ImageSpec, InvalidImage, image_bytes_to_pixels  # noqa: E402
 
 
@@ -31,8 +33,7 @@ class TritonPythonModel:
             meta = json.load(fh)
         self.spec = ImageSpec.from_meta(meta)
         self.max_pixels = int(meta.get("max_pixels", 40_000_000))
-        self.encoder = meta["image_encoder"]
-        self.version = int(args["model_version"])
+        self.encode = make_encoder(pb_utils, args, meta["image_encoder"], "pixel_values")
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -54,19 +55,13 @@ class TritonPythonModel:
         if not owners:
             return responses
         batch = np.concatenate(pixel_batches)
-        call = pb_utils.InferenceRequest(
-            model_name=self.encoder,
-            model_version=self.version,
-            requested_output_names=["embedding"],
-            inputs=[pb_utils.Tensor("pixel_values", batch)],
-        )
-        result = call.exec()
-        if result.has_error():
-            error = pb_utils.TritonError(f"image encoder failed: {result.error().message()}")
+        try:
+            embeddings = self.encode(batch)
+        except EncoderError as exc:
+            error = pb_utils.TritonError(f"image encoder failed: {exc}")
             for i in owners:
                 responses[i] = pb_utils.InferenceResponse(error=error)
             return responses
-        embeddings = pb_utils.get_output_tensor_by_name(result, "embedding").as_numpy()
         start = 0
         for i, arrays in zip(owners, pixel_batches):
             part = embeddings[start : start + len(arrays)]

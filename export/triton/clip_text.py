@@ -1,12 +1,12 @@
 """`<model>_text`: strings in, L2-normalised embedding and a 'truncated' flag out.
 
-Tokenises with the model's own tokenizer (files copied next to this file at export time): the
-CLIP BPE table, or a SentencePiece-style Unigram `tokenizer.json` (SigLIP-style models). Then
-calls `<model>_text_encoder` of the same version through BLS. For CLIP the batch is trimmed to
-its longest real sequence: CLIP reads the end-of-text position under causal attention, so
-padding after it never changes an embedding. SigLIP-style towers attend in both directions and
-pool the last position, so their padding is part of the input and is never trimmed
-(`trim_padding` in preprocess.json, set by export per family).
+Tokenises with the version's own `tokenizer.json` (written next to this file at export time;
+run by Hugging Face `tokenizers` after open_clip's text cleaning, text_tokenizer.py). Then runs
+the ONNX text encoder of the same version on the whole batch: in this process on the CPU target,
+through BLS to `<model>_text_encoder` on the GPU target (encoder_runner.py). `trim_padding` in
+preprocess.json would cut a batch to its longest real sequence; export sets it false for every
+family today (open_clip's CLIP text tower applies a fixed 77 x 77 causal mask, so its ONNX graph
+needs the full context).
 """
 
 import json
@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from clip_bpe import ClipTokenizer  # noqa: E402
+from encoder_runner import EncoderError, make_encoder  # noqa: E402
+from text_tokenizer import TextTokenizer  # noqa: E402
 
 
 class TritonPythonModel:
@@ -25,22 +26,14 @@ class TritonPythonModel:
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         with open(os.path.join(version_dir, "preprocess.json")) as fh:
             meta = json.load(fh)
-        if meta.get("tokenizer", "clip_bpe") == "unigram":
-            from unigram import UnigramTokenizer  # only SigLIP-style models need regex/ftfy here
-
-            self.tokenizer = UnigramTokenizer(
-                os.path.join(version_dir, meta["tokenizer_file"]),
-                meta["context_length"],
-                meta["pad_id"],
-                meta.get("clean", "whitespace"),
-            )
-        else:
-            self.tokenizer = ClipTokenizer(
-                os.path.join(version_dir, meta["bpe_file"]), meta["context_length"]
-            )
+        self.tokenizer = TextTokenizer(
+            os.path.join(version_dir, meta["tokenizer_file"]),
+            meta["context_length"],
+            meta["pad_id"],
+            meta["clean"],
+        )
         self.trim = bool(meta.get("trim_padding", False))
-        self.encoder = meta["text_encoder"]
-        self.version = int(args["model_version"])
+        self.encode = make_encoder(pb_utils, args, meta["text_encoder"], "input_ids")
 
     def execute(self, requests):
         texts, sizes = [], []
@@ -53,17 +46,11 @@ class TritonPythonModel:
         if self.trim:
             longest = int((ids != 0).sum(axis=1).max())
             ids = np.ascontiguousarray(ids[:, :longest])
-        call = pb_utils.InferenceRequest(
-            model_name=self.encoder,
-            model_version=self.version,
-            requested_output_names=["embedding"],
-            inputs=[pb_utils.Tensor("input_ids", ids)],
-        )
-        result = call.exec()
-        if result.has_error():
-            error = pb_utils.TritonError(f"text encoder failed: {result.error().message()}")
+        try:
+            embeddings = self.encode(ids)
+        except EncoderError as exc:
+            error = pb_utils.TritonError(f"text encoder failed: {exc}")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        embeddings = pb_utils.get_output_tensor_by_name(result, "embedding").as_numpy()
         responses, start = [], 0
         for n in sizes:
             outs = [

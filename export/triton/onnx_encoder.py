@@ -2,6 +2,9 @@
 
 On the GPU target the same model name is served by Triton's onnxruntime or TensorRT backend
 instead; inputs, outputs and batching are identical, so nothing upstream knows the difference.
+With `lazy_session` (set when the wrappers run the encoder in their own process, the CPU
+target's default) the session opens on the first request: usually never, so the weights are
+not held twice.
 """
 
 import json
@@ -18,17 +21,25 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
-        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        self.path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        if not os.path.isfile(self.path):
+            raise ValueError(f"{self.path} is missing")
+        self.threads = int(params.get("intra_op_threads", "0"))
+        self.session = None
+        if params.get("lazy_session", "0") != "1":
+            self.session = self._open()
+
+    def _open(self):
         options = ort.SessionOptions()
         # One instance per model by default: let it use the cores, but Triton's other models
         # and the gateway share them, so the count is a tunable, not "all".
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            os.path.join(version_dir, "model.onnx"), options, providers=["CPUExecutionProvider"]
-        )
+        return ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
 
     def execute(self, requests):
+        if self.session is None:
+            self.session = self._open()
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
         sizes = [len(a) for a in arrays]
         try:

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from bart_bpe import BartTokenizer  # noqa: E402
+from bart_tokenizer import BartTokenizer  # noqa: E402
 from florence2_runtime import GROUNDING, Florence2Grounder, Florence2Spec, InvalidRequest  # noqa: E402
 from image_ops import InvalidImage, decode_image  # noqa: E402
 from triton_common import invalid, load_meta, make_runner, parameters, string_items, version_dir  # noqa: E402

@@ -22,11 +22,11 @@ import numpy as np
 
 if __package__:
     from . import florence2_post as post
-    from .bart_bpe import BartTokenizer
+    from .bart_tokenizer import BartTokenizer
     from .image_ops import SquareSpec, square_pixels
 else:
     import florence2_post as post
-    from bart_bpe import BartTokenizer
+    from bart_tokenizer import BartTokenizer
     from image_ops import SquareSpec, square_pixels
 
 GROUNDING = "<CAPTION_TO_PHRASE_GROUNDING>"
