@@ -350,3 +350,18 @@ def test_a_table_from_before_the_offer_columns_is_migrated_in_place(tmp_path):
         assert Manifest(tmp_path).read()["indexes"][SPACE.index_name]["dim"] == 16
 
     asyncio.run(scenario())
+
+
+def test_search_plan_is_exact_under_narrow_filters_and_fixed_settings_otherwise():
+    """The measured plan (benchmarks/RESULTS.md, knob sweep): exact search when the filter leaves
+    at most exact_max_rows or there is no ANN index; otherwise the same probes, refine and ef
+    whatever the filter (the old rule probed all partitions under a 5 % filter: 7x slower)."""
+    from gateway.index.ann_plan import plan_search
+
+    assert plan_search(0, 10**6, 20_000).exact  # no ANN index
+    assert plan_search(500, 20_000, 20_000).exact  # few enough rows for exact
+    wide, narrow = plan_search(500, 10**6, 20_000), plan_search(500, 50_000, 20_000)
+    assert not wide.exact and wide == narrow
+    assert (wide.nprobes, wide.refine, wide.ef) == (8, 4, 300)
+    assert plan_search(5000, 10**8, 20_000).nprobes == 83  # scales with the partitions
+    assert plan_search(4, 10**6, 20_000).nprobes == 4  # never more than there are

@@ -29,6 +29,7 @@ import pyarrow as pa
 from gateway.catalog import Product
 from gateway.errors import FailedPrecondition, Unavailable
 from gateway.filters import SearchFilters
+from gateway.index.ann_plan import index_config, partitions_for, plan_search
 from gateway.index.base import (
     CatalogIndex,
     EmbeddingSpace,
@@ -302,17 +303,13 @@ class EmbeddedIndex(CatalogIndex):
         if known is None or time.monotonic() - known[1] > 60:  # another process may build one
             indices = await table.list_indices()
             has_ann = any("vector" in i.columns for i in indices)
-            partitions = max(1, int(np.sqrt(await table.count_rows()) / 2)) if has_ann else 0
+            partitions = partitions_for(await table.count_rows()) if has_ann else 0
             self._ann[name] = (partitions, time.monotonic())
         partitions = self._ann[name][0]
         if not partitions:
             return query
         matching = await table.count_rows(where)
-        if matching <= self.exact_max_rows:
-            return query.bypass_vector_index()
-        total = max(1, await table.count_rows("deleted = false"))
-        nprobes = min(partitions, max(8, int(partitions / 10 * total / matching)))
-        return query.nprobes(nprobes).refine_factor(4)
+        return plan_search(partitions, matching, self.exact_max_rows).apply(query)
 
     async def optimize(self, space: EmbeddingSpace) -> bool:
         """B-tree indexes on `id` and `item_id` (reads by id and by item: writes, offers,
@@ -325,12 +322,7 @@ class EmbeddedIndex(CatalogIndex):
         rows = await table.count_rows()
         if rows < self.ann_min_rows:
             return False
-        from lancedb.index import IvfHnswSq
-
-        partitions = max(1, int(np.sqrt(rows) / 2))
-        await table.create_index(
-            "vector", config=IvfHnswSq(distance_type="cosine", num_partitions=partitions), replace=True
-        )
+        await table.create_index("vector", config=index_config(rows), replace=True)
         self._ann.pop(space.index_name, None)
         return True
 
