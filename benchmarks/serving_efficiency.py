@@ -38,6 +38,7 @@ from tritonclient.grpc import model_config_pb2
 from benchmarks.common import append_results, markdown_table, write_json
 from export.triton.preprocess import ImageSpec, image_bytes_to_pixels
 from export.triton.text_tokenizer import TextTokenizer
+from export.triton_config import Batching
 from gateway.tritonserver import TritonServer
 
 CONCURRENCY = (1, 4, 16, 64)
@@ -166,6 +167,35 @@ async def stats(client, model: str) -> tuple[int, int]:
     return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
 
 
+ECHO_MODEL = """import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            n = pb_utils.get_input_tensor_by_name(r, "text").as_numpy().shape[0]
+            tensor = pb_utils.Tensor("embedding", np.zeros((n, 64), np.float32))
+            out.append(pb_utils.InferenceResponse(output_tensors=[tensor]))
+        return out
+"""
+
+
+def write_echo(repo: Path, queue_delay_us: int) -> None:
+    """A python model that does no work: what one python-backend hop and the gRPC client cost
+    per request on this machine, the floor under any python-backend wrapper."""
+    (repo / "echo" / "1").mkdir(parents=True, exist_ok=True)
+    (repo / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
+    (repo / "echo" / "config.pbtxt").write_text(
+        'name: "echo"\nbackend: "python"\nmax_batch_size: 64\n'
+        'input [ { name: "text" data_type: TYPE_STRING dims: [ 1 ] } ]\n'
+        'output [ { name: "embedding" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
+        f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}\n"
+        "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
+    )
+
+
 async def through_triton(
     server: TritonServer, repo: Path, name: str, images: list[bytes], requests: int
 ) -> dict:
@@ -192,13 +222,19 @@ async def through_triton(
                         flush=True,
                     )
         await configure(client, repo, name, "inprocess", True)
+        texts_in = [t.encode() for t in TEXTS]
+        await drive(client, "echo", "text", texts_in, 4, 20)
+        for c in CONCURRENCY:
+            out[("echo", c)] = await drive(client, "echo", "text", texts_in, c, requests)
+            print(f"[bench] echo (no work) c={c:2d}: {out[('echo', c)]['per_s']:7.1f}/s", flush=True)
     finally:
         await client.close()
     return out
 
 
 def plot_efficiency(figures: dict, names: list[str]) -> Path:
-    """Triton throughput (and the in-process limit) against concurrency, one panel per tower."""
+    """Efficiency (Triton / in-process) against concurrency, one panel per tower, with the bound
+    the python-backend floor sets (an echo model's rate sharing the cores with the work)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,19 +245,24 @@ def plot_efficiency(figures: dict, names: list[str]) -> Path:
         for col, kind in enumerate(("image", "text")):
             ax = axes[row][col]
             limit = [figures[f"in_process_per_s_{name}_{kind}_c{c}"] for c in CONCURRENCY]
-            ax.plot(CONCURRENCY, limit, "k--", label="in-process ONNX Runtime (limit)")
             for runner, batching in SETTINGS:
                 key = f"{name}_{kind}_{runner}_{'on' if batching else 'off'}"
-                ys = [figures[f"triton_per_s_{key}_c{c}"] for c in CONCURRENCY]
+                ys = [figures[f"serving_efficiency_{key}_c{c}"] for c in CONCURRENCY]
                 label = f"Triton, {runner}, batching {'on' if batching else 'off'}"
                 ax.plot(CONCURRENCY, ys, marker="o", label=label)
+            if f"echo_per_s_c{CONCURRENCY[0]}" in figures:
+                echo = [figures[f"echo_per_s_c{c}"] for c in CONCURRENCY]
+                bound = [e / (e + lim) for e, lim in zip(echo, limit)]
+                ax.plot(CONCURRENCY, bound, "k:", label="bound: python-backend floor + the work")
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set_ylim(0, 1.05)
             ax.set_xscale("log", base=2)
             ax.set_xticks(CONCURRENCY, [str(c) for c in CONCURRENCY])
             ax.set_xlabel("concurrency (requests in flight)")
-            ax.set_ylabel(f"{kind}s / s")
+            ax.set_ylabel("efficiency (Triton / in-process)")
             ax.set_title(f"{name}: {kind} tower")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path = Path(__file__).resolve().parent / "results" / "serving_efficiency.png"
     fig.savefig(path, dpi=110)
@@ -252,6 +293,7 @@ def main() -> None:
                 ExportRequest(arch=arch, version=1, name=name, repository=repo, onnx_threads=args.threads)
             )
             limit = in_process(repo, name, images, args.threads, repeat=256 if args.quick else 512)
+            write_echo(repo, Batching().max_queue_delay_us)
             server = TritonServer(repo, free_port(), free_port(), free_port(), work_dir=work / f"t-{name}")
             server.start(log_file=open(work / f"triton-{name}.log", "w"))
             try:
@@ -276,6 +318,13 @@ def main() -> None:
                         figures[f"p50_ms_{key}"] = round(r["p50_ms"], 2)
                     for c in CONCURRENCY:
                         figures[f"in_process_per_s_{name}_{kind}_c{c}"] = round(limit[kind][c], 1)
+            for c in CONCURRENCY:
+                r = served[("echo", c)]
+                rows.append(
+                    [arch, "none (echo model)", "python-backend floor, batching on", c, "-", f"{r['per_s']:.0f}",
+                     "-", "-", f"{r['p50_ms']:.1f}", f"{r['generator_cpu_share']:.2f}"]
+                )  # fmt: skip
+                figures[f"echo_per_s_c{c}"] = round(r["per_s"], 1)
         header = [
             "model", "tower", "setting", "concurrency", "in-process/s (batch = concurrency)", "Triton/s",
             "efficiency", "mean batch", "p50 ms", "load generator CPU share",
