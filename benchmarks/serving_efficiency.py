@@ -127,7 +127,12 @@ async def configure(client, repo: Path, name: str, runner: str, on: bool) -> Non
         if suffix.endswith("encoder"):
             config.parameters["lazy_session"].string_value = "1" if runner == "inprocess" else "0"
         else:
+            # Each runner with the wrapper queue delay export gives it (export/triton_config.py).
             config.parameters["runner"].string_value = runner
+            if config.HasField("dynamic_batching"):
+                b = Batching()
+                delay = b.inprocess_queue_delay_us if runner == "inprocess" else b.max_queue_delay_us
+                config.dynamic_batching.max_queue_delay_microseconds = delay
         await client.load_model(
             model, config=json_format.MessageToJson(config, preserving_proto_field_name=True)
         )
@@ -293,7 +298,7 @@ def main() -> None:
                 ExportRequest(arch=arch, version=1, name=name, repository=repo, onnx_threads=args.threads)
             )
             limit = in_process(repo, name, images, args.threads, repeat=256 if args.quick else 512)
-            write_echo(repo, Batching().max_queue_delay_us)
+            write_echo(repo, Batching().inprocess_queue_delay_us)
             server = TritonServer(repo, free_port(), free_port(), free_port(), work_dir=work / f"t-{name}")
             server.start(log_file=open(work / f"triton-{name}.log", "w"))
             try:

@@ -71,8 +71,8 @@ def test_written_configs_parse_with_tritons_protobuf(tiny_repo):
         assert cfg.HasField("dynamic_batching")
         if name.endswith("_encoder"):  # batches arrive formed by the wrapper: no waiting there
             assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
-        else:
-            assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+        else:  # the wrappers run the encoder themselves on the cpu target: they never wait
+            assert cfg.dynamic_batching.max_queue_delay_microseconds == 0
             assert list(cfg.dynamic_batching.preferred_batch_size) == [8, 16, 32]
         assert cfg.version_policy.latest.num_versions == 2
 
@@ -94,6 +94,8 @@ def test_targets_share_model_names_inputs_and_outputs(target):
             assert cfg.backend == "python"
         if not name.endswith("_encoder"):  # the wrappers: one hop on cpu, BLS to the GPU encoder
             assert cfg.parameters["runner"].string_value == ("bls" if target == "gpu" else "inprocess")
+            # Waiting for a fuller batch pays only when a GPU encoder is behind a BLS call.
+            assert cfg.dynamic_batching.max_queue_delay_microseconds == (500 if target == "gpu" else 0)
 
 
 def test_gpu_target_refuses_the_in_process_runner(tmp_path):
