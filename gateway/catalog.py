@@ -6,7 +6,7 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from gateway.taxonomy import CATEGORIES, GENDERS, is_market
@@ -40,7 +40,14 @@ class Product:
     item_id: str = ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Not dataclasses.asdict: its recursive deep copy cost ~0.4 ms per 10-hit answer
+        # (profiled SearchText); the fields are flat, only the list needs a copy.
+        out = {f: getattr(self, f) for f in _PRODUCT_FIELDS}
+        out["sizes"] = list(self.sizes)
+        return out
+
+
+_PRODUCT_FIELDS = tuple(f.name for f in fields(Product))
 
 
 def standard_category(value: str) -> str | None:
