@@ -71,12 +71,14 @@ def exact_top10(vectors, bucket, query, allowed) -> set[int]:
     return set(np.argpartition(-scores, 10)[:10].tolist())
 
 
-async def run_size(n: int, dim: int, queries: int, work: Path) -> list[dict]:
+async def dataset(n: int, dim: int, folder: Path):
+    """Clustered vectors, a filter column and a LanceDB table of both (B-tree on the column):
+    (vectors, bucket, table, rng, load seconds)."""
     vectors = clustered(n, dim, seed=n)
     rng = np.random.default_rng(7)
     # bucket in [0, 1000): "bucket < 50" keeps 5 %, "bucket < 5" keeps 0.5 %
     bucket = rng.integers(0, 1000, n).astype(np.int32)
-    db = await lancedb.connect_async(str(work / f"db{n}"))
+    db = await lancedb.connect_async(str(folder))
     t0 = time.perf_counter()
     table = None
     for i, batch in enumerate(table_batches(vectors, bucket)):
@@ -84,9 +86,15 @@ async def run_size(n: int, dim: int, queries: int, work: Path) -> list[dict]:
             table = await db.create_table("products", data=batch)
         else:
             await table.add(batch)
-        print(f"[bench] n={n}: wrote {(i + 1) * 50_000:,} rows", flush=True)
+        if (i + 1) % 4 == 0 or (i + 1) * 50_000 >= n:
+            print(f"[bench] n={n:,}: wrote {min(n, (i + 1) * 50_000):,} rows", flush=True)
     load_s = time.perf_counter() - t0
     await table.create_index("bucket", config=lancedb.index.BTree())
+    return vectors, bucket, table, rng, load_s
+
+
+async def run_size(n: int, dim: int, queries: int, work: Path) -> list[dict]:
+    vectors, bucket, table, rng, load_s = await dataset(n, dim, work / f"db{n}")
     t1 = time.perf_counter()
     parts = max(1, int(np.sqrt(n) / 2))
     await table.create_index("vector", config=IvfHnswSq(distance_type="cosine", num_partitions=parts))
@@ -194,19 +202,7 @@ def knob_label(knobs: dict | None, partitions: int) -> str:
 async def run_sweep(
     n: int, dim: int, queries: int, work: Path, indexes: list[str], knobs: dict
 ) -> list[dict]:
-    vectors = clustered(n, dim, seed=n)
-    rng = np.random.default_rng(7)
-    bucket = rng.integers(0, 1000, n).astype(np.int32)
-    db = await lancedb.connect_async(str(work / f"sweep{n}"))
-    table = None
-    for i, batch in enumerate(table_batches(vectors, bucket)):
-        if table is None:
-            table = await db.create_table("products", data=batch)
-        else:
-            await table.add(batch)
-        if (i + 1) % 4 == 0:
-            print(f"[sweep] n={n:,}: wrote {(i + 1) * 50_000:,} rows", flush=True)
-    await table.create_index("bucket", config=lancedb.index.BTree())
+    vectors, bucket, table, rng, _ = await dataset(n, dim, work / f"sweep{n}")
     picks = rng.integers(0, n, queries)
     qs = vectors[picks] + 0.2 * rng.standard_normal((queries, dim)).astype(np.float32) / np.sqrt(dim) * 10
     qs /= np.linalg.norm(qs, axis=1, keepdims=True)
