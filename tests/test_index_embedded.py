@@ -365,3 +365,84 @@ def test_search_plan_is_exact_under_narrow_filters_and_fixed_settings_otherwise(
     assert (wide.nprobes, wide.refine, wide.ef) == (8, 4, 300)
     assert plan_search(5000, 10**8, 20_000).nprobes == 83  # scales with the partitions
     assert plan_search(4, 10**6, 20_000).nprobes == 4  # never more than there are
+
+
+def test_scalar_indexes_change_no_answer_of_any_filter(tmp_path):
+    """optimize() indexes every filter column (bitmaps, B-trees, a label list for sizes): each
+    kind of filter gives exactly the brute-force answer before and after, including rows written
+    after the indexes were built (LanceDB scans what an index does not cover yet) and a delete."""
+    n, dim = 600, 8
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((n + 40, dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    cats, markets, sizes = ["dress", "shirt", "boots"], ["US", "DE", "FR"], ["S", "M", "L", "XL"]
+    products = [
+        Product(
+            id=f"s{i}",
+            title="t",
+            brand=f"B{i % 7}",
+            category=cats[i % 3],
+            gender=["women", "men"][i % 2],
+            market=markets[(i // 3) % 3],
+            price=float(i % 97),
+            currency="USD",
+            sizes=[sizes[i % 4], sizes[(i + 1) % 4]],
+            in_stock=i % 5 != 0,
+            image_url="",
+        )  # fmt: skip
+        for i in range(n + 40)
+    ]
+    filters = [
+        build_filters(),
+        build_filters(categories=["boots"]),
+        build_filters(gender="men", market="DE"),
+        build_filters(brands=["B3"], in_stock_only=True),
+        build_filters(sizes=["XL"]),
+        build_filters(min_price=10, max_price=20.5, categories=["dress", "shirt"]),
+    ]
+    space = EmbeddingSpace("clip", 1, dim)
+
+    def brute(f, query, gone):
+        def ok(p):
+            return (
+                p.id not in gone
+                and (not f.categories or p.category in f.categories)
+                and (not f.genders() or p.gender in f.genders())
+                and (not f.market or p.market == f.market)
+                and (not f.brands or p.brand in f.brands)
+                and (not f.sizes or set(p.sizes) & set(f.sizes))
+                and (f.min_price is None or p.price >= f.min_price)
+                and (f.max_price is None or p.price <= f.max_price)
+                and (not f.in_stock_only or p.in_stock)
+            )
+
+        live = [i for i in range(len(products)) if i < written[0] and ok(products[i])]
+        return sorted(live, key=lambda i: -float(vecs[i] @ query))[:10]
+
+    written = [n]
+
+    async def answers(index, gone=frozenset()):
+        out = []
+        for f in filters:
+            for q in (vecs[5], vecs[77]):
+                _, hits = await index.search(q, space, f, 10)
+                assert [h.product.id for h in hits] == [f"s{i}" for i in brute(f, q, gone)], where_clause(f)
+                out.append([h.product.id for h in hits])
+        return out
+
+    async def scenario():
+        index = EmbeddedIndex(tmp_path, refresh_s=0.0, ann_min_rows=10**9)
+        await index.upsert(space, [(p, "h", v) for p, v in zip(products[:n], vecs[:n])])
+        before = await answers(index)
+        await index.optimize(space)
+        table = await index._table(space.index_name)
+        indexed = {c for i in await table.list_indices() for c in i.columns}
+        assert {"deleted", "category", "market", "in_stock", "sizes", "price", "brand"} <= indexed
+        assert await answers(index) == before
+        # rows the indexes do not cover yet, and a delete
+        await index.upsert(space, [(p, "h", v) for p, v in zip(products[n:], vecs[n:])])
+        written[0] = n + 40
+        await index.delete(space, ["s5"])
+        await answers(index, gone={"s5"})
+
+    asyncio.run(scenario())

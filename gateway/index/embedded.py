@@ -29,7 +29,7 @@ import pyarrow as pa
 from gateway.catalog import Product
 from gateway.errors import FailedPrecondition, Unavailable
 from gateway.filters import SearchFilters
-from gateway.index.ann_plan import index_config, partitions_for, plan_search
+from gateway.index.ann_plan import index_config, partitions_for, plan_search, scalar_indexes
 from gateway.index.base import (
     CatalogIndex,
     EmbeddingSpace,
@@ -312,13 +312,12 @@ class EmbeddedIndex(CatalogIndex):
         return plan_search(partitions, matching, self.exact_max_rows).apply(query)
 
     async def optimize(self, space: EmbeddingSpace) -> bool:
-        """B-tree indexes on `id` and `item_id` (reads by id and by item: writes, offers,
-        dedup), and the ANN index once the table is big enough; returns whether that exists."""
-        from lancedb.index import BTree
-
+        """Scalar indexes (reads by id and item: writes, offers, dedup; and every filter column,
+        so a kNN pre-filter reads an index instead of scanning the column), and the ANN index
+        once the table is big enough; returns whether that exists."""
         table = await self._table(await self.ensure(space, make_current_if_none=False), strong=True)
-        for column in ("id", "item_id"):
-            await table.create_index(column, config=BTree(), replace=True)
+        for column, config in scalar_indexes():
+            await table.create_index(column, config=config, replace=True)
         rows = await table.count_rows()
         if rows < self.ann_min_rows:
             return False
