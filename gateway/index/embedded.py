@@ -298,7 +298,7 @@ class EmbeddedIndex(CatalogIndex):
 
     async def _plan(self, table, name: str, query, where: str):
         """Exact search when the table has no ANN index or the filter leaves few rows; the ANN
-        index otherwise, probing more partitions the narrower the filter."""
+        index otherwise, with the measured settings (gateway/index/ann_plan.py)."""
         known = self._ann.get(name)
         if known is None or time.monotonic() - known[1] > 60:  # another process may build one
             indices = await table.list_indices()
