@@ -154,11 +154,22 @@ def test_prepared_tasks_are_self_contained(study):
 
 def _submit(driver, button) -> None:
     """Click a submit button and wait until the next page has replaced this one."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
+    def replaced(driver) -> bool:
+        # Chromium sometimes reports the old page's node as "does not belong to the document"
+        # (a plain WebDriverException) rather than a stale reference: both mean it was replaced.
+        try:
+            return expected_conditions.staleness_of(button)(driver)
+        except WebDriverException as exc:
+            if "does not belong to the document" in str(exc):
+                return True
+            raise
+
     button.click()
-    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(button))
+    WebDriverWait(driver, 10).until(replaced)
 
 
 def _score_all(driver, url: str, annotator: str, score_of) -> dict[str, dict[str, int]]:
