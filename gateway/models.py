@@ -31,32 +31,60 @@ from gateway.index.base import EmbeddingSpace
 from gateway.indexer import Indexer, index_catalog, resolve_space
 from gateway.ingest.events import HOLDS, STREAM, PoisonEvent, parse_event, redis_time_ms, snapshot_seq
 
-TOWERS = ("image_encoder", "text_encoder", "image", "text")  # encoders first: wrappers call them
-
 
 class TritonModels:
-    """Which versions of one model family Triton serves, through its repository API."""
+    """Which versions of one model family Triton serves, through its repository API.
+
+    A version is its wrappers (`<model>_image`, `<model>_text`) plus the encoders they call,
+    named per version in the wrapper's preprocess.json: `<model>_<tower>_encoder` (ONNX) or
+    `<model>_<tower>_encoder_trt` (a TensorRT version, export/trt.py). Loading a set of
+    versions loads each Triton model with the versions that need it and unloads the models no
+    requested version needs, so an ONNX version never depends on a TensorRT model loading."""
 
     def __init__(self, url: str, repository: Path, model: str):
         self.client = triton.InferenceServerClient(url)
         self.repository = Path(repository)
         self.model = model
         # Image-only families (DINOv2) have no text models.
-        self.names = [f"{model}_{t}" for t in TOWERS if (self.repository / f"{model}_{t}").is_dir()] or [
-            f"{model}_{t}" for t in TOWERS
+        self.wrappers = [
+            f"{model}_{t}" for t in ("image", "text") if (self.repository / f"{model}_{t}").is_dir()
         ]
+        self.wrappers = self.wrappers or [f"{model}_image", f"{model}_text"]
 
-    def on_disk(self) -> list[int]:
-        """Versions exported for all four Triton models of the family."""
+    @property
+    def names(self) -> list[str]:
+        """Every Triton model of the family, encoders first (wrappers call them)."""
+        encoders = {e for v in self._wrapper_versions() for e in self.models_for(v) if e not in self.wrappers}
+        return sorted(encoders) + self.wrappers
+
+    def _wrapper_versions(self) -> set[int]:
         sets = []
-        for name in self.names:
+        for name in self.wrappers:
             folder = self.repository / name
             sets.append(
                 {int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()}
                 if folder.is_dir()
                 else set()
             )
-        return sorted(set.intersection(*sets)) if sets else []
+        return set.intersection(*sets) if sets else set()
+
+    def models_for(self, version: int) -> list[str]:
+        """The Triton models version `version` runs on: its encoders, then its wrappers."""
+        encoders = []
+        for wrapper in self.wrappers:
+            tower = wrapper.rsplit("_", 1)[1]
+            meta_file = self.repository / wrapper / str(version) / "preprocess.json"
+            meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+            encoders.append(meta.get(f"{tower}_encoder") or f"{wrapper}_encoder")
+        return encoders + self.wrappers
+
+    def on_disk(self) -> list[int]:
+        """Versions exported completely: every wrapper and the encoders it names."""
+        return sorted(
+            v
+            for v in self._wrapper_versions()
+            if all((self.repository / name / str(v)).is_dir() for name in self.models_for(v))
+        )
 
     async def loaded(self, attempts: int = 3) -> dict[str, list[int]]:
         # A swap runs for minutes: one slow answer from a busy Triton must not abort it.
@@ -75,22 +103,35 @@ class TritonModels:
         return {k: sorted(v) for k, v in out.items()}
 
     async def serve_versions(self, versions: list[int], timeout_s: float = 300) -> None:
-        """Load exactly these versions of every model of the family (explicit model control:
-        the repository's config with its version policy replaced for this load)."""
+        """Load exactly these versions (explicit model control: the repository's config with its
+        version policy replaced for this load); models none of them needs are unloaded."""
         missing = sorted(set(versions) - set(self.on_disk()))
         if missing:
             raise FailedPrecondition(f"{self.model} versions {missing} are not exported in {self.repository}")
+        needed: dict[str, list[int]] = {}
+        for version in sorted(versions):
+            for name in self.models_for(version):
+                needed.setdefault(name, []).append(version)
         for name in self.names:
+            if name not in needed:
+                continue
             config = text_format.Parse(
                 (self.repository / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
             )
             config.version_policy.Clear()
-            config.version_policy.specific.versions.extend(sorted(versions))
+            config.version_policy.specific.versions.extend(needed[name])
             body = json_format.MessageToJson(config, preserving_proto_field_name=True)
             try:
                 await self.client.load_model(name, config=body, client_timeout=timeout_s)
             except InferenceServerException as exc:
-                raise Unavailable(f"Triton could not load {name} {versions}: {exc.message()}") from None
+                raise Unavailable(f"Triton could not load {name} {needed[name]}: {exc.message()}") from None
+        loaded = await self.loaded()
+        for name in self.names:
+            if name not in needed and loaded.get(name):
+                try:
+                    await self.client.unload_model(name, client_timeout=timeout_s)
+                except InferenceServerException as exc:
+                    raise Unavailable(f"Triton could not unload {name}: {exc.message()}") from None
 
     async def close(self) -> None:
         await self.client.close()

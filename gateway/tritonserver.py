@@ -53,12 +53,40 @@ def backend_dir(work_dir: Path) -> Path:
     return target.parent
 
 
-def models_in(repository: Path) -> list[str]:
-    """Models that have a config and at least one numbered version."""
+# Platforms of Triton's built-in backends (a config names either `backend` or `platform`).
+PLATFORM_BACKENDS = {
+    "tensorrt_plan": "tensorrt",
+    "onnxruntime_onnx": "onnxruntime",
+    "pytorch_libtorch": "pytorch",
+    "tensorflow_savedmodel": "tensorflow",
+    "tensorflow_graphdef": "tensorflow",
+}
+
+
+def model_backend(config: Path) -> str:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    parsed = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+    return parsed.backend or PLATFORM_BACKENDS.get(parsed.platform, parsed.platform)
+
+
+def models_in(repository: Path, backends: set[str] | None = None) -> list[str]:
+    """Models that have a config and at least one numbered version; with `backends`, only those
+    this server can run (the wheel's server has the python backend only: a TensorRT version
+    added for the GPU target must not stop the CPU server from starting)."""
     names = []
     for config in sorted(repository.glob("*/config.pbtxt")):
-        if any(p.is_dir() and p.name.isdigit() for p in config.parent.iterdir()):
-            names.append(config.parent.name)
+        if not any(p.is_dir() and p.name.isdigit() for p in config.parent.iterdir()):
+            continue
+        if backends is not None and (backend := model_backend(config)) not in backends:
+            print(
+                f"tritonserver: not loading {config.parent.name}: backend {backend!r} is not in this "
+                f"server (it has {sorted(backends)}; NVIDIA's Triton image has the GPU backends)",
+                file=sys.stderr,
+            )
+            continue
+        names.append(config.parent.name)
     return names
 
 
@@ -75,10 +103,11 @@ class TritonServer:
 
     def command(self) -> list[str]:
         binary = pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+        backends_root = backend_dir(Path(self.work_dir))
         cmd = [
             str(binary),
             f"--model-repository={Path(self.repository).resolve()}",
-            f"--backend-directory={backend_dir(Path(self.work_dir)).resolve()}",
+            f"--backend-directory={backends_root.resolve()}",
             "--model-control-mode=explicit",
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
@@ -89,7 +118,8 @@ class TritonServer:
             "--exit-timeout-secs=5",
             f"--log-verbose={self.log_verbose}",
         ]
-        for model in self.models if self.models is not None else models_in(Path(self.repository)):
+        backends = {p.name for p in backends_root.iterdir() if p.is_dir()}
+        for model in self.models if self.models is not None else models_in(Path(self.repository), backends):
             cmd.append(f"--load-model={model}")
         return cmd
 

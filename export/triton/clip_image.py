@@ -33,7 +33,7 @@ class TritonPythonModel:
             meta = json.load(fh)
         self.spec = ImageSpec.from_meta(meta)
         self.max_pixels = int(meta.get("max_pixels", 40_000_000))
-        self.encode = make_encoder(pb_utils, args, meta["image_encoder"], "pixel_values")
+        self.encode = make_encoder(pb_utils, args, meta["image_encoder"], "pixel_values", meta.get("runner"))
 
     def execute(self, requests):
         responses = [None] * len(requests)

@@ -33,7 +33,7 @@ class TritonPythonModel:
             meta["clean"],
         )
         self.trim = bool(meta.get("trim_padding", False))
-        self.encode = make_encoder(pb_utils, args, meta["text_encoder"], "input_ids")
+        self.encode = make_encoder(pb_utils, args, meta["text_encoder"], "input_ids", meta.get("runner"))
 
     def execute(self, requests):
         texts, sizes = [], []

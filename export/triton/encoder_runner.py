@@ -10,6 +10,10 @@
   as its own Triton model, e.g. to give it more instances than the wrapper).
 
 Both are called as `run(batch) -> embeddings` and raise `EncoderError` on failure.
+
+A version may name its own runner and encoder in preprocess.json (`runner`, `<tower>_encoder`):
+a TensorRT version (`python -m export trt`) calls `<model>_<tower>_encoder_trt` through BLS
+whatever the model-wide config says, so ONNX and TensorRT versions live side by side.
 """
 
 from __future__ import annotations
@@ -64,13 +68,14 @@ class BlsEncoder:
         return self.pb.get_output_tensor_by_name(result, "embedding").as_numpy()
 
 
-def make_encoder(pb_utils, args: dict, encoder: str, input_name: str):
-    """The runner named by the wrapper's `runner` parameter (config.pbtxt)."""
+def make_encoder(pb_utils, args: dict, encoder: str, input_name: str, runner: str | None = None):
+    """The runner this version names (`runner`, from its preprocess.json), else the one named by
+    the wrapper's `runner` parameter (config.pbtxt, shared by every version)."""
     import json
 
     config = json.loads(args["model_config"])
     params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-    mode = params.get("runner", "bls")
+    mode = runner or params.get("runner", "bls")
     version = args["model_version"]
     if mode == "bls":
         return BlsEncoder(pb_utils, encoder, int(version), input_name)
