@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> None:
         vision.add_argument(
             "--tiny", action="store_true", help="the smallest config on the same code path (random-init only)"
         )
+        sizes = "tiny|hiera-tiny|base-plus|large" if name == "sam2" else "tiny|base|large"
+        vision.add_argument(
+            "--size",
+            default="hiera-tiny" if name == "sam2" else "base",
+            help=f"random-init shapes: {sizes} (a checkpoint brings its own)",
+        )
         vision.add_argument("--version", type=int, required=True, help="Triton version number to write")
         vision.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
         vision.add_argument("--repository", type=Path, default=Path("model_repository"))
@@ -76,7 +82,10 @@ def main(argv: list[str] | None = None) -> None:
 
     trt = sub.add_parser("trt", help="TensorRT plans for an exported gpu-target version (GPU hosts only)")
     trt.add_argument("--name", default="clip")
-    trt.add_argument("--version", type=int, required=True)
+    trt.add_argument("--version", type=int, required=True, help="the exported ONNX version to build from")
+    trt.add_argument(
+        "--as-version", type=int, default=None, help="the new version's number (default: next free)"
+    )
     trt.add_argument("--repository", type=Path, default=Path("model_repository"))
     trt.add_argument("--min-batch", type=int, default=1)
     trt.add_argument("--opt-batch", type=int, default=16)
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             TrtRequest(
                 name=args.name,
                 version=args.version,
+                as_version=args.as_version,
                 repository=args.repository,
                 min_batch=args.min_batch,
                 opt_batch=args.opt_batch,
@@ -110,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                 target=args.target,
                 checkpoint=args.checkpoint,
                 tiny=args.tiny,
+                size=args.size,
                 repository=args.repository,
                 name=args.name,
                 seed=args.seed,
@@ -126,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                 target=args.target,
                 checkpoint=args.checkpoint,
                 tiny=args.tiny,
+                size=args.size,
                 imprint=not args.no_imprint,
                 repository=args.repository,
                 name=args.name,

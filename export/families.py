@@ -75,6 +75,21 @@ def build(family: str, arch: str, checkpoint: str | None, pretrained: str | None
     return _open_clip(family, arch, checkpoint, pretrained, tokenizer)
 
 
+def register_arch(arch: str) -> str:
+    """The open_clip model name for `arch`: a registered name, or a JSON model config of one's
+    own (open_clip's format; e.g. real-size shapes with other widths), registered under its
+    file stem. The project's configs (export/configs) are registered too."""
+    import open_clip
+
+    open_clip.add_model_config(HERE / "configs")
+    if not arch.endswith(".json"):
+        return arch
+    if not Path(arch).is_file():
+        raise SystemExit(f"--arch {arch}: no such config file")
+    open_clip.add_model_config(Path(arch))
+    return Path(arch).stem
+
+
 def open_clip_model(family: str, arch: str, checkpoint: str | None, pretrained: str | None, seed=None):
     """An open_clip model (CLIP or SigLIP-style) in eval mode, with its family's
     pre-processing where the pretrained tag does not bring it. Never downloads."""
@@ -84,7 +99,7 @@ def open_clip_model(family: str, arch: str, checkpoint: str | None, pretrained: 
 
     if seed is not None:
         torch.manual_seed(seed)
-    open_clip.add_model_config(HERE / "configs")
+    arch = register_arch(arch)
     force = None
     if family == "siglip" and not pretrained:
         force = {
@@ -102,6 +117,8 @@ def _open_clip(family, arch, checkpoint, pretrained, tokenizer_dir) -> Towers:
     import open_clip
     import torch
     import torch.nn.functional as F
+
+    arch = register_arch(arch)
 
     model = open_clip_model(family, arch, checkpoint, pretrained)  # build() seeded torch
 

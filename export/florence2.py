@@ -2,6 +2,7 @@
 
     python -m export florence2 --checkpoint /models/Florence-2-base --version 1
     python -m export florence2 --random-init --tiny --version 1     # CI: ~0.45 M params, 128 px
+    python -m export florence2 --random-init --size large --version 1   # Florence-2-large shapes
 
 Four ONNX graphs (see export/triton_vision/florence2_runtime.py for their inputs and outputs):
 vision encoder; text+image encoder (token embeddings with the `<image>` positions replaced by
@@ -84,6 +85,26 @@ BASE_TEXT = dict(
     decoder_ffn_dim=3072,
     max_position_embeddings=1024,
 )
+# Florence-2-large (0.77 B params): a wider DaViT, a 12+12-layer BART with d_model 1024.
+LARGE_VISION = dict(
+    embed_dim=[256, 512, 1024, 2048],
+    num_heads=[8, 16, 32, 64],
+    num_groups=[8, 16, 32, 64],
+    projection_dim=1024,
+    drop_path_rate=0.0,
+)
+LARGE_TEXT = dict(
+    d_model=1024,
+    encoder_layers=12,
+    decoder_layers=12,
+    encoder_attention_heads=16,
+    decoder_attention_heads=16,
+    encoder_ffn_dim=4096,
+    decoder_ffn_dim=4096,
+    max_position_embeddings=1024,
+)
+SIZES = {"tiny": (TINY_IMAGE, TINY_VISION, TINY_TEXT), "base": (BASE_IMAGE, BASE_VISION, BASE_TEXT),
+         "large": (BASE_IMAGE, LARGE_VISION, LARGE_TEXT)}  # fmt: skip
 TASK_TOKENS = ["<od>", "</od>", "<ocr>", "</ocr>", "<ground>", "</ground>", "<obj>", "</obj>", "<sep>"]
 POST_PROCESSOR_TASKS = (
     "pure_text",
@@ -108,7 +129,8 @@ class Florence2Request:
     version: int
     target: str = "cpu"
     checkpoint: str | None = None
-    tiny: bool = False
+    tiny: bool = False  # the same as size "tiny"
+    size: str = "base"  # random-init shapes: tiny | base | large
     imprint: bool = True  # tiny random-init only
     repository: Path = Path("model_repository")
     name: str = "florence2"
@@ -161,10 +183,13 @@ def build_model(req: Florence2Request):
             req.checkpoint, local_files_only=True, attn_implementation="eager"
         )
         return model.eval(), processor
-    image = TINY_IMAGE if req.tiny else BASE_IMAGE
+    size = "tiny" if req.tiny else req.size
+    if size not in SIZES:
+        raise SystemExit(f"florence2 size {size!r} is not one of {', '.join(SIZES)}")
+    image, vision, text = SIZES[size]
     processor = build_processor(image)
     tok = processor.tokenizer
-    text = dict(TINY_TEXT if req.tiny else BASE_TEXT)
+    text = dict(text)
     text.update(
         vocab_size=len(tok),
         pad_token_id=tok.pad_token_id,
@@ -174,7 +199,7 @@ def build_model(req: Florence2Request):
         forced_eos_token_id=tok.eos_token_id,
     )
     config = Florence2Config(
-        vision_config=TINY_VISION if req.tiny else BASE_VISION,
+        vision_config=vision,
         text_config=text,
         image_token_id=tok.image_token_id,
     )
@@ -559,7 +584,7 @@ def export_florence2(req: Florence2Request) -> Path:
         meta = {
             "model": req.name,
             "version": req.version,
-            "weights": req.checkpoint or f"random-init(seed={req.seed}{', tiny' if req.tiny else ''})",
+            "weights": req.checkpoint or f"random-init(seed={req.seed}, {'tiny' if req.tiny else req.size})",
             "imprinted": bool(req.tiny and req.imprint and not req.checkpoint),
             "image": spec,
             "image_seq_length": int(processor.num_image_tokens),

@@ -2,6 +2,7 @@
 
     python -m export sam2 --checkpoint /models/sam2.1-hiera-large --version 1
     python -m export sam2 --random-init --tiny --version 1     # CI: 1.4 M params, 256 px
+    python -m export sam2 --random-init --size base-plus --version 1   # sam2.1-hiera-base-plus shapes
 
 Two graphs, split where SAM2 itself splits its work:
 
@@ -55,6 +56,36 @@ TINY_CONFIG = dict(
     prompt_encoder_config=dict(hidden_size=64, image_size=256, patch_size=16),
     mask_decoder_config=dict(hidden_size=64, mlp_dim=256, num_attention_heads=4, iou_head_hidden_dim=64),
 )
+
+
+# Real sizes with random weights (SAM 2.1's Hiera configs; 1024 px). "hiera-tiny" is
+# transformers' default Sam2Config.
+def _hiera(hidden, blocks, windows, global_blocks, background) -> dict:
+    dims = [hidden, hidden * 2, hidden * 4, hidden * 8]
+    return dict(
+        vision_config=dict(
+            backbone_config=dict(
+                model_type="sam2_hiera_det_model",
+                hidden_size=hidden,
+                num_attention_heads=2,
+                embed_dim_per_stage=dims,
+                num_attention_heads_per_stage=[2, 4, 8, 16],
+                blocks_per_stage=blocks,
+                window_size_per_stage=windows,
+                global_attention_blocks=global_blocks,
+                window_positional_embedding_background_size=background,
+            ),
+            backbone_channel_list=dims[::-1],
+        )
+    )
+
+
+SIZES = {
+    "tiny": TINY_CONFIG,
+    "hiera-tiny": {},
+    "base-plus": _hiera(112, [2, 3, 16, 3], [8, 4, 14, 7], [12, 16, 20], [14, 14]),
+    "large": _hiera(144, [2, 6, 36, 4], [8, 4, 16, 8], [23, 33, 43], [7, 7]),
+}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _RESAMPLE_NAMES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
@@ -67,7 +98,8 @@ class Sam2Request:
     version: int
     target: str = "cpu"
     checkpoint: str | None = None
-    tiny: bool = False
+    tiny: bool = False  # the same as size "tiny"
+    size: str = "hiera-tiny"  # random-init shapes: a key of SIZES
     repository: Path = Path("model_repository")
     name: str = "sam2"
     seed: int = 0
@@ -81,7 +113,10 @@ def build_model(req: Sam2Request):
     offline()
     import torch
 
-    if req.tiny:
+    size = "tiny" if req.tiny else req.size
+    if size not in SIZES:
+        raise SystemExit(f"sam2 size {size!r} is not one of {', '.join(SIZES)}")
+    if size == "tiny":
         # Tiny models are all overhead: on a small shared machine more threads only spin.
         torch.set_num_threads(1)
     from transformers import Sam2Config, Sam2Model
@@ -90,7 +125,7 @@ def build_model(req: Sam2Request):
         model = Sam2Model.from_pretrained(req.checkpoint, local_files_only=True)
     else:
         torch.manual_seed(req.seed)
-        model = Sam2Model(Sam2Config(**TINY_CONFIG) if req.tiny else Sam2Config())
+        model = Sam2Model(Sam2Config(**SIZES[size]))
     model.eval()
     return model, image_spec(model, req.checkpoint)
 
@@ -239,7 +274,7 @@ def export_sam2(req: Sam2Request) -> Path:
         meta = {
             "model": req.name,
             "version": req.version,
-            "weights": req.checkpoint or f"random-init(seed={req.seed}{', tiny' if req.tiny else ''})",
+            "weights": req.checkpoint or f"random-init(seed={req.seed}, {'tiny' if req.tiny else req.size})",
             "image": spec,
             "mask_threshold": 0.0,
             "runner": plan.effective_runner,

@@ -55,18 +55,69 @@ def export_onnx(
                 opset_version=opset,
                 dynamo=False,
             )
-        model = onnx.load(str(tmp / "model.onnx"))
-        big = sum(t.ByteSize() for t in model.graph.initializer) > (1 << 30)
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=big,
-            all_tensors_to_one_file=True,
-            location=f"{path.name}.data" if big else None,
-        )
+        model = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
+        if _external(model):
+            # Over protobuf's 2 GB the exporter wrote one file per tensor: copy them into one
+            # file tensor by tensor rather than loading them (ViT-H/14: 3.9 GB held twice).
+            _merge_external_data(model, tmp, path)
+        else:
+            big = sum(t.ByteSize() for t in model.graph.initializer) > (1 << 30)
+            onnx.save_model(
+                model,
+                str(path),
+                save_as_external_data=big,
+                all_tensors_to_one_file=True,
+                location=f"{path.name}.data" if big else None,
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     onnx.checker.check_model(str(path))
+
+
+def _external(model) -> bool:
+    from onnx.external_data_helper import uses_external_data
+
+    return any(uses_external_data(t) for t in _tensors(model.graph))
+
+
+def _tensors(graph):
+    """Every tensor of a graph: initializers and Constant nodes' values, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def _merge_external_data(model, source_dir: Path, path: Path, align: int = 4096) -> None:
+    """Write `model` (whose tensors live in files under source_dir) as `path` plus one
+    `<path>.data`, offsets aligned so the data can be memory-mapped."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    location = f"{path.name}.data"
+    with open(path.parent / location, "wb") as out:
+        for tensor in _tensors(model.graph):
+            if not uses_external_data(tensor):
+                continue
+            info = ExternalDataInfo(tensor)
+            with open(source_dir / info.location, "rb") as src:
+                src.seek(info.offset or 0)
+                data = src.read(info.length) if info.length else src.read()
+            pad = -out.tell() % align
+            out.write(b"\0" * pad)
+            offset = out.tell()
+            out.write(data)
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", offset), ("length", len(data))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+    onnx.save_model(model, str(path))
 
 
 def session(path: Path, threads: int = 0):

@@ -384,3 +384,22 @@ def test_checkpoint_directories_export_through_the_cli_with_their_own_processor(
     assert (repo / "florence2_ground/3/processor/tokenizer.json").is_file()
     with pytest.raises(SystemExit):  # --tiny is a random-init config, never a checkpoint's
         main(["sam2", "--checkpoint", str(tmp_path / "sam2-ckpt"), "--tiny", "--version", "4"])
+
+
+def test_real_sizes_build_with_their_published_shapes():
+    """`--size` builds the real architectures with random weights (what a model team exports
+    before its checkpoints arrive); an unknown size is refused by name."""
+    from export.florence2 import Florence2Request
+    from export.florence2 import build_model as florence2_model
+    from export.sam2 import Sam2Request
+    from export.sam2 import build_model as sam2_model
+
+    model, spec = sam2_model(Sam2Request(version=1, size="base-plus"))
+    # sam2.1-hiera-base-plus is 80.8 M with the video memory modules, which Sam2Model leaves out.
+    assert 72e6 < sum(p.numel() for p in model.parameters()) < 75e6
+    assert model.config.vision_config.backbone_config.embed_dim_per_stage == [112, 224, 448, 896]
+    assert spec["height"] == spec["width"] == 1024
+    with pytest.raises(SystemExit, match="huge"):
+        sam2_model(Sam2Request(version=1, size="huge"))
+    with pytest.raises(SystemExit, match="tiny, base, large"):
+        florence2_model(Florence2Request(version=1, size="xl"))
