@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> None:
         clip.add_argument("--seed", type=int, default=0)
         clip.add_argument("--onnx-threads", type=int, default=0, help="cpu target: onnxruntime threads")
         clip.add_argument(
+            "--precision",
+            choices=["fp32", "fp16"],
+            default="fp32",
+            help="gpu target: fp16 weights and activations (fp32 inputs/outputs, LayerNorm in fp32)",
+        )
+        clip.add_argument(
             "--runner",
             choices=["inprocess", "bls"],
             default=None,
@@ -164,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
                 seed=args.seed,
                 onnx_threads=args.onnx_threads,
                 runner=args.runner or "",
+                precision=args.precision,
             )
         )
 

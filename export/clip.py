@@ -26,6 +26,9 @@ from export.triton_config import ServingPlan, all_configs
 HERE = Path(__file__).resolve().parent
 TRITON_CODE = HERE / "triton"
 MIN_COSINE = 0.9999
+# fp16 weights and activations against the fp32 model (LayerNorms in fp32): measured 0.99999+
+# on the tiny and demo configs; 0.999 leaves room for deeper towers without hiding a broken graph.
+MIN_COSINE_FP16 = 0.999
 
 
 @dataclass
@@ -43,6 +46,7 @@ class ExportRequest:
     family: str = "clip"  # clip | siglip | dinov2 (export/families.py)
     tokenizer: str | None = None  # siglip: a local Hugging Face tokenizer directory
     runner: str = ""  # wrappers run the encoder "inprocess" or via "bls"; "" = the target's default
+    precision: str = "fp32"  # "fp16": fp16 weights and activations, fp32 inputs/outputs (gpu target)
 
 
 def _log(msg: str, t0: float) -> None:
@@ -74,22 +78,56 @@ def _export_onnx(module, example, input_name: str, path: Path, opset: int) -> No
     )
 
 
-def _parity(module, onnx_path: Path, make_input, batch_sizes=(1, 3, 5)) -> float:
-    """Worst cosine between PyTorch and ONNX Runtime outputs over a few batch sizes."""
-    import onnxruntime as ort
+def _references(module, make_input, batch_sizes=(1, 3, 5)) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Inputs at a few batch sizes and the fp32 PyTorch outputs the ONNX file must match."""
     import torch
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    inputs = [make_input(n) for n in batch_sizes]
+    with torch.no_grad():
+        refs = [module(torch.from_numpy(x)).float().numpy() for x in inputs]
+    return inputs, refs
+
+
+def _parity(onnx_path: Path, inputs: list[np.ndarray], refs: list[np.ndarray]) -> float:
+    """Worst cosine between the references and ONNX Runtime's outputs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # ORT 1.31's CPU provider crashes (SIGSEGV) building an fp16 CLIP graph at ORT_ENABLE_ALL;
+    # EXTENDED keeps the fusions that matter and runs both precisions.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     worst = 1.0
-    for n in batch_sizes:
-        x = make_input(n)
-        with torch.no_grad():
-            ref = module(torch.from_numpy(x)).numpy()
+    for x, ref in zip(inputs, refs):
         (got,) = session.run(["embedding"], {name: x})
         cos = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
         worst = min(worst, float(cos.min()))
     return worst
+
+
+def half_tower(module):
+    """The tower with fp16 weights and activations, fp32 inputs and outputs (the Triton contract
+    stays TYPE_FP32, so configs and clients do not change) and LayerNorms computed in fp32, where
+    fp16 loses most. Converts `module` in place."""
+    import torch
+
+    inner = module.half()
+    for m in inner.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.float()
+            m.register_forward_pre_hook(lambda _m, args: tuple(a.float() for a in args))
+            m.register_forward_hook(lambda _m, _args, out: out.half())
+
+    class Half(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x.half() if x.is_floating_point() else x).float()
+
+    return Half().eval()
 
 
 def export_clip(req: ExportRequest) -> Path:
@@ -98,6 +136,13 @@ def export_clip(req: ExportRequest) -> Path:
     t0 = time.monotonic()
     if req.runner not in ("", "inprocess", "bls"):
         raise SystemExit(f"runner must be 'inprocess' or 'bls', not {req.runner!r}")
+    if req.precision not in ("fp32", "fp16"):
+        raise SystemExit(f"precision must be 'fp32' or 'fp16', not {req.precision!r}")
+    if req.precision == "fp16" and req.target != "gpu":
+        raise SystemExit(
+            "precision fp16 is for the gpu target (Triton's onnxruntime/TensorRT backends); the cpu "
+            "target serves fp32. An fp16 gpu-target export is still checked here, on the CPU"
+        )
     if req.target == "gpu" and req.runner == "inprocess":
         raise SystemExit("the gpu target runs the encoders on Triton's GPU backends: runner 'bls' only")
     from export.families import build
@@ -130,20 +175,26 @@ def export_clip(req: ExportRequest) -> Path:
     encoders = [("image_encoder", towers.image, pixels, "pixel_values")]
     if towers.text is not None:
         encoders.append(("text_encoder", towers.text, tokens, "input_ids"))
+    min_cosine = MIN_COSINE_FP16 if req.precision == "fp16" else MIN_COSINE
+    dim = 0
     for tower, module, make_input, input_name in encoders:
         onnx_path = staging[tower] / "model.onnx"
+        # References from the fp32 model whatever the precision exported.
+        inputs, refs = _references(module, make_input)
+        dim = dim or int(refs[0].shape[-1])
+        if req.precision == "fp16":
+            module = half_tower(module)
         _export_onnx(module, torch_tensor(make_input(1)), input_name, onnx_path, req.opset)
-        cosine = _parity(module, onnx_path, make_input)
+        cosine = _parity(onnx_path, inputs, refs)
         parity[tower] = cosine
-        _log(f"{tower}: exported, parity min cosine {cosine:.7f}", t0)
-        if cosine < MIN_COSINE:
+        _log(f"{tower}: exported ({req.precision}), parity min cosine vs fp32 PyTorch {cosine:.7f}", t0)
+        if cosine < min_cosine:
             for path in staging.values():
                 shutil.rmtree(path, ignore_errors=True)
-            raise SystemExit(f"{tower}: ONNX Runtime differs from PyTorch (cosine {cosine} < {MIN_COSINE})")
+            raise SystemExit(f"{tower}: ONNX Runtime differs from PyTorch (cosine {cosine} < {min_cosine})")
         if req.target == "cpu":
             shutil.copy(TRITON_CODE / "onnx_encoder.py", staging[tower] / "model.py")
 
-    dim = int(towers.image(torch_tensor(pixels(1))).shape[-1])
     identity = {
         "model": req.name,
         "version": req.version,
@@ -153,6 +204,8 @@ def export_clip(req: ExportRequest) -> Path:
         "dim": dim,
         "weights": req.checkpoint or req.pretrained or f"random-init(seed={req.seed})",
         "parity_min_cosine": parity,
+        "precision": req.precision,
+        "parity_tolerance": min_cosine,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     image_meta = {**identity, **towers.image_meta, "image_encoder": f"{req.name}_image_encoder"}

@@ -106,3 +106,51 @@ def test_gpu_target_refuses_the_in_process_runner(tmp_path):
             )
         )
     assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_the_fp16_variant_keeps_the_contract_and_its_tolerance(tmp_path, tiny_repo):
+    """`--precision fp16` (gpu target): fp16 weights, fp32 inputs and outputs, within the
+    documented tolerance of the fp32 model on inputs the export did not check."""
+    import onnx
+
+    export_clip(
+        ExportRequest(arch="looksync-tiny", version=1, repository=tmp_path, target="gpu", precision="fp16")
+    )
+    model = build_model(ExportRequest(arch="looksync-tiny", version=1))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    rng = np.random.default_rng(11)
+    for tower in ("image", "text"):
+        path = tmp_path / f"clip_{tower}_encoder/1/model.onnx"
+        weights = onnx.load(str(path)).graph.initializer
+        half = sum(t.ByteSize() for t in weights if t.data_type == onnx.TensorProto.FLOAT16)
+        assert half > 0.9 * sum(t.ByteSize() for t in weights), "weights are not fp16"
+        assert path.stat().st_size < 0.6 * (tiny_repo / f"clip_{tower}_encoder/1/model.onnx").stat().st_size
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        assert [i.type for i in session.get_outputs()] == ["tensor(float)"]
+        if tower == "image":
+            assert session.get_inputs()[0].type == "tensor(float)"
+            x = rng.standard_normal((4, 3, 64, 64), dtype=np.float32)
+            with torch.no_grad():
+                ref = torch.nn.functional.normalize(model.visual(torch.from_numpy(x)), dim=-1).numpy()
+        else:
+            x = rng.integers(1, 49406, size=(4, 77))
+            x[:, 0], x[:, 9], x[:, 10:] = 49406, 49407, 0
+            with torch.no_grad():
+                ref = model.encode_text(torch.from_numpy(x), normalize=True).numpy()
+        (got,) = session.run(None, {session.get_inputs()[0].name: x})
+        assert got.dtype == np.float32
+        assert ((got * ref).sum(-1) / np.linalg.norm(got, axis=-1)).min() >= 0.999
+        assert not np.allclose(got, ref, atol=1e-6)  # it is really fp16, not the fp32 graph
+    meta = json.loads((tmp_path / "clip_image/1/preprocess.json").read_text())
+    assert meta["precision"] == "fp16" and meta["parity_tolerance"] == 0.999
+    assert min(meta["parity_min_cosine"].values()) >= 0.999
+    # The Triton contract is the fp32 one: same configs as an fp32 gpu export.
+    for name, text in all_configs(ServingPlan("clip", "gpu", 64, 77)).items():
+        assert parse_config((tmp_path / name / "config.pbtxt").read_text()) == parse_config(text)
+
+
+def test_fp16_is_refused_on_the_cpu_target(tmp_path):
+    with pytest.raises(SystemExit, match="gpu target"):
+        export_clip(ExportRequest(arch="looksync-tiny", version=1, repository=tmp_path, precision="fp16"))
+    assert not list(tmp_path.iterdir())
