@@ -271,6 +271,63 @@ def fallback_once(url: str) -> dict:
     return {"seconds": round(seconds, 2), "regions": len(regions)}
 
 
+def gateway_once(repos: list[Path], work: Path, products: int) -> dict:
+    """The models answering through the gateway over gRPC: ViT-H/14 indexes a small catalog, then
+    SearchText, SearchImage and SearchLook, the look with the segmentation fallback (Florence-2 +
+    SAM2 on the CPU Triton, no LLM)."""
+    from benchmarks.look_e2e import looks_from
+    from clients.sample_catalog import generate
+    from tests.conftest import looksync, looksync_env, start_gateway, start_triton
+
+    merged = work / "merged"
+    merged.mkdir(parents=True)
+    for repo in repos:
+        for folder in repo.iterdir():
+            folder.rename(merged / folder.name)
+    catalog = generate(work / "catalog", n=products, seed=3)
+    server = start_triton(merged, work / "triton-all")
+    out: dict = {"triton_rss_gb": tree_rss_gb(server.process.pid)}
+    gw = None
+    try:
+        env = looksync_env(
+            server, work / "data", LOOKSYNC_SEGMENTATION="true", LOOKSYNC_TRITON_TIMEOUT_S="600"
+        )
+        start = time.perf_counter()
+        indexed = looksync("index", str(catalog), "--quiet", "--version", "1", env=env, timeout=3600)
+        if indexed.returncode != 0:
+            raise SystemExit(f"looksync index failed: {indexed.stderr[-2000:]}")
+        out["index_products_per_s"] = round(products / (time.perf_counter() - start), 2)
+        gw = start_gateway(env, work / "gateway.log")
+        record = json.loads(catalog.read_text().splitlines()[0])
+        with gw.client() as client:
+            t = time.perf_counter()
+            text = client.search_text("a red striped t-shirt", k=5, timeout_s=600)
+            out["search_text"] = {"ms": round((time.perf_counter() - t) * 1000), "hits": len(text.hits)}
+            t = time.perf_counter()
+            image = client.search_image(
+                (catalog.parent / record["image_url"]).read_bytes(), k=5, timeout_s=600
+            )
+            out["search_image"] = {
+                "ms": round((time.perf_counter() - t) * 1000),
+                "hits": len(image.hits),
+                "finds_itself_first": bool(image.hits) and image.hits[0].product.id == record["id"],
+            }
+            t = time.perf_counter()
+            look = client.search_look(looks_from(catalog, 1)[0], k_per_layer=5, timeout_s=600)
+            out["search_look"] = {
+                "ms": round((time.perf_counter() - t) * 1000),
+                "layers": len(look.layers),
+                "rerank_source": sorted({layer.rerank_source for layer in look.layers}),
+                "space": f"{text.space.model} v{text.space.version}",
+            }
+    finally:
+        if gw is not None:
+            gw.stop()
+        server.stop()
+    print(f"[gateway] {out}", flush=True)
+    return out
+
+
 def serve(repo: Path, work: Path, models: list[str], repeat: int) -> tuple[dict, dict, dict]:
     """Load time, resident memory, latency through Triton; then in-process on the same files
     (after the server stopped, so the two never compete for the cores or memory)."""
@@ -314,6 +371,13 @@ def main(argv=None) -> None:
     parser.add_argument("--keep", type=Path, help="write the repositories here (default: a temporary folder)")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument(
+        "--gateway",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then index N catalog products with the CLIP model and search through the gateway",
+    )
+    parser.add_argument(
         "--replot", action="store_true", help="only redraw the plot from results/full_size.json"
     )
     args = parser.parse_args(argv)
@@ -347,10 +411,14 @@ def main(argv=None) -> None:
             for model in group:
                 figures["models"][model].update(load=load, latency_ms=latency[model])
             figures.update(extra)
-            if args.keep is None:
+            if args.keep is None and not args.gateway:
                 import shutil
 
                 shutil.rmtree(repo, ignore_errors=True)  # the next export needs the disk
+        if args.gateway:
+            figures["gateway"] = gateway_once(
+                [root / "_".join(g) for g in groups], root / "gateway", args.gateway
+            )
     stamp = time.strftime("%Y-%m-%d", time.gmtime())
     for f in figures["models"].values():
         f["measured"] = stamp
@@ -387,6 +455,17 @@ def report(figures: dict, no_record: bool) -> None:
     table += "\n\n" + markdown_table(
         ["model", "request", "Triton ms (median)", "in-process ORT ms", "Triton / in-process"], lat_rows
     )
+    if "gateway" in figures:
+        g = figures["gateway"]
+        table += (
+            f"\n\nThrough the gateway (gRPC, {g['search_look']['space']}, all three models in one CPU Triton, "
+            f"{g['triton_rss_gb']} GB RSS; catalog indexed at {g['index_products_per_s']} products/s): "
+            f"SearchText {g['search_text']['ms']} ms ({g['search_text']['hits']} hits), "
+            f"SearchImage {g['search_image']['ms']} ms (finds its own product first: "
+            f"{g['search_image']['finds_itself_first']}), SearchLook with the segmentation fallback "
+            f"{g['search_look']['ms']} ms ({g['search_look']['layers']} layers, rerank "
+            f"{', '.join(g['search_look']['rerank_source'])})."
+        )
     if "fallback_end_to_end" in figures:
         fb = figures["fallback_end_to_end"]
         table += (
