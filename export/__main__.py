@@ -1,5 +1,7 @@
 """python -m export clip|siglip|dinov2 --arch ARCH [--checkpoint PATH | --random-init] --version N --target cpu|gpu
-python -m export sam2|florence2 [--checkpoint DIR | --random-init] [--tiny] --version N --target cpu|gpu"""
+python -m export sam2|florence2 [--checkpoint DIR | --random-init] [--tiny | --size S] --version N --target cpu|gpu
+python -m export trt --name clip --version N            (GPU hosts: TensorRT plans as a new version)
+python -m export finetune --from-version N --world DIR --eval-world DIR   (fine-tune, export, compare)"""
 
 from __future__ import annotations
 
@@ -98,7 +100,48 @@ def main(argv: list[str] | None = None) -> None:
     trt.add_argument("--max-batch", type=int, default=64)
     trt.add_argument("--fp32", action="store_true", help="no fp16 (default: fp16, norms/softmax in fp32)")
 
+    ft = sub.add_parser("finetune", help="fine-tune a served version on a world's catalog, export, compare")
+    ft.add_argument("--name", default="clip")
+    ft.add_argument("--from-version", type=int, required=True, help="the served version to start from")
+    ft.add_argument(
+        "--world", type=Path, required=True, help="training world (catalog.jsonl, images, looks.json)"
+    )
+    ft.add_argument("--eval-world", type=Path, help="held-out world for the comparison (recommended)")
+    ft.add_argument("--version", type=int, help="the new version's number (default: next free)")
+    ft.add_argument("--repository", type=Path, default=Path("model_repository"))
+    ft.add_argument("--checkpoint", help="start from these weights instead of the version's recorded ones")
+    ft.add_argument("--out", type=Path, help="fine-tuned checkpoint path (default finetune/<name>-v<M>.pt)")
+    ft.add_argument("--steps", type=int, default=300)
+    ft.add_argument("--batch", type=int, default=64)
+    ft.add_argument("--lr", type=float, default=1e-4)
+    ft.add_argument("--freeze-layers", type=int, default=0, help="leading residual blocks kept frozen")
+    ft.add_argument(
+        "--distill", type=float, default=0.0, help="weight of the distillation to the base towers"
+    )
+    ft.add_argument(
+        "--wise", type=float, default=1.0, help="WiSE-FT: (1-a) base + a fine-tuned; 1 = no mixing"
+    )
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--threads", type=int, default=2)
+    ft.add_argument("--force", action="store_true", help="print the swap command even for a worse model")
+
     args = parser.parse_args(argv)
+    if args.command == "finetune":
+        import sys
+
+        from export.finetune import FinetuneRequest, finetune
+
+        record = finetune(
+            FinetuneRequest(
+                from_version=args.from_version, world=args.world, name=args.name, repository=args.repository,
+                eval_world=args.eval_world, version=args.version, checkpoint=args.checkpoint, out=args.out,
+                steps=args.steps, batch=args.batch, lr=args.lr, freeze_layers=args.freeze_layers,
+                distill=args.distill, wise=args.wise, seed=args.seed, threads=args.threads, force=args.force,
+            )
+        )  # fmt: skip
+        if record.get("recommended") is False:
+            sys.exit(3)  # exported, but worse than the base: scripts must not swap it in
+        return
     if args.command == "trt":
         from export.trt import TrtRequest, build_plans
 
