@@ -88,10 +88,18 @@ def test_a_trt_version_leaves_every_onnx_file_alone_and_names_its_own_encoders(t
         assert meta[f"{tower}_encoder"] == f"clip_{tower}_encoder_trt" and meta["runner"] == "bls"
         assert meta["derived_from"] == 1 and meta["encoder_backend"] == "tensorrt" and meta["version"] == 2
         assert not (repo / f"clip_{tower}_encoder" / "2").exists()
-    models = TritonModels("127.0.0.1:1", repo, "clip")
-    assert models.on_disk() == [1, 2]
-    assert models.models_for(1) == ["clip_image_encoder", "clip_text_encoder", "clip_image", "clip_text"]
-    assert models.models_for(2)[:2] == ["clip_image_encoder_trt", "clip_text_encoder_trt"]
+
+    async def layout():  # the gRPC aio client needs a running loop, even unused
+        models = TritonModels("127.0.0.1:1", repo, "clip")
+        try:
+            return models.on_disk(), models.models_for(1), models.models_for(2)
+        finally:
+            await models.close()
+
+    on_disk, v1, v2 = asyncio.run(layout())
+    assert on_disk == [1, 2]
+    assert v1 == ["clip_image_encoder", "clip_text_encoder", "clip_image", "clip_text"]
+    assert v2[:2] == ["clip_image_encoder_trt", "clip_text_encoder_trt"]
     # Versions are immutable; a TensorRT version is not built from another one.
     with pytest.raises(SystemExit, match="already exists"):
         write_trt_version(repo, "clip", 1, 2, {"image": b"x"}, {})
