@@ -35,6 +35,18 @@ COLOURS = {
     "brown": (110, 70, 40),
 }
 PATTERNS = ("solid", "striped", "checked", "dotted", "floral")
+# A second palette the demo model never saw (the fine-tuning demo's "new world"): other hues and
+# other patterns, on the same garment kinds.
+NOVEL_COLOURS = {
+    "purple": (110, 40, 150),
+    "orange": (240, 120, 20),
+    "teal": (20, 130, 130),
+    "olive": (120, 120, 30),
+    "navy": (20, 30, 90),
+    "coral": (250, 110, 100),
+}
+NOVEL_PATTERNS = ("zigzag", "leopard", "diamond", "wavy")
+PALETTES = {"base": (COLOURS, PATTERNS), "novel": (NOVEL_COLOURS, NOVEL_PATTERNS)}
 # kind -> (zone, variants, genders, price range, vendor words)
 KINDS = {
     "t-shirt": (
@@ -171,7 +183,7 @@ def _shift_hue(rgb, degrees: float):
 
 
 def _fill(size: int, style: Style) -> Image.Image:
-    base = _shift_hue(COLOURS[style.colour], style.hue_shift)
+    base = _shift_hue(COLOURS.get(style.colour) or NOVEL_COLOURS[style.colour], style.hue_shift)
     img = Image.new("RGB", (size, size), base)
     draw = ImageDraw.Draw(img)
     second = tuple(255 - c if sum(base) < 384 else max(c - 120, 0) for c in base)
@@ -197,6 +209,27 @@ def _fill(size: int, style: Style) -> Image.Image:
                     px, py = x + r * math.cos(a * 1.256), y + r * math.sin(a * 1.256)
                     draw.ellipse((px - r / 2, py - r / 2, px + r / 2, py + r / 2), fill=second)
                 draw.ellipse((x - 1, y - 1, x + 1, y + 1), fill=(240, 210, 60))
+    elif style.pattern == "zigzag":
+        for y in range(0, size + step, step):
+            points = [
+                (x, y + (step // 2 if (x // (step // 2 or 1)) % 2 else 0))
+                for x in range(0, size + step, step // 2 or 1)
+            ]
+            draw.line(points, fill=second, width=max(1, step // 4))
+    elif style.pattern == "leopard":
+        spots = random.Random(f"{style.kind}-{style.colour}-{style.pattern_scale:.3f}")
+        for _ in range(int((size / step) ** 2 * 1.5)):
+            x, y, r = spots.uniform(0, size), spots.uniform(0, size), spots.uniform(step / 6, step / 3)
+            draw.ellipse((x - r, y - r * 0.7, x + r, y + r * 0.7), outline=second, width=max(1, step // 6))
+    elif style.pattern == "diamond":
+        for y in range(0, size + step, step):
+            for x in range(0, size + step, step):
+                h = step // 2
+                draw.polygon([(x, y - h), (x + h, y), (x, y + h), (x - h, y)], fill=second)
+    elif style.pattern == "wavy":
+        for y in range(0, size + step, step):
+            points = [(x, y + step / 4 * math.sin(x / max(1, step) * math.pi)) for x in range(0, size + 2, 2)]
+            draw.line(points, fill=second, width=max(1, step // 3))
     return img
 
 
@@ -232,10 +265,12 @@ class Look:
     styles: dict[str, Style] = field(default_factory=dict)  # zone -> the varied style worn
 
 
-def make_catalog(n: int, seed: int, duplicates: float = 0.0) -> list[Product]:
+def make_catalog(n: int, seed: int, duplicates: float = 0.0, palette: str = "base") -> list[Product]:
     """n products; with `duplicates` > 0, that share of them is also listed by 1-3 other
     retailers (appended after the n originals, ids w<n>... on): the same garment re-shot
-    (shifted, cropped, re-compressed), under another title wrapping, price and market."""
+    (shifted, cropped, re-compressed), under another title wrapping, price and market.
+    `palette`: "base", or "novel" (colours and patterns the demo model never saw)."""
+    colours, patterns = PALETTES[palette]
     rng = random.Random(seed)
     shops = random.Random(f"{seed}-retailers")  # a stream of its own: the rest is unchanged
     products = []
@@ -246,8 +281,8 @@ def make_catalog(n: int, seed: int, duplicates: float = 0.0) -> list[Product]:
         style = Style(
             kind,
             rng.choice(variants),
-            rng.choice(list(COLOURS)),
-            rng.choice(PATTERNS),
+            rng.choice(list(colours)),
+            rng.choice(patterns),
             pattern_scale=rng.uniform(0.8, 1.2),
             shape=rng.uniform(-1, 1),
         )
@@ -391,7 +426,12 @@ def png(img: Image.Image) -> bytes:
 
 
 def write_world(
-    out: Path, products: int = 400, looks: int = 60, seed: int = 1, duplicates: float = 0.0
+    out: Path,
+    products: int = 400,
+    looks: int = 60,
+    seed: int = 1,
+    duplicates: float = 0.0,
+    palette: str = "base",
 ) -> dict:
     """catalog.jsonl + images/, looks/*.png + looks.json (ground truth); returns the manifest.
     `duplicates`: the share of products also listed by other retailers (manifest "items": each
@@ -399,7 +439,7 @@ def write_world(
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "looks").mkdir(exist_ok=True)
-    catalog = make_catalog(products, seed, duplicates)
+    catalog = make_catalog(products, seed, duplicates, palette)
     with open(out / "catalog.jsonl", "w") as fh:
         for p in catalog:
             if p.reshoot is None:
@@ -421,6 +461,7 @@ def write_world(
         )
     manifest = {
         "seed": seed,
+        "palette": palette,
         "products": products,
         "looks": truth,
         "captions": {p.id: p.style.caption for p in catalog},

@@ -55,3 +55,21 @@ def test_look_garments_differ_from_their_catalog_images():
     source = next(p for p in catalog if p.id == look.garments["feet"])
     catalog_img = render(source.style, size=crops["feet"].size[0])
     assert list(crops["feet"].getdata()) != list(catalog_img.getdata())
+
+
+def test_the_novel_palette_has_only_colours_and_patterns_the_base_never_uses(tmp_path):
+    from clients.world import COLOURS, NOVEL_COLOURS, NOVEL_PATTERNS, PATTERNS
+
+    manifest = write_world(tmp_path / "novel", products=60, looks=6, seed=3, palette="novel")
+    attrs = manifest["attributes"].values()
+    assert {a["colour"] for a in attrs} <= set(NOVEL_COLOURS) and {a["pattern"] for a in attrs} <= set(
+        NOVEL_PATTERNS
+    )
+    assert len({a["pattern"] for a in attrs}) == len(NOVEL_PATTERNS)  # every new pattern is drawn
+    assert not set(NOVEL_COLOURS) & set(COLOURS) and not set(NOVEL_PATTERNS) & set(PATTERNS)
+    for p in make_catalog(20, seed=3, palette="novel"):
+        # Each pattern is visibly drawn: a second colour covers part of the garment.
+        colours = render(p.style, size=96).getcolors(96 * 96)
+        assert len(colours) > 2, p.style
+    base = write_world(tmp_path / "base", products=60, looks=6, seed=3)
+    assert base["palette"] == "base" and {a["colour"] for a in base["attributes"].values()} <= set(COLOURS)
