@@ -179,14 +179,18 @@ def freeze_leading_blocks(model, n: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def contrastive_loss(model, x, ids):
-    """Symmetric InfoNCE with soft targets: pairs with the same title are all positives."""
+def contrastive_loss(model, x, ids, bf16: bool = False):
+    """Symmetric InfoNCE with soft targets: pairs with the same title are all positives.
+    `bf16`: the towers under CPU bf16 autocast (faster; the loss itself stays fp32)."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
 
-    img = F.normalize(model.encode_image(x), dim=-1)
-    txt = F.normalize(model.encode_text(ids), dim=-1)
-    logits = model.logit_scale.exp() * img @ txt.T
+    with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        img = F.normalize(model.encode_image(x), dim=-1)
+        txt = F.normalize(model.encode_text(ids), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T
     same = (ids[:, None, :] == ids[None, :, :]).all(-1).float()
     target = same / same.sum(1, keepdim=True)
     loss = (

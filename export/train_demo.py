@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from clients.world import KINDS, look_crops, make_catalog, make_looks, render, render_look
+from export.finetune import contrastive_loss
 
 HERE = Path(__file__).resolve().parent
 ZONE_KINDS = {
@@ -114,7 +115,6 @@ def main() -> None:
 
     import open_clip
     import torch
-    import torch.nn.functional as F
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -149,17 +149,8 @@ def main() -> None:
         warm = min(1.0, (step + 1) / 30)
         for g in opt.param_groups:
             g["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * frac))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            img = F.normalize(model.encode_image(x), dim=-1)
-            txt = F.normalize(model.encode_text(ids), dim=-1)
-            logits = model.logit_scale.exp() * img @ txt.T
         # Same caption = same target: several images share a caption, so targets are soft.
-        same = (ids[:, None, :] == ids[None, :, :]).all(-1).float()
-        target = same / same.sum(1, keepdim=True)
-        loss = (
-            torch.sum(-target * F.log_softmax(logits.float(), 1), 1).mean()
-            + torch.sum(-target * F.log_softmax(logits.float().T, 1), 1).mean()
-        ) / 2
+        loss, _, _ = contrastive_loss(model, x, ids, bf16=True)
         opt.zero_grad()
         loss.backward()
         opt.step()
