@@ -138,20 +138,16 @@ def tree_rss_gb(pid: int) -> float:
     return round(total / 2**20, 2)
 
 
-def clip_latency(repo: Path, client, repeat: int) -> tuple[dict[str, dict[str, float]], tuple]:
-    """Triton vs in-process ONNX Runtime (same files, same pre-processing code), ms per request."""
+# The same inputs for Triton and in process: eight 512x640 JPEGs and eight queries.
+IMAGES = [_jpeg(512, 640, i) for i in range(8)]
+TEXTS = [
+    f"a {c} striped summer dress with long sleeves, number {i}" for i, c in enumerate(["red", "blue"] * 4)
+]
+
+
+def clip_latency(client, repeat: int) -> dict[str, dict[str, float]]:
+    """ms per request through Triton, batch 1 and 8."""
     import tritonclient.grpc as grpcclient
-
-    from export.triton.encoder_runner import InProcessEncoder
-    from export.triton.preprocess import ImageSpec, image_bytes_to_pixels
-    from export.triton.text_tokenizer import TextTokenizer
-
-    images = [_jpeg(512, 640, i) for i in range(8)]
-    texts = [
-        f"a {c} striped summer dress with long sleeves, number {i}" for i, c in enumerate(["red", "blue"] * 4)
-    ]
-    image_meta = json.loads((repo / "clip_image" / "1" / "preprocess.json").read_text())
-    text_meta = json.loads((repo / "clip_text" / "1" / "preprocess.json").read_text())
 
     def served(model, name, values):
         def call():
@@ -164,32 +160,32 @@ def clip_latency(repo: Path, client, repeat: int) -> tuple[dict[str, dict[str, f
     rows: dict[str, dict[str, float]] = {}
     for n in (1, 8):
         rows[f"image batch {n}"] = {
-            "triton_ms": _median_ms(served("clip_image", "image", images[:n]), repeat)
+            "triton_ms": _median_ms(served("clip_image", "image", IMAGES[:n]), repeat)
         }
-        rows[f"text batch {n}"] = {"triton_ms": _median_ms(served("clip_text", "text", texts[:n]), repeat)}
-    return rows, (images, texts, image_meta, text_meta, InProcessEncoder, ImageSpec, image_bytes_to_pixels,
-                  TextTokenizer)  # fmt: skip
+        rows[f"text batch {n}"] = {"triton_ms": _median_ms(served("clip_text", "text", TEXTS[:n]), repeat)}
+    return rows
 
 
-def clip_inprocess(repo: Path, rows: dict, ctx, repeat: int) -> None:
-    images, texts, image_meta, text_meta, InProcessEncoder, ImageSpec, to_pixels, TextTokenizer = ctx
+def clip_inprocess(repo: Path, rows: dict, repeat: int) -> None:
+    """The same files with the Triton models' own pre-processing and runner, in this process."""
+    from export.triton.encoder_runner import InProcessEncoder
+    from export.triton.preprocess import ImageSpec, image_bytes_to_pixels
+    from export.triton.text_tokenizer import TextTokenizer
+
+    image_meta = json.loads((repo / "clip_image" / "1" / "preprocess.json").read_text())
     spec = ImageSpec.from_meta(image_meta)
     image_enc = InProcessEncoder(str(repo / "clip_image_encoder" / "1" / "model.onnx"), "pixel_values")
     for n in (1, 8):
         rows[f"image batch {n}"]["inprocess_ms"] = _median_ms(
-            lambda n=n, enc=image_enc: enc(np.stack([to_pixels(b, spec) for b in images[:n]])), repeat
+            lambda n=n, enc=image_enc: enc(np.stack([image_bytes_to_pixels(b, spec) for b in IMAGES[:n]])),
+            repeat,
         )
-    del image_enc
-    tokenizer = TextTokenizer(
-        str(repo / "clip_text" / "1" / text_meta["tokenizer_file"]),
-        text_meta["context_length"],
-        text_meta["pad_id"],
-        text_meta["clean"],
-    )
+    del image_enc  # ViT-H/14: one tower in memory at a time
+    tokenizer = TextTokenizer.from_version(repo / "clip_text" / "1")
     text_enc = InProcessEncoder(str(repo / "clip_text_encoder" / "1" / "model.onnx"), "input_ids")
     for n in (1, 8):
         rows[f"text batch {n}"]["inprocess_ms"] = _median_ms(
-            lambda n=n: text_enc(tokenizer(texts[:n])[0]), repeat
+            lambda n=n: text_enc(tokenizer(TEXTS[:n])[0]), repeat
         )
 
 
@@ -338,12 +334,12 @@ def serve(repo: Path, work: Path, models: list[str], repeat: int) -> tuple[dict,
     start = time.perf_counter()
     server = start_triton(repo, work)
     load = {"load_s": round(time.perf_counter() - start, 1), "triton_rss_gb": tree_rss_gb(server.process.pid)}
-    latency, extra, ctx = {}, {}, None
+    latency, extra = {}, {}
     try:
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
         for model in models:
             if model == "vith14":
-                rows, ctx = clip_latency(repo, client, repeat)
+                rows = clip_latency(client, repeat)
             else:
                 rows = vision_latency(model, repo, client, repeat)
             latency[model] = rows
@@ -355,7 +351,7 @@ def serve(repo: Path, work: Path, models: list[str], repeat: int) -> tuple[dict,
         server.stop()
     for model in models:
         if model == "vith14":
-            clip_inprocess(repo, latency[model], ctx, repeat)
+            clip_inprocess(repo, latency[model], repeat)
         else:
             vision_inprocess(model, repo, latency[model], repeat)
     return load, latency, extra

@@ -78,12 +78,7 @@ def in_process(repo: Path, name: str, images: list[bytes], threads: int, repeat:
     meta = json.loads((repo / f"{name}_image/1/preprocess.json").read_text())
     spec = ImageSpec.from_meta(meta)
     tmeta = json.loads((repo / f"{name}_text/1/preprocess.json").read_text())
-    tokenizer = TextTokenizer(
-        str(repo / f"{name}_text/1" / tmeta["tokenizer_file"]),
-        tmeta["context_length"],
-        tmeta["pad_id"],
-        tmeta["clean"],
-    )
+    tokenizer = TextTokenizer.from_version(repo / f"{name}_text/1", tmeta)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     image_sess = ort.InferenceSession(str(repo / f"{name}_image_encoder/1/model.onnx"), opts)

@@ -285,12 +285,7 @@ def _check_tokenizer(towers, text_meta: dict, folder: Path) -> None:
     # The same module that is copied next to the Triton model, imported as a package.
     from export.triton.text_tokenizer import TextTokenizer
 
-    ours = TextTokenizer(
-        str(folder / text_meta["tokenizer_file"]),
-        text_meta["context_length"],
-        text_meta["pad_id"],
-        text_meta["clean"],
-    )
+    ours = TextTokenizer.from_version(folder, text_meta)
     got, _ = ours(corpus)
     want = towers.tokenize(corpus)
     bad = [t for t, a, b in zip(corpus, got, want) if a.shape != b.shape or (a != b).any()]

@@ -122,12 +122,7 @@ def training_pairs(world: Path, repo: Path, name: str, version: int, max_looks: 
 
     image_meta, text_meta = version_meta(repo, name, version)
     spec = ImageSpec.from_meta(image_meta)
-    tokenizer = TextTokenizer(
-        str(repo / f"{name}_text" / str(version) / text_meta["tokenizer_file"]),
-        text_meta["context_length"],
-        text_meta["pad_id"],
-        text_meta["clean"],
-    )
+    tokenizer = TextTokenizer.from_version(repo / f"{name}_text" / str(version), text_meta)
     records = [
         json.loads(line) for line in (world / "catalog.jsonl").read_text().splitlines() if line.strip()
     ]
@@ -168,13 +163,10 @@ def freeze_leading_blocks(model, n: int) -> int:
     for name in ("token_embedding", "positional_embedding"):
         if hasattr(model, name):
             frozen.append(getattr(model, name))
+    import torch
+
     for part in frozen:
-        params = (
-            [part]
-            if hasattr(part, "requires_grad") and not hasattr(part, "parameters")
-            else part.parameters()
-        )
-        for p in params:
+        for p in [part] if isinstance(part, torch.nn.Parameter) else part.parameters():
             p.requires_grad_(False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -35,12 +35,7 @@ class ServedVersion:
         self.text = InProcessEncoder(
             str(repo / f"{name}_text_encoder" / str(version) / "model.onnx"), "input_ids"
         )
-        self.tokenizer = TextTokenizer(
-            str(repo / f"{name}_text" / str(version) / text_meta["tokenizer_file"]),
-            text_meta["context_length"],
-            text_meta["pad_id"],
-            text_meta["clean"],
-        )
+        self.tokenizer = TextTokenizer.from_version(repo / f"{name}_text" / str(version), text_meta)
 
     def embed_images(self, images: list[Image.Image], batch: int = 64) -> np.ndarray:
         from export.triton.preprocess import pixels

@@ -130,12 +130,7 @@ def towers_of(repo: Path, name: str, version: int) -> list[Tower]:
     if text is not None:
         from export.triton.text_tokenizer import TextTokenizer
 
-        tokenizer = TextTokenizer(
-            str(repo / f"{name}_text" / str(version) / text["tokenizer_file"]),
-            text["context_length"],
-            text["pad_id"],
-            text["clean"],
-        )
+        tokenizer = TextTokenizer.from_version(repo / f"{name}_text" / str(version), text)
         towers.append(
             Tower("text", "input_ids", (int(text["context_length"]),),
                   lambda n: tokenizer((PARITY_TEXTS * n)[:n])[0]),
@@ -173,11 +168,11 @@ def write_trt_version(
     for final in finals:
         if final.exists():
             raise SystemExit(f"{final} already exists: pick a new --as-version (versions are immutable)")
+    size = int((_meta(repo, name, "image", source) or {}).get("image_size", 0))
     staged = []
     try:
         for tower, plan in plans.items():
             folder = repo / encoder_name(name, tower)
-            size = int((_meta(repo, name, "image", source) or {}).get("image_size", 0))
             stage = folder / f".{target}.tmp"
             shutil.rmtree(stage, ignore_errors=True)
             stage.mkdir(parents=True)

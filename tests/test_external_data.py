@@ -59,12 +59,7 @@ def test_a_model_over_2gb_exports_as_external_data_that_triton_serves(tmp_path):
     session = ort.InferenceSession(str(moved / "model.onnx"), providers=["CPUExecutionProvider"])
     from export.triton.text_tokenizer import TextTokenizer
 
-    tokenizer = TextTokenizer(
-        str(repo / "clip_text" / "1" / meta["tokenizer_file"]),
-        meta["context_length"],
-        meta["pad_id"],
-        meta["clean"],
-    )
+    tokenizer = TextTokenizer.from_version(repo / "clip_text" / "1", meta)
     ids, _ = tokenizer([t.decode() for t in texts])
     (direct,) = session.run(["embedding"], {"input_ids": ids})
     np.testing.assert_allclose(served, direct, atol=1e-5)

@@ -26,12 +26,7 @@ class TritonPythonModel:
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         with open(os.path.join(version_dir, "preprocess.json")) as fh:
             meta = json.load(fh)
-        self.tokenizer = TextTokenizer(
-            os.path.join(version_dir, meta["tokenizer_file"]),
-            meta["context_length"],
-            meta["pad_id"],
-            meta["clean"],
-        )
+        self.tokenizer = TextTokenizer.from_version(version_dir, meta)
         self.trim = bool(meta.get("trim_padding", False))
         self.encode = make_encoder(pb_utils, args, meta["text_encoder"], "input_ids", meta.get("runner"))
 

@@ -12,6 +12,8 @@ and refuses to write a version that differs.
 from __future__ import annotations
 
 import html
+import json
+import os
 import string
 
 import ftfy  # required: a text left unrepaired tokenises differently from training
@@ -53,6 +55,21 @@ class TextTokenizer:
         self.context_length = int(context_length)
         self.pad_id = int(pad_id)
         self.clean_mode = clean_mode
+
+    @classmethod
+    def from_version(cls, version_dir, meta: dict | None = None) -> TextTokenizer:
+        """The tokenizer of one exported text version (its folder; `meta`: its preprocess.json,
+        read from the folder when not given)."""
+        version_dir = str(version_dir)
+        if meta is None:
+            with open(os.path.join(version_dir, "preprocess.json")) as fh:
+                meta = json.load(fh)
+        return cls(
+            os.path.join(version_dir, meta["tokenizer_file"]),
+            meta["context_length"],
+            meta["pad_id"],
+            meta["clean"],
+        )
 
     def token_id(self, token: str) -> int:
         found = self.tokenizer.token_to_id(token)
