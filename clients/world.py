@@ -82,6 +82,19 @@ KINDS = {
     ),
     "handbag": ("bag", ("tote",), ("women",), (40, 500), ("Bags", "Handtasche", "sac")),
 }
+# Small accessories: only in catalogs made with `accessories=True` (the hard world), so the base
+# world, and the demo model trained on it, stay as they were.
+ACCESSORIES = {
+    "sunglasses": (
+        "eyes",
+        ("aviator", "round"),
+        ("women", "men", "unisex"),
+        (15, 220),
+        ("Sunglasses", "Sonnenbrille", "lunettes de soleil"),
+    ),
+    "hat": ("head", ("bucket", "brimmed"), ("women", "men", "unisex"), (15, 90), ("Hats", "Hut", "chapeau")),
+}
+ALL_KINDS = {**KINDS, **ACCESSORIES}
 BRANDS = ("Nordlys", "Atelier Rue", "Kumo", "Verde & Co", "Halcyon", "Brisa", "Oakline", "Moda Sol")
 MARKETS = ("US", "GB", "DE", "FR", "SE")
 # Product-line names: a brand's line name travels with the garment to every shop that sells it.
@@ -113,7 +126,9 @@ class Style:
         return f"a {self.colour} {pattern}{self.variant} {self.kind}"
 
 
-def _outline(kind: str, variant: str, shape: float) -> list[list[tuple[float, float]]]:
+def _outline(kind: str, variant: str, shape: float, opening: float = 0.01) -> list[list[tuple[float, float]]]:
+    """Polygons in the unit square; for a jacket the second one is its front opening
+    (`opening`: half its width; a worn open jacket shows the top beneath)."""
     w = 0.04 * shape
     long = variant in ("long-sleeve", "long", "midi")
     if kind in ("t-shirt", "shirt", "jacket"):
@@ -134,9 +149,8 @@ def _outline(kind: str, variant: str, shape: float) -> list[list[tuple[float, fl
         ]
         polys = [body]
         if kind == "jacket":
-            polys.append(
-                [(0.49, 0.16), (0.51, 0.16), (0.51, 0.9), (0.49, 0.9)]
-            )  # opening, drawn darker below
+            o = opening
+            polys.append([(0.5 - o, 0.16), (0.5 + o, 0.16), (0.5 + o, 0.9), (0.5 - o, 0.9)])
         return polys
     if kind == "trousers":
         bottom = 0.95 if long else 0.72
@@ -161,6 +175,15 @@ def _outline(kind: str, variant: str, shape: float) -> list[list[tuple[float, fl
         ]
     if kind == "sneakers":
         return [[(0.08, 0.5 - w), (0.45, 0.46), (0.62, 0.58), (0.92, 0.63), (0.94, 0.8), (0.08, 0.8)]]
+    if kind == "sunglasses":
+        lens = 0.2 if variant == "round" else 0.17
+        left = [(0.08, 0.38), (0.46, 0.38), (0.44, 0.38 + lens + w), (0.3, 0.42 + lens), (0.12, 0.36 + lens)]
+        right = [(1 - x, y) for x, y in reversed(left)]
+        return [left, right, [(0.44, 0.38), (0.56, 0.38), (0.56, 0.44), (0.44, 0.44)]]
+    if kind == "hat":
+        brim = 0.08 if variant == "bucket" else 0.02
+        crown = [(0.3, 0.28 + w), (0.7, 0.28 + w), (0.76, 0.6), (0.24, 0.6)]
+        return [crown, [(brim, 0.6), (1 - brim, 0.6), (1 - brim - 0.04, 0.72), (brim + 0.04, 0.72)]]
     return [
         [(0.2, 0.4), (0.8, 0.4), (0.86 + w, 0.9), (0.14 - w, 0.9)],
         [
@@ -233,16 +256,27 @@ def _fill(size: int, style: Style) -> Image.Image:
     return img
 
 
-def render(style: Style, size: int = 96, background=(246, 246, 244)) -> Image.Image:
-    canvas = Image.new("RGB", (size, size), background)
+def garment(
+    style: Style, size: int, opening: float = 0.01, lit: bool = True
+) -> tuple[Image.Image, Image.Image]:
+    """The garment's pixels and its mask ("L", 255 where it is), on a size x size square."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
-    for n, poly in enumerate(_outline(style.kind, style.variant, style.shape)):
+    for n, poly in enumerate(_outline(style.kind, style.variant, style.shape, opening)):
         draw.polygon(
             [(x * size, y * size) for x, y in poly], fill=255 if n == 0 or style.kind != "jacket" else 0
         )
-    canvas.paste(_fill(size, style), (0, 0), mask)
-    if style.light != 1.0:
+    pixels = _fill(size, style)
+    if lit and style.light != 1.0:
+        pixels = ImageEnhance.Brightness(pixels).enhance(style.light)
+    return pixels, mask
+
+
+def render(style: Style, size: int = 96, background=(246, 246, 244)) -> Image.Image:
+    canvas = Image.new("RGB", (size, size), background)
+    pixels, mask = garment(style, size, lit=False)
+    canvas.paste(pixels, (0, 0), mask)
+    if style.light != 1.0:  # the whole square is lit, background included
         canvas = ImageEnhance.Brightness(canvas).enhance(style.light)
     return canvas
 
@@ -265,19 +299,23 @@ class Look:
     styles: dict[str, Style] = field(default_factory=dict)  # zone -> the varied style worn
 
 
-def make_catalog(n: int, seed: int, duplicates: float = 0.0, palette: str = "base") -> list[Product]:
+def make_catalog(
+    n: int, seed: int, duplicates: float = 0.0, palette: str = "base", accessories: bool = False
+) -> list[Product]:
     """n products; with `duplicates` > 0, that share of them is also listed by 1-3 other
     retailers (appended after the n originals, ids w<n>... on): the same garment re-shot
     (shifted, cropped, re-compressed), under another title wrapping, price and market.
-    `palette`: "base", or "novel" (colours and patterns the demo model never saw)."""
+    `palette`: "base", or "novel" (colours and patterns the demo model never saw).
+    `accessories`: hats and sunglasses too (the hard world's catalog)."""
+    kind_table = ALL_KINDS if accessories else KINDS
     colours, patterns = PALETTES[palette]
     rng = random.Random(seed)
     shops = random.Random(f"{seed}-retailers")  # a stream of its own: the rest is unchanged
     products = []
-    kinds = list(KINDS)
+    kinds = list(kind_table)
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        zone, variants, genders, (lo, hi), vendor_words = KINDS[kind]
+        zone, variants, genders, (lo, hi), vendor_words = kind_table[kind]
         style = Style(
             kind,
             rng.choice(variants),
@@ -298,7 +336,7 @@ def make_catalog(n: int, seed: int, duplicates: float = 0.0, palette: str = "bas
             "price": round(rng.uniform(lo, hi), 2),
             "currency": "USD",
             "sizes": ["one size"]
-            if kind == "handbag"
+            if kind in ("handbag", "sunglasses", "hat")
             else (
                 [str(s) for s in range(36, 46) if rng.random() < 0.6]
                 if kind == "sneakers"
@@ -425,6 +463,19 @@ def png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def easy_boxes(look: Look) -> dict[str, list[int]]:
+    """Where the easy renderer puts each garment (the body zones; a dress spans two)."""
+    width, height = LOOK_SIZE
+    boxes = {}
+    for zone in look.garments:
+        if zone == "dress":
+            top, bottom = zone_box("upper", width, height), zone_box("lower", width, height)
+            boxes[zone] = [top[0], top[1], top[2], bottom[3]]
+        else:
+            boxes[zone] = list(zone_box(zone, width, height))
+    return boxes
+
+
 def write_world(
     out: Path,
     products: int = 400,
@@ -432,14 +483,21 @@ def write_world(
     seed: int = 1,
     duplicates: float = 0.0,
     palette: str = "base",
+    difficulty: str = "easy",
 ) -> dict:
     """catalog.jsonl + images/, looks/*.png + looks.json (ground truth); returns the manifest.
     `duplicates`: the share of products also listed by other retailers (manifest "items": each
-    listing's item, the original's id)."""
+    listing's item, the original's id). `difficulty`: "easy" (a centred full-length figure
+    drawn where the body-zone localizer cuts) or "hard" (clients/world_hard.py: the figure
+    anywhere, cut off, layered, with bags and accessories; the catalog has hats and
+    sunglasses too) or "mixed" (half of each). Each look's truth has its garments' boxes and
+    its difficulty."""
+    if difficulty not in ("easy", "hard", "mixed"):
+        raise ValueError(f"difficulty: 'easy', 'hard' or 'mixed', not {difficulty!r}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "looks").mkdir(exist_ok=True)
-    catalog = make_catalog(products, seed, duplicates, palette)
+    catalog = make_catalog(products, seed, duplicates, palette, accessories=difficulty != "easy")
     with open(out / "catalog.jsonl", "w") as fh:
         for p in catalog:
             if p.reshoot is None:
@@ -449,19 +507,35 @@ def write_world(
             fh.write(json.dumps(p.record) + "\n")
     truth = []
     originals = [p for p in catalog if p.dup_of is None]
-    for look in make_looks(originals, looks, seed + 1):
-        render_look(look, seed).save(out / "looks" / f"{look.id}.png")
+    n_hard = {"easy": 0, "hard": looks, "mixed": looks // 2}[difficulty]
+    wearable = [p for p in originals if p.style.kind in KINDS]  # easy looks wear no accessories
+    drawn = [
+        (look, render_look(look, seed), easy_boxes(look), {"level": "easy"})
+        for look in make_looks(wearable, looks - n_hard, seed + 1)
+    ]
+    if n_hard:
+        from clients.world_hard import make_hard_looks, render_hard_look
+
+        for look in make_hard_looks(originals, n_hard, seed + 2):
+            look.id = f"look{len(drawn):04d}"
+            img, _ = render_hard_look(look)
+            drawn.append((look, img, look.boxes, look.frame.difficulty("outer" in look.styles)))
+    for look, img, boxes, level in drawn:
+        img.save(out / "looks" / f"{look.id}.png")
         truth.append(
             {
                 "id": look.id,
                 "image": f"looks/{look.id}.png",
                 "garments": look.garments,
+                "boxes": boxes,
+                "difficulty": level,
                 "styles": {z: asdict(s) for z, s in look.styles.items()},
             }
         )
     manifest = {
         "seed": seed,
         "palette": palette,
+        "difficulty": difficulty,
         "products": products,
         "looks": truth,
         "captions": {p.id: p.style.caption for p in catalog},
