@@ -432,6 +432,24 @@ def cmd_dedup(args) -> int:
     return 0
 
 
+def cmd_calibrate_dedup(args) -> int:
+    from dataclasses import asdict
+
+    from gateway.calibrate import calibrate_dedup
+
+    space, result = asyncio.run(
+        calibrate_dedup(
+            _settings(), args.world, args.model, args.version, args.quantile, apply=not args.dry_run
+        )
+    )
+    if args.json:
+        print(json.dumps({"space": space.record(), **asdict(result)}))
+    else:
+        print(f"{space}: {result.summary()}")
+        print("recorded with the index" if not args.dry_run else "dry run: nothing recorded")
+    return 0
+
+
 def cmd_sample_catalog(args) -> int:
     from clients.sample_catalog import generate
 
@@ -616,6 +634,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_dedup)
+
+    p = sub.add_parser(
+        "calibrate-dedup",
+        help="measure an embedding space's near-duplicate threshold and record it with its index",
+    )
+    p.add_argument("--world", type=Path, help="a world with planted duplicates (default: one is generated)")
+    p.add_argument("--model", help="the space's model (default: the one the alias serves)")
+    p.add_argument("--version", type=int, help="with --model: its version")
+    p.add_argument(
+        "--quantile", type=float, default=0.995, help="share of distinct products kept below the threshold"
+    )
+    p.add_argument("--dry-run", action="store_true", help="measure and print; record nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate_dedup)
 
     p = sub.add_parser("sample-catalog", help="generate the synthetic sample catalog")
     p.add_argument("out")

@@ -566,6 +566,24 @@ class IndexContract:
         finally:
             env.run(other.close())
 
+    def test_a_calibrated_dedup_threshold_travels_with_the_space(self, env):
+        """Recorded in the index's mapping _meta (updatable on a live index, replaced whole),
+        read back by another client, cleared again; identity and equality are untouched."""
+        other = ElasticIndex(env.es_url, alias=env.index.alias, refresh_s=0.0)
+        try:
+            env.run(env.index.set_dedup_threshold(env.space, 0.9931))
+            for client in (env.index, other):
+                space = env.run(client.space())
+                assert space == env.space and space.dedup_threshold == pytest.approx(0.9931)
+                assert env.run(client.space_of(env.space.index_name)).dedup_threshold == pytest.approx(0.9931)
+            meta = env.run(env.index._es.indices.get_mapping(index=env.space.index_name)).body
+            assert meta[env.space.index_name]["mappings"]["_meta"]["looksync"]["dim"] == 16
+            env.run(env.index.set_dedup_threshold(env.space, None))
+            assert env.run(other.space()).dedup_threshold is None
+        finally:
+            env.run(env.index.set_dedup_threshold(env.space, None))
+            env.run(other.close())
+
     def test_the_alias_can_move_to_a_new_space(self, env):
         v2 = EmbeddingSpace(env.space.model, 2, 16)
         env.created.append(v2.index_name)

@@ -133,6 +133,20 @@ def test_the_manifest_records_identity_and_alias(filled, tmp_path):
         asyncio.run(filled[0].ensure(EmbeddingSpace("clip", 1, 32)))
 
 
+def test_a_calibrated_dedup_threshold_travels_with_the_space(filled, tmp_path):
+    index = filled[0]
+    space = EmbeddingSpace("clip", 1, 16)
+    asyncio.run(index.set_dedup_threshold(space, 0.9931))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["indexes"]["products-clip-v1"]["dedup_threshold"] == 0.9931
+    got = asyncio.run(index.space())
+    assert got == space and got.dedup_threshold == 0.9931
+    asyncio.run(index.set_dedup_threshold(space, None))
+    assert asyncio.run(index.space()).dedup_threshold is None
+    with pytest.raises(FailedPrecondition):
+        asyncio.run(index.set_dedup_threshold(EmbeddingSpace("clip", 9, 16), 0.5))
+
+
 def test_writes_from_another_process_become_visible_without_reopening(filled, tmp_path):
     index, products, vectors = filled
     query = _vectors(1, seed=42)[0]

@@ -31,6 +31,10 @@ class EmbeddingSpace:
     dim: int
     family: str = field(default="clip", compare=False)
     modalities: tuple[str, ...] = field(default=("image", "text"), compare=False)
+    # The image cosine at which SearchLook collapses near-duplicate candidates, calibrated for
+    # this space (`looksync calibrate-dedup`): a model whose renders of distinct products are
+    # near-identical needs a higher one than real CLIP. None: the gateway's setting.
+    dedup_threshold: float | None = field(default=None, compare=False)
 
     @property
     def has_text(self) -> bool:
@@ -44,6 +48,7 @@ class EmbeddingSpace:
             "dim": self.dim,
             "family": self.family,
             "modalities": list(self.modalities),
+            **({} if self.dedup_threshold is None else {"dedup_threshold": self.dedup_threshold}),
         }
 
     @classmethod
@@ -55,6 +60,7 @@ class EmbeddingSpace:
             int(r["dim"]),
             str(r.get("family", "clip")),
             tuple(r.get("modalities", ("image", "text"))),
+            None if r.get("dedup_threshold") is None else float(r["dedup_threshold"]),
         )
 
     @property
@@ -197,6 +203,10 @@ class CatalogIndex(ABC):
 
     @abstractmethod
     async def set_write_targets(self, spaces: list[EmbeddingSpace]) -> None: ...
+
+    @abstractmethod
+    async def set_dedup_threshold(self, space: EmbeddingSpace, threshold: float | None) -> None:
+        """Record the space's calibrated near-duplicate threshold with its index (None: clear)."""
 
     @abstractmethod
     async def drop(self, space: EmbeddingSpace) -> None:

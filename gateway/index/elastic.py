@@ -649,6 +649,22 @@ class ElasticIndex(CatalogIndex):
                 self._client().indices.put_mapping(index=name, properties=missing),
             )
 
+    async def set_dedup_threshold(self, space: EmbeddingSpace, threshold: float | None) -> None:
+        """The threshold lives in the index's mapping `_meta` with the rest of its identity;
+        `_meta` is updatable on a live index and replaced whole by the update
+        (https://www.elastic.co/guide/en/elasticsearch/reference/8.17/mapping-meta-field.html)."""
+        from dataclasses import replace
+
+        name = space.index_name
+        recorded = await self._space_of_index(name)
+        updated = replace(recorded, dedup_threshold=None if threshold is None else float(threshold))
+        await self._call(
+            f"record the dedup threshold of {name}",
+            self._client().indices.put_mapping(index=name, meta={META_KEY: updated.record()}),
+        )
+        self._ensured.pop(name, None)
+        self._forget()
+
     async def set_current(self, space: EmbeddingSpace) -> str:
         """Move the alias to the index of `space` (atomically, away from whatever it named;
         `<alias>.previous` moves to the index it left in the same call)."""

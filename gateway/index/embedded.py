@@ -349,6 +349,17 @@ class EmbeddedIndex(CatalogIndex):
             self._manifest_checked = 0.0
         return name
 
+    async def set_dedup_threshold(self, space: EmbeddingSpace, threshold: float | None) -> None:
+        async with self._lock:
+            with self.manifest.edit() as data:
+                entry = data["indexes"].get(space.index_name)
+                if entry is None:
+                    raise FailedPrecondition(f"no index {space.index_name!r}: index the catalog first")
+                entry.pop("dedup_threshold", None)
+                if threshold is not None:
+                    entry["dedup_threshold"] = float(threshold)
+            self._manifest_checked = 0.0
+
     async def indexes(self) -> dict[str, EmbeddingSpace]:
         self._manifest_checked = 0.0
         return {name: self._space_of(name) for name in self._manifest()["indexes"]}

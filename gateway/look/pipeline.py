@@ -286,7 +286,9 @@ class LookSearcher:
         hits = await group_by_item(
             self.index, vector_space, hits, layer_filters, self.settings.candidates_per_layer
         )
-        candidates = dedup([Candidate(h) for h in hits], self.settings.dedup_threshold)
+        # The space's calibrated threshold when it has one (looksync calibrate-dedup).
+        threshold = space.dedup_threshold or self.settings.dedup_threshold
+        candidates = dedup([Candidate(h) for h in hits], threshold)
         return LayerOutcome(query, candidates)
 
     async def _segment(self, image: bytes, outcomes, space, deadline) -> dict[str, np.ndarray]:
