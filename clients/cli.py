@@ -146,8 +146,12 @@ def cmd_search_look(args) -> int:
         f"request {resp.request_id}{', cached' if resp.cached else ''})"
     )
     for layer in resp.layers:
+        where = ""
+        if layer.HasField("box"):
+            b = layer.box
+            where = f" at ({b.left},{b.top})-({b.right},{b.bottom}) by {layer.region_source}"
         print(
-            f'\n[{layer.layer}] "{layer.query}"  (query: {layer.query_source}, rerank: {layer.rerank_source})'
+            f'\n[{layer.layer}] "{layer.query}"{where}  (query: {layer.query_source}, rerank: {layer.rerank_source})'
         )
         for rank, hit in enumerate(layer.hits, 1):
             p = hit.product

@@ -49,6 +49,22 @@ def _ensure_model(settings: Settings) -> None:
     )
 
 
+def _ensure_detector(settings: Settings) -> None:
+    """The garment detector next to the CLIP (looks without an LLM find garments anywhere)."""
+    from export.detector import WEIGHTS, DetectorExport, export_detector
+
+    repo = settings.model_repository
+    if settings.localizer != "detector" or settings.detector_model in models_in(repo):
+        return
+    if not WEIGHTS.exists():
+        print("no garment detector weights: look search cuts body zones")
+        return
+    print(f"exporting the garment detector trained on the synthetic world ({WEIGHTS.name})")
+    export_detector(
+        DetectorExport(version=1, repository=repo, checkpoint=WEIGHTS, name=settings.detector_model)
+    )
+
+
 def _index(settings: Settings, catalog: Path) -> None:
     from gateway.embedder import TritonEmbedder
     from gateway.indexer import Indexer, index_catalog, resolve_space
@@ -79,6 +95,13 @@ def _dedup(settings: Settings) -> None:
         f"dedup: {r.listings} listings in {r.items} items, {r.grouped_items} of them sold by several "
         f"retailers ({r.wall_s:.1f}s)"
     )
+
+
+def _calibrate(settings: Settings) -> None:
+    from gateway.calibrate import calibrate_dedup
+
+    space, result = asyncio.run(calibrate_dedup(settings, None, None, None, 0.995))
+    print(f"near-duplicate threshold of {space}: {result.summary()}")
 
 
 def _wait_serving(client: LookSyncClient, proc: subprocess.Popen, timeout_s: float = 60) -> None:
@@ -124,6 +147,7 @@ def run_demo(keep_running: bool = False) -> int:
 
     _step("1/5 model: CLIP exported to ONNX in the Triton model repository")
     _ensure_model(settings)
+    _ensure_detector(settings)
 
     _step("2/5 Triton: the real tritonserver on the CPU target")
     triton = TritonServer(
@@ -146,14 +170,17 @@ def run_demo(keep_running: bool = False) -> int:
         from clients.world import write_world
 
         world = data / "world"
-        # Not the training seed; a fifth of the products is also sold by 1-3 other retailers.
-        manifest = write_world(world, products=400, looks=12, seed=2001, duplicates=0.2)
+        # Not the training seed; a fifth of the products is also sold by 1-3 other retailers. Half
+        # of the looks are easy (a centred full-length figure), half as AI looks really come (the
+        # figure anywhere, cut off, layered, with bags and accessories, on busy backgrounds).
+        manifest = write_world(world, products=400, looks=12, seed=2001, duplicates=0.2, difficulty="mixed")
         catalog = world / "catalog.jsonl"
         image_of = {
             r["id"]: world / r["image_url"] for r in map(json.loads, catalog.read_text().splitlines())
         }
         item_of = manifest["items"]
         _index(settings, catalog)
+        _calibrate(settings)
         _dedup(settings)
 
         _step("4/5 gateway: gRPC on " + settings.gateway_url)
@@ -200,17 +227,30 @@ def run_demo(keep_running: bool = False) -> int:
 
         rows = [(query, [image_of[h.product.id] for h in r3.hits])]
         found = total = 0
-        for look in manifest["looks"][:3]:
+        easy = [look for look in manifest["looks"] if look["difficulty"]["level"] == "easy"]
+        hard = [look for look in manifest["looks"] if look["difficulty"]["level"] == "hard"]
+        for look in easy[:2] + hard[:2]:
             path = world / look["image"]
             resp = client.search_look(path.read_bytes(), k_per_layer=5)
             truth = set(look["garments"].values())
-            print(f"\nsearch-look {look['image']} (worn variations of {', '.join(sorted(truth))})")
+            level = look["difficulty"]
+            framing = (
+                ""
+                if level["level"] == "easy"
+                else f"; {level['crop']}, {level['position']}, {level['background']}, {level['layering']}"
+            )
+            print(
+                f"\nsearch-look {look['image']} ({level['level']}{framing}; "
+                f"worn variations of {', '.join(sorted(truth))})"
+            )
             for layer in resp.layers:
                 ids = [h.product.id for h in layer.hits]
                 # A hit counts when it is any listing of the worn item (another retailer's too).
                 marks = ", ".join(f"{i}{'*' if item_of[i] in truth else ''}" for i in ids)
+                b = layer.box
                 print(
-                    f'  [{layer.layer}] "{layer.query}" ({layer.query_source}, {layer.rerank_source}): {marks}'
+                    f'  [{layer.layer}] "{layer.query}" at ({b.left},{b.top})-({b.right},{b.bottom}) '
+                    f"by {layer.region_source or '-'} ({layer.query_source}, {layer.rerank_source}): {marks}"
                 )
                 rows.append((path, [image_of[i] for i in ids]))
             found += len(truth & {item_of[h.product.id] for layer in resp.layers for h in layer.hits})

@@ -1,7 +1,9 @@
 """python -m export clip|siglip|dinov2 --arch ARCH [--checkpoint PATH | --random-init] --version N --target cpu|gpu
 python -m export sam2|florence2 [--checkpoint DIR | --random-init] [--tiny | --size S] --version N --target cpu|gpu
 python -m export trt --name clip --version N            (GPU hosts: TensorRT plans as a new version)
-python -m export finetune --from-version N --world DIR --eval-world DIR   (fine-tune, export, compare)"""
+python -m export finetune --from-version N --world DIR --eval-world DIR   (fine-tune, export, compare)
+python -m export train-detector [--looks N --steps N]   (the demo garment detector, on the hard world)
+python -m export detector --version N [--checkpoint PATH]   (the garment detector as a Triton model)"""
 
 from __future__ import annotations
 
@@ -125,7 +127,43 @@ def main(argv: list[str] | None = None) -> None:
     ft.add_argument("--threads", type=int, default=2)
     ft.add_argument("--force", action="store_true", help="print the swap command even for a worse model")
 
+    td = sub.add_parser("train-detector", help="train the demo garment detector on the synthetic hard world")
+    td.add_argument("--looks", type=int, default=3000)
+    td.add_argument("--steps", type=int, default=2500)
+    td.add_argument("--batch", type=int, default=24)
+    td.add_argument("--lr", type=float, default=3e-3)
+    td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--threads", type=int, default=0)
+    td.add_argument("--out", type=Path, help="weights path (default export/weights/garment-detector.pt)")
+    det = sub.add_parser("detector", help="export the garment detector (ONNX, parity, Triton model)")
+    det.add_argument("--version", type=int, default=1)
+    det.add_argument("--checkpoint", type=Path, help="weights (default: the committed demo detector)")
+    det.add_argument("--repository", type=Path, default=Path("model_repository"))
+    det.add_argument("--name", default="garment_detector")
+    det.add_argument("--target", choices=["cpu", "gpu"], default="cpu")
+    det.add_argument("--onnx-threads", type=int, default=0)
+
     args = parser.parse_args(argv)
+    if args.command == "train-detector":
+        from export.detector import WEIGHTS, TrainRequest, train
+
+        train(
+            TrainRequest(
+                looks=args.looks, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                threads=args.threads, out=args.out or WEIGHTS,
+            )
+        )  # fmt: skip
+        return
+    if args.command == "detector":
+        from export.detector import WEIGHTS, DetectorExport, export_detector
+
+        export_detector(
+            DetectorExport(
+                version=args.version, repository=args.repository, checkpoint=args.checkpoint or WEIGHTS,
+                name=args.name, target=args.target, onnx_threads=args.onnx_threads,
+            )
+        )  # fmt: skip
+        return
     if args.command == "finetune":
         import sys
 

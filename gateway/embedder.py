@@ -41,10 +41,13 @@ class TritonEmbedder:
         self.url = url
         self.client = triton.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
 
-    async def _infer(self, model: str, version: int, inputs, outputs: list[str], timeout_s: float):
+    async def _infer(self, model: str, version: int | None, inputs, outputs: list[str], timeout_s: float):
+        """`version` None: the latest Triton serves (models outside the embedding space only,
+        such as the garment detector; embeddings always name theirs)."""
         if timeout_s <= 0:
             raise DeadlineExceeded(f"{model}: no time left in the request's deadline")
-        what = f"{model} v{version}"
+        what = model if version is None else f"{model} v{version}"
+        version = "" if version is None else version
         try:
             result = await self.client.infer(
                 model,
@@ -104,6 +107,22 @@ class TritonEmbedder:
         family = params.get("family", {}).get("string_value", "clip")
         modalities = params.get("modalities", {}).get("string_value", "image,text")
         return family, tuple(m for m in modalities.split(",") if m)
+
+    async def model_parameters(self, model: str, timeout_s: float = 5.0) -> dict[str, str]:
+        """The string parameters of a model's config (what export recorded on it)."""
+        try:
+            config = await self.client.get_model_config(model, as_json=True, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            raise _translate(exc, self.url, f"{model} config") from None
+        params = config.get("config", {}).get("parameters", {})
+        return {k: v.get("string_value", "") for k, v in params.items()}
+
+    async def infer_array(self, model: str, name: str, array: np.ndarray, output: str, timeout_s: float):
+        """One float32 tensor in, one out, on the latest version of `model`."""
+        tensor = triton.InferInput(name, list(array.shape), "FP32")
+        tensor.set_data_from_numpy(array.astype(np.float32))
+        (out,) = await self._infer(model, None, [tensor], [output], timeout_s)
+        return out
 
     async def live(self, timeout_s: float = 1.0) -> bool:
         try:

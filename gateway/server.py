@@ -79,7 +79,12 @@ def build_look_searcher(settings: Settings, embedder: TritonEmbedder, index: Cat
         segmenter = FlorenceSam2Localizer(
             settings.triton_url, ground_model=settings.ground_model, mask_model=settings.mask_model
         )
-    fallback = FallbackQueryGenerator(embedder, BodyZoneLocalizer(), ZeroShot(embedder), segmenter)
+    localizer = BodyZoneLocalizer()
+    if settings.localizer == "detector":
+        from gateway.look.detector import DetectorLocalizer
+
+        localizer = DetectorLocalizer(embedder, settings.detector_model)
+    fallback = FallbackQueryGenerator(embedder, localizer, ZeroShot(embedder), segmenter)
     return LookSearcher(
         embedder,
         index,
@@ -147,6 +152,10 @@ def _look_response(result: LookResult, request_id: str) -> pb.SearchLookResponse
                 hits=[
                     _hit(c.hit.product, c.hit.score, c.duplicates, c.hit.offers) for c in outcome.candidates
                 ],
+                box=pb.Box(**dict(zip(("left", "top", "right", "bottom"), q.region.box)))
+                if q.region
+                else None,
+                region_source=q.region.source if q.region else "",
             )
         )
     return pb.SearchLookResponse(

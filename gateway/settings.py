@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     llm_timeout_s: float = Field(8.0, description="cap for one LLM call (also capped by the deadline)")
 
     # Look search
+    localizer: Literal["detector", "zones"] = Field(
+        "detector",
+        description="without an LLM: garments from the garment detector (body zones while it is not served), or body zones only",
+    )
+    detector_model: str = Field("garment_detector", description="Triton model of the garment detector")
     segmentation: bool = Field(False, description="rerank fallback uses Florence-2 + SAM2 garment masks")
     ground_model: str = "florence2_ground"
     mask_model: str = "sam2_mask"

@@ -59,6 +59,12 @@ def test_without_llm_each_source_garment_is_found(client, catalog, products, see
         layer = _layer_for(resp, zone)
         assert layer.query_source == "fallback" and layer.rerank_source == "embedding"
         assert product.id in [h.product.id for h in layer.hits], (zone, layer.query)
+        # No detector is served here: the garment's box is its body zone's.
+        assert layer.region_source == "zones" and layer.HasField("box")
+        width, height = Image.open(io.BytesIO(image)).size
+        assert (
+            0 <= layer.box.left < layer.box.right <= width and 0 <= layer.box.top < layer.box.bottom <= height
+        )
         assert layer.query  # zero-shot names it, e.g. "navy striped t-shirt"
     assert [t.stage for t in resp.timings] == [
         "validate_image",
@@ -255,6 +261,31 @@ def test_good_llm_answers_drive_queries_and_ranking(llm, llm_gateway, look):
     from gateway.taxonomy import CATEGORY_LAYER
 
     assert all(CATEGORY_LAYER[h.product.category] == lr.layer for lr in resp.layers for h in lr.hits)
+
+
+def test_two_garments_of_one_layer_are_two_result_lists(llm, llm_gateway, look):
+    """A shirt under a sweater: the LLM names two tops, the answer has two topwear lists, each
+    with its own query and a box of the look (the upper zone, as no detector is served)."""
+    two_tops = {
+        "garments": [
+            {"layer": "topwear", "category": "shirt", "gender": "women", "query": "white cotton shirt"},
+            {"layer": "topwear", "category": "sweater", "gender": "women", "query": "red wool sweater"},
+            GOOD_QUERIES["garments"][1],
+            # The same garment twice is one list.
+            {**GOOD_QUERIES["garments"][1], "query": "Straight leg  blue denim jeans"},
+        ]
+    }
+
+    def script(kind, body):
+        return Reply(two_tops) if kind == "QueryAnswer" else reverse_ranking(kind, body)
+
+    resp = _run(llm, llm_gateway, script, look[0])
+    assert [(lr.layer, lr.query) for lr in resp.layers] == [
+        ("topwear", "white cotton shirt"),
+        ("topwear", "red wool sweater"),
+        ("bottomwear", "straight leg blue denim jeans"),
+    ]
+    assert all(lr.hits and lr.HasField("box") and lr.region_source == "zones" for lr in resp.layers)
 
 
 def test_the_llm_gets_the_look_reduced_once_as_a_true_jpeg(llm, llm_gateway, look):

@@ -293,18 +293,34 @@ class SearchLookRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., k_per_layer: _Optional[int] = ..., space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ...) -> None: ...
 
 class LayerResult(_message.Message):
-    __slots__ = ("layer", "query", "query_source", "rerank_source", "hits")
+    __slots__ = ("layer", "query", "query_source", "rerank_source", "hits", "box", "region_source")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     QUERY_SOURCE_FIELD_NUMBER: _ClassVar[int]
     RERANK_SOURCE_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    REGION_SOURCE_FIELD_NUMBER: _ClassVar[int]
     layer: str
     query: str
     query_source: str
     rerank_source: str
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
-    def __init__(self, layer: _Optional[str] = ..., query: _Optional[str] = ..., query_source: _Optional[str] = ..., rerank_source: _Optional[str] = ..., hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
+    box: Box
+    region_source: str
+    def __init__(self, layer: _Optional[str] = ..., query: _Optional[str] = ..., query_source: _Optional[str] = ..., rerank_source: _Optional[str] = ..., hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., region_source: _Optional[str] = ...) -> None: ...
+
+class Box(_message.Message):
+    __slots__ = ("left", "top", "right", "bottom")
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    RIGHT_FIELD_NUMBER: _ClassVar[int]
+    BOTTOM_FIELD_NUMBER: _ClassVar[int]
+    left: int
+    top: int
+    right: int
+    bottom: int
+    def __init__(self, left: _Optional[int] = ..., top: _Optional[int] = ..., right: _Optional[int] = ..., bottom: _Optional[int] = ...) -> None: ...
 
 class SearchLookResponse(_message.Message):
     __slots__ = ("layers", "space", "timings", "request_id", "cached")

@@ -1,8 +1,8 @@
 """Garment localizers: where in the look each garment is.
 
-`BodyZoneLocalizer` assumes a full-length, roughly centred figure (what look generators produce)
-and cuts fixed body zones. It knows nothing about the garments; the Florence-2 + SAM2 localizer
-replaces it where those models are served.
+`BodyZoneLocalizer` assumes a full-length, roughly centred figure and cuts fixed body zones. It
+knows nothing about the garments: it is what answers when the garment detector
+(gateway/look/detector.py) is not served or finds nothing.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ def zone_box(zone: str, width: int, height: int) -> tuple[int, int, int, int]:
 
 
 class Localizer(Protocol):
-    def regions(self, look: Image.Image) -> list[Region]: ...
+    async def regions(self, look: Image.Image, timeout_s: float) -> list[Region]: ...
 
 
 class BodyZoneLocalizer:
     name = "body_zones"
 
-    def regions(self, look: Image.Image) -> list[Region]:
+    async def regions(self, look: Image.Image, timeout_s: float = 0.0) -> list[Region]:
         out = []
         for zone, (_, _, layers) in BODY_ZONES.items():
             box = zone_box(zone, *look.size)

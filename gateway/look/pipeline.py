@@ -31,7 +31,7 @@ from gateway.llm import LLMError
 from gateway.look.dedup import dedup
 from gateway.look.querygen import FallbackQueryGenerator, LLMQueryGenerator, decode_look_async, llm_image
 from gateway.look.rerank import LLMReranker, embedding_rerank
-from gateway.look.types import Candidate, LayerOutcome, LayerQuery
+from gateway.look.types import Candidate, LayerOutcome, LayerQuery, Region
 from gateway.observability import log
 from gateway.search import Deadline, Timings, check_image, request_space
 
@@ -172,6 +172,10 @@ class LookSearcher:
                 query = LayerQuery(
                     q["layer"], tuple(q["categories"]), q["query"], q["source"], q.get("gender")
                 )
+                if q.get("box"):  # where the garment was: the response says it again
+                    query.region = Region(
+                        q["layer"], tuple(q["box"]), b"", query.categories, q.get("region_source", "zones")
+                    )
                 candidates = [
                     Candidate(ScoredProduct(current[c["id"]].product, c["score"]), c["duplicates"])
                     for c in layer["candidates"]
@@ -224,14 +228,20 @@ class LookSearcher:
             q.text_vector = None if cached is None else np.asarray(cached, dtype=np.float32)
             if q.text_vector is None:
                 missing.append(q)
-        zones = (
-            self.fallback_queries.localizer.regions(look) if any(q.region is None for q in queries) else []
-        )
-        need_region = []
+        zones = []
+        if any(q.region is None for q in queries):
+            zones = await self.fallback_queries.localizer.regions(look, deadline.left(self.triton_timeout_s))
+        # Each query takes a garment region of its layer, a free one first (two tops, two crops).
+        need_region, taken = [], set()
         for q in queries:
-            zone = next((r for r in zones if set(q.categories) & set(r.categories)), None)
-            if q.region is None and zone is not None:
-                need_region.append((q, zone))
+            if q.region is not None:
+                continue
+            fits = [i for i, r in enumerate(zones) if set(q.categories) & set(r.categories)]
+            free = [i for i in fits if i not in taken]
+            if fits:
+                pick = (free or fits)[0]
+                taken.add(pick)
+                need_region.append((q, zones[pick]))
         timeout = deadline.left(self.triton_timeout_s)
         calls = []
         if missing:
@@ -378,6 +388,8 @@ def _cacheable(outcomes: list[LayerOutcome]) -> list[dict]:
                 "query": o.query.query,
                 "source": o.query.source,
                 "gender": o.query.gender,
+                "box": list(o.query.region.box) if o.query.region else None,
+                "region_source": o.query.region.source if o.query.region else "",
             },
             "rerank_source": o.rerank_source,
             "candidates": [

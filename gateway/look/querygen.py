@@ -75,7 +75,8 @@ class LLMQueryGenerator:
             [{"type": "text", "text": "The look:"}, image_part(look)],
             timeout_s,
         )
-        queries: dict[str, LayerQuery] = {}
+        # One query per garment: a shirt under an open jacket, or two bags, are two lists.
+        queries: dict[tuple[str, str], LayerQuery] = {}
         for g in answer.garments:
             query = " ".join(g.query.split())
             if len(query) < 3:
@@ -83,14 +84,16 @@ class LLMQueryGenerator:
             if CATEGORY_LAYER[g.category] != g.layer:
                 # The category is the more specific claim; trust it and keep the layer coherent.
                 g.layer = CATEGORY_LAYER[g.category]
-            if g.layer not in queries:
-                queries[g.layer] = LayerQuery(
+            queries.setdefault(
+                (g.layer, query.lower()),
+                LayerQuery(
                     layer=g.layer,
                     categories=tuple(categories_of_layer(g.layer)),
                     query=query,
                     source="llm",
                     gender=g.gender,
-                )
+                ),
+            )
         return list(queries.values())
 
 
@@ -154,7 +157,8 @@ class FallbackQueryGenerator:
             return []
         # A segmented region belongs to the layer whose phrase found it.
         return [
-            replace(region, categories=tuple(categories_of_layer(layer))) for layer, region in found.items()
+            replace(region, categories=tuple(categories_of_layer(layer)), source="segmentation")
+            for layer, region in found.items()
         ]
 
     async def generate(
@@ -164,7 +168,7 @@ class FallbackQueryGenerator:
         if self.segmenter is not None and image is not None:
             regions = await self._segmented(image, timeout_s)
         if not regions:
-            regions = self.localizer.regions(look)
+            regions = await self.localizer.regions(look, timeout_s)
         vectors = await self.embedder.embed_images(
             space.model, space.version, [r.image for r in regions], timeout_s
         )
@@ -173,9 +177,7 @@ class FallbackQueryGenerator:
         prompts = await self.zero_shot.prompts(space, timeout_s)
         queries, used = [], set()
         for region, vector in zip(regions, vectors):
-            # One result list per layer: a zone whose layers are all taken (a dress seen in the
-            # upper zone also fills the lower one) is left out.
-            allowed = [c for c in region.categories if CATEGORY_LAYER[c] not in used]
+            allowed = _allowed(region, used)
             if not allowed:
                 continue
             category = _best(*prompts["category"], vector, allowed=allowed)
@@ -198,12 +200,22 @@ class FallbackQueryGenerator:
         return queries
 
 
+def _allowed(region: Region, used: set[str]) -> list[str]:
+    """Categories a region's query may take. A found garment (detector, segmentation) is one
+    query whatever came before it: two tops are two lists. A body zone may show several layers,
+    and one already taken by an earlier zone is left out (a dress seen in the upper zone also
+    fills the lower one)."""
+    if region.source != "zones":
+        return list(region.categories)
+    return [c for c in region.categories if CATEGORY_LAYER[c] not in used]
+
+
 def _image_only_queries(regions: list[Region], vectors) -> list[LayerQuery]:
     """An image-only space (DINOv2) cannot name a garment with text prompts: each region
     searches by its own pixels, within the categories its zone allows."""
     queries, used = [], set()
     for region, vector in zip(regions, vectors):
-        layers = [CATEGORY_LAYER[c] for c in region.categories if CATEGORY_LAYER[c] not in used]
+        layers = list(dict.fromkeys(CATEGORY_LAYER[c] for c in _allowed(region, used)))
         if not layers:
             continue
         used.add(layers[0])

@@ -17,6 +17,10 @@ class Region:
     box: tuple[int, int, int, int]  # left, top, right, bottom in look pixels
     image: bytes  # the crop, PNG-encoded, ready for the image tower
     categories: tuple[str, ...]  # categories a garment in this zone can have
+    # "zones": a fixed body zone, which may show any of several layers (one query per layer);
+    # "detector" / "segmentation": one garment, found where it is (one query each).
+    source: str = "zones"
+    score: float = 1.0
 
 
 @dataclass
