@@ -11,6 +11,7 @@ written for, the item whose image is the query, the item a look garment varies.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -28,11 +29,17 @@ from benchmarks.common import HERE, append_results, markdown_table, write_json
 from clients.world import write_world
 
 REPO = HERE.parent
+# Result layers a truth garment may be found in: its own layer, and for body zones the layers
+# that zone can show (a dress is cut in the upper and the lower zone).
 ZONE_LAYERS = {
     "upper": {"topwear", "outerwear", "dress"},
     "lower": {"bottomwear", "dress"},
     "feet": {"footwear"},
     "dress": {"dress", "topwear", "bottomwear"},
+    "outer": {"outerwear", "topwear"},
+    "bag": {"bag"},
+    "head": {"headwear"},
+    "eyes": {"eyewear"},
 }
 ZONE_KINDS = {
     "upper": ("t-shirt", "shirt", "jacket", "dress"),
@@ -40,6 +47,19 @@ ZONE_KINDS = {
     "feet": ("sneakers",),
     "dress": ("dress",),
 }
+# Look breakdowns: the difficulty tags the world records per look, and the garment's layer.
+LOOK_KEYS = ("level", "position", "scale", "crop", "layering", "background", "layer")
+
+
+def look_tags(look: dict, kind: str) -> dict[str, str]:
+    from gateway.taxonomy import CATEGORY_LAYER
+
+    tags = {k: str(v) for k, v in look.get("difficulty", {"level": "easy"}).items() if k in LOOK_KEYS}
+    return {**tags, "layer": CATEGORY_LAYER[kind]}
+
+
+def _overlaps(a, b) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
 
 
 def rank_metrics(ranks: list[int | None]) -> dict[str, float]:
@@ -89,17 +109,24 @@ def gateway_ranks(
         for look in q.manifest["looks"]:
             resp = client.search_look((q.world / look["image"]).read_bytes(), k_per_layer=10, space=space)
             for zone, pid in look["garments"].items():
-                layer = next(
-                    (
-                        lr
-                        for lr in resp.layers
-                        if lr.layer in ZONE_LAYERS[zone] and pid in [h.product.id for h in lr.hits]
-                    ),
-                    None,
-                )
-                hits = layer.hits if layer else []
                 a = q.attrs[pid]
-                out["look"].append((a["kind"], a["gender"], _rank(hits, pid)))
+                # The best rank in a result list of a compatible layer whose box overlaps the
+                # garment's (a list with no box, from an LLM query without a region, counts too).
+                truth_box = look.get("boxes", {}).get(zone)
+                ranks = [
+                    _rank(lr.hits, pid)
+                    for lr in resp.layers
+                    if lr.layer in ZONE_LAYERS[zone]
+                    and (
+                        truth_box is None
+                        or not lr.HasField("box")
+                        or _overlaps((lr.box.left, lr.box.top, lr.box.right, lr.box.bottom), truth_box)
+                    )
+                ]
+                found = [r for r in ranks if r is not None]
+                out["look"].append(
+                    (a["kind"], a["gender"], min(found) if found else None, look_tags(look, a["kind"]))
+                )
     return out
 
 
@@ -108,13 +135,16 @@ def _rank(hits, pid):
     return ids.index(pid) + 1 if pid in ids else None
 
 
-def torch_ranks(checkpoint: Path, q: Queries) -> dict[str, list[tuple[str, str, int | None]]]:
-    """The same queries with the PyTorch fp32 model and exact search in process."""
+def torch_ranks(checkpoint: Path, q: Queries, detector: Path | None = None) -> dict[str, list]:
+    """The same queries with the PyTorch fp32 model and exact search in process. Looks are cut
+    by the garment detector's ONNX file (`detector`, run in process with the gateway's own
+    post-processing), or by body zones when `detector` is None."""
     import open_clip
     import torch
 
     from clients.world import look_crops
     from export.train_demo import _pixels
+    from gateway.taxonomy import categories_of_layer
 
     open_clip.add_model_config(REPO / "export" / "configs")
     model = open_clip.create_model("looksync-demo", pretrained=str(checkpoint)).eval()
@@ -122,54 +152,110 @@ def torch_ranks(checkpoint: Path, q: Queries) -> dict[str, list[tuple[str, str, 
     size = model.visual.preprocess_cfg["size"][0]
     ids = [r["id"] for r in q.records]
     kinds = np.array([q.attrs[i]["kind"] for i in ids])
+    regions_of = _in_process_detector(detector) if detector else None
     with torch.no_grad():
-        cat = model.encode_image(
-            torch.from_numpy(
-                np.stack(
-                    [_pixels(Image.open(q.world / r["image_url"]).convert("RGB"), size) for r in q.records]
-                )
-            ),
-            normalize=True,
-        ).numpy()
 
-        def ranked(vec, allowed=None):
+        def embed(images):
+            x = torch.from_numpy(np.stack([_pixels(img.convert("RGB"), size) for img in images]))
+            return model.encode_image(x, normalize=True).numpy()
+
+        cat = np.concatenate(
+            [
+                embed([Image.open(q.world / r["image_url"]) for r in q.records[i : i + 64]])
+                for i in range(0, len(q.records), 64)
+            ]
+        )
+
+        def rank(vec, pid, allowed=None):
             scores = cat @ vec
             if allowed is not None:
                 scores = np.where(np.isin(kinds, allowed), scores, -np.inf)
-            return [ids[i] for i in np.argsort(-scores)[:10]]
+            top = [ids[i] for i in np.argsort(-scores)[:10]]
+            return top.index(pid) + 1 if pid in top else None
 
         out = defaultdict(list)
         for rec in q.items:
             a = q.attrs[rec["id"]]
             t = model.encode_text(tokenizer([q.manifest["captions"][rec["id"]]]), normalize=True).numpy()[0]
-            top = ranked(t)
-            out["text"].append(
-                (a["kind"], a["gender"], top.index(rec["id"]) + 1 if rec["id"] in top else None)
-            )
-            top = ranked(cat[ids.index(rec["id"])])
-            out["image"].append(
-                (a["kind"], a["gender"], top.index(rec["id"]) + 1 if rec["id"] in top else None)
-            )
+            out["text"].append((a["kind"], a["gender"], rank(t, rec["id"])))
+            out["image"].append((a["kind"], a["gender"], rank(cat[ids.index(rec["id"])], rec["id"])))
         for look in q.manifest["looks"]:
-            crops = look_crops(Image.open(q.world / look["image"]).convert("RGB"))
+            img = Image.open(q.world / look["image"]).convert("RGB")
+            if regions_of is None:
+                crops = look_crops(img)
+                regions = [
+                    (z, ZONE_KINDS[z], None, crops[z]) for z in ("upper", "lower", "feet")
+                ]  # the zone's kinds, as SearchLook's category filter
+            else:
+                regions = [
+                    (r.zone, tuple(categories_of_layer(r.zone)), r.box, Image.open(io.BytesIO(r.image)))
+                    for r in regions_of(img)
+                ]
+            vectors = embed([r[3] for r in regions]) if regions else []
             for zone, pid in look["garments"].items():
-                crop = crops["upper" if zone == "dress" else zone]
-                v = model.encode_image(torch.from_numpy(_pixels(crop, size)[None]), normalize=True).numpy()[0]
-                top = ranked(v, ZONE_KINDS[zone])
                 a = q.attrs[pid]
-                out["look"].append((a["kind"], a["gender"], top.index(pid) + 1 if pid in top else None))
+                truth_box = look.get("boxes", {}).get(zone)
+                found = []
+                for (name, allowed, box, _), v in zip(regions, vectors):
+                    layers = BODY_ZONE_LAYERS.get(name, {name})
+                    if not layers & ZONE_LAYERS[zone]:
+                        continue
+                    if box is not None and truth_box is not None and not _overlaps(box, truth_box):
+                        continue
+                    r = rank(v, pid, allowed)
+                    if r is not None:
+                        found.append(r)
+                out["look"].append(
+                    (a["kind"], a["gender"], min(found) if found else None, look_tags(look, a["kind"]))
+                )
     return out
 
 
+# What each body zone can show (gateway/look/localizer.py BODY_ZONES).
+BODY_ZONE_LAYERS = {
+    "upper": {"topwear", "outerwear", "dress"},
+    "lower": {"bottomwear", "dress"},
+    "feet": {"footwear"},
+}
+
+
+def _in_process_detector(onnx_path: Path):
+    """regions(look) with the garment detector's ONNX file and the gateway's post-processing."""
+    import onnxruntime as ort
+
+    from export.detector import letterbox
+    from gateway.look.detector import DetectorSpec, cut_out, detections, look_mask
+
+    meta = json.loads((onnx_path.parent / "detector.json").read_text())
+    spec = DetectorSpec(tuple(meta["classes"]), meta["input_size"], meta["stride"])
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+    def regions(look):
+        pixels, scale, offset = letterbox(look, spec.input_size)
+        (logits,) = session.run(["logits"], {"pixel_values": pixels[None]})
+        found = [
+            cut_out(look, d, look_mask(d, spec, look.size, scale, offset))
+            for d in detections(logits[0], spec.classes)
+        ]
+        return [r for r in found if r is not None]
+
+    return regions
+
+
 def summarise(ranks) -> dict:
+    """Metrics per task: overall, by category and gender, and for looks by each tag the rows
+    carry (difficulty, layer)."""
     out = {}
     for task, rows in ranks.items():
-        out[task] = {"all": rank_metrics([r for _, _, r in rows])}
-        for key_index, name in ((0, "category"), (1, "gender")):
-            groups = defaultdict(list)
-            for row in rows:
-                groups[row[key_index]].append(row[2])
-            out[task][name] = {g: rank_metrics(v) for g, v in sorted(groups.items())}
+        out[task] = {"all": rank_metrics([row[2] for row in rows])}
+        groups: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        for row in rows:
+            groups["category"][row[0]].append(row[2])
+            groups["gender"][row[1]].append(row[2])
+            for key, value in (row[3] if len(row) > 3 else {}).items():
+                groups[key][value].append(row[2])
+        for name, by_value in groups.items():
+            out[task][name] = {g: rank_metrics(v) for g, v in sorted(by_value.items())}
     return out
 
 
@@ -207,6 +293,33 @@ def compare_spaces(address: str, q: Queries, spaces: list[tuple[str, int]]) -> t
     return table, table2, figures
 
 
+def difficulty_plot(
+    path: Path, labels: list[str], groups: list[tuple[str, str]], looks: dict, title: str
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        values = [
+            looks[label]["all"]["R@5"] if k == "all" else looks[label].get(k, {}).get(v, {"R@5": 0.0})["R@5"]
+            for k, v in groups
+        ]
+        ax.bar([g + i * width for g in range(len(groups))], values, width, label=label)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))])
+    ax.set_xticklabels([v if k in ("all", "level") else f"{k}:\n{v}" for k, v in groups], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("R@5")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=len(labels))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], title: str) -> None:
     width, height, margin = 900, 420, 60
     img = Image.new("RGB", (width, height), "white")
@@ -236,9 +349,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", type=Path, default=REPO / "export" / "weights" / "looksync-demo.pt")
     parser.add_argument("--products", type=int, default=400)
-    parser.add_argument("--looks", type=int, default=80)
+    parser.add_argument("--looks", type=int, default=120)
     parser.add_argument("--sample", type=int, default=200, help="catalog items used as text/image queries")
     parser.add_argument("--seed", type=int, default=2001, help="world seed (training used seed 1)")
+    parser.add_argument(
+        "--difficulty",
+        choices=["easy", "hard", "mixed"],
+        default="mixed",
+        help="the world's looks (clients/world.py): easy, hard, or half of each",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--gateway", help="compare spaces on a running gateway (with --world, --space)")
@@ -251,18 +370,22 @@ def main() -> None:
         return _compare_main(args)
     work = Path(tempfile.mkdtemp(prefix="looksync-quality-"))
     from export.clip import ExportRequest, export_clip
+    from export.detector import WEIGHTS, DetectorExport, export_detector
     from gateway.tritonserver import TritonServer
     from tests.conftest import free_port, start_gateway
 
     triton = None
     try:
         world = work / "world"
-        write_world(world, args.products, args.looks, seed=args.seed)
+        write_world(world, args.products, args.looks, seed=args.seed, difficulty=args.difficulty)
         q = Queries(world, args.sample)
         export_clip(
             ExportRequest(
                 arch="looksync-demo", version=1, checkpoint=str(args.checkpoint), repository=work / "repo"
             )
+        )
+        detector = (
+            export_detector(DetectorExport(repository=work / "repo", checkpoint=WEIGHTS)) / "model.onnx"
         )
         triton = TritonServer(work / "repo", free_port(), free_port(), free_port(), work_dir=work / "triton")
         triton.start(log_file=open(work / "triton.log", "w"))
@@ -278,68 +401,100 @@ def main() -> None:
             cwd=REPO,
             check=True,
         )
-        gw = start_gateway(env, work / "gateway.log")
-        try:
-            served = summarise(gateway_ranks(gw.address, q))
-        finally:
-            gw.stop()
-        fp32 = summarise(torch_ranks(args.checkpoint, q))
-        rows, figures = [], {}
-        for task in ("text", "image", "look"):
-            for label, result in (("PyTorch fp32, exact", fp32), ("ONNX via Triton + gateway", served)):
-                m = result[task]["all"]
-                rows.append(
-                    [
-                        {"text": "text -> product", "image": "image -> product", "look": "look -> garment"}[
-                            task
-                        ],
-                        label,
-                        m["n"],
-                    ]
-                    + [f"{m[k]:.3f}" for k in ("R@1", "R@5", "R@10", "MRR", "nDCG@10")]
-                )
-                figures[f"{task}_{'fp32' if 'fp32' in label else 'served'}_r5"] = round(m["R@5"], 3)
-        table = markdown_table(["task", "model", "queries", "R@1", "R@5", "R@10", "MRR", "nDCG@10"], rows)
-        breakdown = []
-        for group in ("category", "gender"):
-            for g, m in served["look"][group].items():
-                breakdown.append([group, g, m["n"], f"{m['R@1']:.2f}", f"{m['R@5']:.2f}", f"{m['MRR']:.2f}"])
-        table2 = markdown_table(["look -> garment by", "value", "garments", "R@1", "R@5", "MRR"], breakdown)
-        print(table + "\n\n" + table2)
-        write_json("quality" + ("_quick" if args.quick else ""), figures)
-        plot = HERE / "results" / ("quality_quick.png" if args.quick else "quality.png")
-        bar_plot(
-            plot,
-            ["text R@5", "image R@5", "look R@5", "look MRR"],
-            {
-                "PyTorch fp32": [
-                    fp32["text"]["all"]["R@5"],
-                    fp32["image"]["all"]["R@5"],
-                    fp32["look"]["all"]["R@5"],
-                    fp32["look"]["all"]["MRR"],
-                ],
-                "served (ONNX, Triton, gateway)": [
-                    served["text"]["all"]["R@5"],
-                    served["image"]["all"]["R@5"],
-                    served["look"]["all"]["R@5"],
-                    served["look"]["all"]["MRR"],
-                ],
-            },
-            "demo CLIP on a held-out world",
+        # The space's own near-duplicate threshold, measured on another world (calibrate-dedup).
+        calibration = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "clients.cli", "calibrate-dedup", "--json"],
+                env=env,
+                cwd=REPO,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
         )
-        if not args.no_record:
-            append_results(
-                "Quality of the demo CLIP on a held-out synthetic world",
-                table + "\n\n" + table2,
-                f"Plot: `benchmarks/results/{plot.name}`. The gateway path is the whole product: "
-                "text/image search and SearchLook without an LLM (body-zone crops, zero-shot names, "
-                "category per zone, dedup, embedding rerank). The fp32 column embeds the same crops and "
-                "searches exactly with the zone's categories, in process.",
-            )
+        print(f"calibrated near-duplicate threshold: {calibration['threshold']}")
+        results = {}
+        for localizer, extra, crops in (
+            ("garment detector", {}, detector),
+            ("body zones", {"LOOKSYNC_LOCALIZER": "zones"}, None),
+        ):
+            gw = start_gateway({**env, **extra}, work / f"gateway-{len(results)}.log")
+            try:
+                results[f"served, {localizer}"] = summarise(gateway_ranks(gw.address, q))
+            finally:
+                gw.stop()
+            results[f"fp32, {localizer}"] = summarise(torch_ranks(args.checkpoint, q, crops))
+        _report(args, results, calibration["threshold"])
     finally:
         if triton is not None:
             triton.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _report(args, results: dict, threshold: float) -> None:
+    labels = list(results)
+    rows, figures = [], {}
+    for task, title in TASKS.items():
+        for label in labels:
+            m = results[label][task]["all"]
+            rows.append(
+                [title, label, m["n"]] + [f"{m[k]:.3f}" for k in ("R@1", "R@5", "R@10", "MRR", "nDCG@10")]
+            )
+            key = label.split(",")[0].lower().replace(" ", "_") + (
+                "_" + label.split(", ")[1].replace(" ", "_") if "," in label else ""
+            )
+            figures[f"{task}_{key}_r5"] = round(m["R@5"], 3)
+    table = markdown_table(["task", "setting", "queries", "R@1", "R@5", "R@10", "MRR", "nDCG@10"], rows)
+    looks = {label: results[label]["look"] for label in labels}
+    breakdown = []
+    for key in (*LOOK_KEYS, "category", "gender"):
+        values = sorted({v for r in looks.values() for v in r.get(key, {})})
+        for value in values:
+            cells = []
+            for label in labels:
+                m = looks[label].get(key, {}).get(value)
+                cells.append(f"{m['R@5']:.2f} / {m['MRR']:.2f}" if m else "-")
+            n = next(looks[label][key][value]["n"] for label in labels if value in looks[label].get(key, {}))
+            breakdown.append([key, value, n, *cells])
+            figures[f"look_{key}_{value}_r5"] = {
+                label: round(looks[label][key][value]["R@5"], 3)
+                for label in labels
+                if value in looks[label].get(key, {})
+            }
+    table2 = markdown_table(
+        ["look -> garment by", "value", "garments", *[f"{label}: R@5 / MRR" for label in labels]], breakdown
+    )
+    print(table + "\n\n" + table2)
+    suffix = "_quick" if args.quick else ""
+    figures["dedup_threshold"] = threshold
+    write_json("quality" + suffix, figures)
+    plot = HERE / "results" / f"quality{suffix}.png"
+    groups = [("all", "all")] + [
+        (k, v)
+        for k in ("level", "position", "scale", "crop", "layering", "background")
+        for v in sorted(looks[labels[0]].get(k, {}))
+    ]
+    difficulty_plot(
+        plot,
+        labels,
+        groups,
+        looks,
+        f"look -> garment R@5 by difficulty ({args.difficulty} world, demo CLIP, no LLM)",
+    )
+    if not args.no_record:
+        append_results(
+            "Quality of the demo CLIP on a held-out synthetic world, by look difficulty",
+            table + "\n\n" + table2,
+            f"Command: `python -m benchmarks.quality --difficulty {args.difficulty}` ({args.products} products, "
+            f"{args.looks} looks, seed {args.seed}). Plot: `benchmarks/results/{plot.name}`. Served is the "
+            "whole product (SearchLook without an LLM: localizer, zero-shot names, the layer's categories, "
+            "dedup, embedding rerank); one run with the garment detector, one with body zones only. Each fp32 "
+            "column embeds the same localizer's crops as the served column before it (the detector's ONNX "
+            "file run in process with the gateway's post-processing) with PyTorch fp32 and searches exactly. "
+            "A garment counts in a result list of a compatible layer whose box overlaps its own. Served "
+            "near-duplicate threshold: "
+            f"{threshold} (`looksync calibrate-dedup` on another world, recorded with the index).",
+        )
 
 
 def _compare_main(args) -> None:
