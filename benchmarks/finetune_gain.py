@@ -2,14 +2,18 @@
 
     python -m benchmarks.finetune_gain [--quick] [--steps 400] [--no-record]
 
-The demo CLIP (export/weights/looksync-demo.pt, trained on the base palette) is exported as
-version 1. A second world uses colours and patterns it never saw (clients/world.py, palette
-"novel"). `python -m export finetune`'s own steps train once on the novel world's catalog and
-look crops (with distillation towards the base); the fine-tuned weights are then mixed with the
-base at several WiSE-FT ratios, each exported as a version (parity gate) and evaluated from its
-served files on two held-out worlds: the novel palette and the original one. Ratio 0 is the
-base. Wall time of the whole loop is recorded. Writes results/finetune_gain.json and .png and a
-RESULTS.md section.
+The demo CLIP (export/weights/looksync-demo.pt, trained on the base palette and on easy looks'
+body zones) is exported as version 1, next to the garment detector. A second world uses colours
+and patterns it never saw (clients/world.py, palette "novel"), and its looks come as they really
+do (difficulty "mixed": half drawn anywhere in the frame, cut off, layered, with accessories).
+`python -m export finetune`'s own steps train once on the novel world's catalog and on its looks'
+garments as the detector cuts them (with distillation towards the base); the fine-tuned weights
+are then mixed with the base at several WiSE-FT ratios, each exported as a version (parity gate)
+and evaluated from its served files on two held-out worlds: the novel palette and the original
+one. Ratio 0 is the base. Then the base and the chosen ratio are served for real (Triton, both
+held-out worlds indexed in both spaces, dedup calibrated per space, the gateway over gRPC) and
+compared with the quality harness. Wall time of the whole loop is recorded. Writes
+results/finetune_gain.json and .png and a RESULTS.md section.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--distill", type=float, default=0.2)
+    parser.add_argument("--looks", type=int, default=400, help="looks in the training world")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
     import torch
@@ -40,20 +45,24 @@ def main(argv=None) -> None:
     from benchmarks.quality import summarise
     from clients.world import write_world
     from export.clip import ExportRequest, export_clip
+    from export.detector import DetectorExport, export_detector
     from export.finetune import FinetuneRequest, base_model, train, training_pairs, version_meta, wise_ft
     from export.finetune_eval import ServedVersion, mean_r5, served_ranks
 
-    products, looks, steps = (80, 16, 20) if args.quick else (400, 200, args.steps)
+    products, looks, steps = (80, 16, 20) if args.quick else (400, args.looks, args.steps)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="looksync-bench-ft-") as tmp:
         root = Path(tmp)
         novel_train = root / "novel-train"
-        write_world(novel_train, products, looks, seed=11, palette="novel")
-        write_world(root / "novel-heldout", products // 2, looks // 4, seed=12, palette="novel")
-        write_world(root / "base-heldout", products // 2, looks // 4, seed=13)
+        novel = {"palette": "novel", "difficulty": "mixed", "graded": True}
+        write_world(novel_train, products, looks, seed=11, **novel)
+        held_looks = 4 if args.quick else 50
+        write_world(root / "novel-heldout", products // 2, held_looks, seed=12, **novel)
+        write_world(root / "base-heldout", products // 2, held_looks, seed=13, difficulty="mixed")
         repo = root / "repo"
         weights = REPO / "export" / "weights" / "looksync-demo.pt"
         export_clip(ExportRequest(arch="looksync-demo", checkpoint=str(weights), version=1, repository=repo))
+        export_detector(DetectorExport(repository=repo))
         req = FinetuneRequest(
             from_version=1, world=novel_train, repository=repo, steps=steps, batch=128, lr=args.lr,
             distill=args.distill, seed=0,
@@ -86,7 +95,11 @@ def main(argv=None) -> None:
             rows.append([ratio, f"{n['text']['R@5']:.3f}", f"{n['look']['R@5']:.3f}", f"{n['image']['R@5']:.3f}",
                          f"{b['text']['R@5']:.3f}", f"{b['look']['R@5']:.3f}", f"{b['image']['R@5']:.3f}"])  # fmt: skip
             print(f"[bench] WiSE-FT {ratio}: novel {n['mean_R@5']:.3f}, base {b['mean_R@5']:.3f}", flush=True)
-    figures["loop_s"] = round(time.monotonic() - start, 1)
+        figures["loop_s"] = round(time.monotonic() - start, 1)
+        chosen = choose_ratio(figures["ratios"])
+        figures["chosen_ratio"] = chosen
+        print(f"[bench] serving the base and WiSE-FT {chosen} through Triton and the gateway", flush=True)
+        served_table, figures["served"] = served_comparison(root, weights, root / f"wise-{chosen}.pt")
     table = markdown_table(
         ["WiSE-FT ratio (0 = base)", "novel text R@5", "novel look R@5", "novel image R@5",
          "original text R@5", "original look R@5", "original image R@5"],
@@ -94,7 +107,9 @@ def main(argv=None) -> None:
     )  # fmt: skip
     table += (
         f"\n\n{figures['pairs']} training pairs, {steps} steps of 128 in {figures['train_s']} s; the whole loop "
-        f"(worlds, train, {len(RATIOS) - 1} exports, 10 evaluations) {figures['loop_s']} s."
+        f"(worlds, train, {len(RATIOS) - 1} exports, 10 evaluations) {figures['loop_s']} s.\n\n"
+        f"Served through Triton and the gateway (gRPC), base v1 and WiSE-FT {figures['chosen_ratio']} as v2, "
+        f"each held-out world indexed in both spaces:\n\n{served_table}"
     )
     print(table)
     if not args.no_record:
@@ -105,6 +120,74 @@ def main(argv=None) -> None:
                 "Fine-tuning the demo CLIP on a new world, and the WiSE-FT trade-off",
                 table + "\n\n![plot](results/finetune_gain.png)",
             )
+
+
+def choose_ratio(ratios: dict, budget: float = 0.02) -> float:
+    """The WiSE-FT ratio with the best novel-world mean R@5 among those that lose at most
+    `budget` of the original world's text and look R@5."""
+    base = ratios["0.0"]["base-heldout"]
+    ok = [
+        float(r)
+        for r, res in ratios.items()
+        if float(r) > 0
+        and all(res["base-heldout"][t]["R@5"] >= base[t]["R@5"] - budget for t in ("text", "look"))
+    ]
+    return max(
+        ok or [min(float(r) for r in ratios if float(r) > 0)],
+        key=lambda r: ratios[str(r)]["novel-heldout"]["mean_R@5"],
+    )
+
+
+def served_comparison(root: Path, base_ckpt: Path, tuned_ckpt: Path) -> tuple[str, dict]:
+    """Base (v1) and fine-tuned (v2) served by Triton; each held-out world indexed in both
+    spaces with their calibrated dedup thresholds; the quality harness through the gateway."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks.quality import Queries, compare_spaces
+    from export.clip import ExportRequest, export_clip
+    from export.detector import DetectorExport, export_detector
+    from gateway.tritonserver import TritonServer
+    from tests.conftest import free_port, start_gateway
+
+    repo = root / "served-repo"
+    for version, ckpt in ((1, base_ckpt), (2, tuned_ckpt)):
+        export_clip(
+            ExportRequest(arch="looksync-demo", checkpoint=str(ckpt), version=version, repository=repo)
+        )
+    export_detector(DetectorExport(repository=repo))
+    triton = TritonServer(repo, free_port(), free_port(), free_port(), work_dir=root / "triton")
+    triton.start(log_file=open(root / "triton.log", "w"))
+    tables, figures = [], {}
+    try:
+        for world in ("novel-heldout", "base-heldout"):
+            env = {
+                **os.environ,
+                "LOOKSYNC_TRITON_URL": f"127.0.0.1:{triton.grpc_port}",
+                "LOOKSYNC_DATA_DIR": str(root / f"data-{world}"),
+                "LOOKSYNC_CACHE": "off",
+            }
+            for version in (1, 2):
+                for command in (
+                    ["index", str(root / world / "catalog.jsonl"), "--version", str(version), "--quiet"],
+                    ["calibrate-dedup", "--model", "clip", "--version", str(version)],
+                ):
+                    subprocess.run(
+                        [sys.executable, "-m", "clients.cli", *command], env=env, cwd=REPO, check=True
+                    )
+            gw = start_gateway(env, root / f"gateway-{world}.log")
+            try:
+                table, _, figs = compare_spaces(
+                    gw.address, Queries(root / world, 200), [("clip", 1), ("clip", 2)]
+                )
+            finally:
+                gw.stop()
+            tables.append(f"{world}:\n\n{table}")
+            figures[world] = figs
+    finally:
+        triton.stop()
+    return "\n\n".join(tables), figures
 
 
 def plot(figures: dict, path: Path) -> None:

@@ -29,18 +29,8 @@ from benchmarks.common import HERE, append_results, markdown_table, write_json
 from clients.world import write_world
 
 REPO = HERE.parent
-# Result layers a truth garment may be found in: its own layer, and for body zones the layers
-# that zone can show (a dress is cut in the upper and the lower zone).
-ZONE_LAYERS = {
-    "upper": {"topwear", "outerwear", "dress"},
-    "lower": {"bottomwear", "dress"},
-    "feet": {"footwear"},
-    "dress": {"dress", "topwear", "bottomwear"},
-    "outer": {"outerwear", "topwear"},
-    "bag": {"bag"},
-    "head": {"headwear"},
-    "eyes": {"eyewear"},
-}
+from clients.world_hard import ZONE_LAYERS, garment_regions  # noqa: E402
+
 ZONE_KINDS = {
     "upper": ("t-shirt", "shirt", "jacket", "dress"),
     "lower": ("trousers", "skirt", "dress"),
@@ -135,6 +125,23 @@ def _rank(hits, pid):
     return ids.index(pid) + 1 if pid in ids else None
 
 
+def look_regions(img: Image.Image, regions_of=None) -> list:
+    """The look's garment regions as SearchLook cuts them: the detector's (`regions_of`, an
+    InProcessDetector's `regions`), or the body zones with the kinds each zone may show."""
+    if regions_of is not None:
+        return regions_of(img)
+    from gateway.look.localizer import zone_box
+    from gateway.look.types import Region
+
+    out = []
+    for zone in ("upper", "lower", "feet"):
+        box = zone_box(zone, *img.size)
+        buf = io.BytesIO()
+        img.crop(box).save(buf, "PNG")
+        out.append(Region(zone, box, buf.getvalue(), ZONE_KINDS[zone]))
+    return out
+
+
 def torch_ranks(checkpoint: Path, q: Queries, detector: Path | None = None) -> dict[str, list]:
     """The same queries with the PyTorch fp32 model and exact search in process. Looks are cut
     by the garment detector's ONNX file (`detector`, run in process with the gateway's own
@@ -142,9 +149,8 @@ def torch_ranks(checkpoint: Path, q: Queries, detector: Path | None = None) -> d
     import open_clip
     import torch
 
-    from clients.world import look_crops
+    from export.detector import InProcessDetector
     from export.train_demo import _pixels
-    from gateway.taxonomy import categories_of_layer
 
     open_clip.add_model_config(REPO / "export" / "configs")
     model = open_clip.create_model("looksync-demo", pretrained=str(checkpoint)).eval()
@@ -152,7 +158,7 @@ def torch_ranks(checkpoint: Path, q: Queries, detector: Path | None = None) -> d
     size = model.visual.preprocess_cfg["size"][0]
     ids = [r["id"] for r in q.records]
     kinds = np.array([q.attrs[i]["kind"] for i in ids])
-    regions_of = _in_process_detector(detector) if detector else None
+    regions_of = InProcessDetector(detector.parent).regions if detector else None
     with torch.no_grad():
 
         def embed(images):
@@ -181,65 +187,20 @@ def torch_ranks(checkpoint: Path, q: Queries, detector: Path | None = None) -> d
             out["image"].append((a["kind"], a["gender"], rank(cat[ids.index(rec["id"])], rec["id"])))
         for look in q.manifest["looks"]:
             img = Image.open(q.world / look["image"]).convert("RGB")
-            if regions_of is None:
-                crops = look_crops(img)
-                regions = [
-                    (z, ZONE_KINDS[z], None, crops[z]) for z in ("upper", "lower", "feet")
-                ]  # the zone's kinds, as SearchLook's category filter
-            else:
-                regions = [
-                    (r.zone, tuple(categories_of_layer(r.zone)), r.box, Image.open(io.BytesIO(r.image)))
-                    for r in regions_of(img)
-                ]
-            vectors = embed([r[3] for r in regions]) if regions else []
+            regions = look_regions(img, regions_of)
+            vectors = embed([Image.open(io.BytesIO(r.image)) for r in regions]) if regions else []
+            vector_of = {id(r): v for r, v in zip(regions, vectors)}
             for zone, pid in look["garments"].items():
                 a = q.attrs[pid]
-                truth_box = look.get("boxes", {}).get(zone)
-                found = []
-                for (name, allowed, box, _), v in zip(regions, vectors):
-                    layers = BODY_ZONE_LAYERS.get(name, {name})
-                    if not layers & ZONE_LAYERS[zone]:
-                        continue
-                    if box is not None and truth_box is not None and not _overlaps(box, truth_box):
-                        continue
-                    r = rank(v, pid, allowed)
-                    if r is not None:
-                        found.append(r)
+                ranks = [
+                    rank(vector_of[id(r)], pid, r.categories)
+                    for r in garment_regions(zone, look.get("boxes", {}).get(zone), regions)
+                ]
+                found = [r for r in ranks if r is not None]
                 out["look"].append(
                     (a["kind"], a["gender"], min(found) if found else None, look_tags(look, a["kind"]))
                 )
     return out
-
-
-# What each body zone can show (gateway/look/localizer.py BODY_ZONES).
-BODY_ZONE_LAYERS = {
-    "upper": {"topwear", "outerwear", "dress"},
-    "lower": {"bottomwear", "dress"},
-    "feet": {"footwear"},
-}
-
-
-def _in_process_detector(onnx_path: Path):
-    """regions(look) with the garment detector's ONNX file and the gateway's post-processing."""
-    import onnxruntime as ort
-
-    from export.detector import letterbox
-    from gateway.look.detector import DetectorSpec, cut_out, detections, look_mask
-
-    meta = json.loads((onnx_path.parent / "detector.json").read_text())
-    spec = DetectorSpec(tuple(meta["classes"]), meta["input_size"], meta["stride"])
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-
-    def regions(look):
-        pixels, scale, offset = letterbox(look, spec.input_size)
-        (logits,) = session.run(["logits"], {"pixel_values": pixels[None]})
-        found = [
-            cut_out(look, d, look_mask(d, spec, look.size, scale, offset))
-            for d in detections(logits[0], spec.classes)
-        ]
-        return [r for r in found if r is not None]
-
-    return regions
 
 
 def summarise(ranks) -> dict:

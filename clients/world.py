@@ -476,6 +476,18 @@ def easy_boxes(look: Look) -> dict[str, list[int]]:
     return boxes
 
 
+def grade(img: Image.Image, rng: random.Random) -> Image.Image:
+    """A generator's look: a colour cast (warm or cool), lifted blacks, soft focus and grain."""
+    import numpy as np
+    from PIL import ImageFilter
+
+    cast = rng.choice(((1.12, 1.0, 0.82), (0.85, 0.97, 1.15), (1.08, 0.92, 1.05)))
+    x = np.asarray(img.filter(ImageFilter.GaussianBlur(rng.uniform(0.8, 1.6))), dtype=np.float32)
+    x = x * np.array(cast, dtype=np.float32) * rng.uniform(0.8, 0.9) + rng.uniform(20, 40)
+    x += np.random.default_rng(rng.randrange(1 << 30)).normal(0, 6, x.shape)
+    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
+
+
 def write_world(
     out: Path,
     products: int = 400,
@@ -484,6 +496,7 @@ def write_world(
     duplicates: float = 0.0,
     palette: str = "base",
     difficulty: str = "easy",
+    graded: bool = False,
 ) -> dict:
     """catalog.jsonl + images/, looks/*.png + looks.json (ground truth); returns the manifest.
     `duplicates`: the share of products also listed by other retailers (manifest "items": each
@@ -491,7 +504,8 @@ def write_world(
     drawn where the body-zone localizer cuts) or "hard" (clients/world_hard.py: the figure
     anywhere, cut off, layered, with bags and accessories; the catalog has hats and
     sunglasses too) or "mixed" (half of each). Each look's truth has its garments' boxes and
-    its difficulty."""
+    its difficulty. `graded`: looks come colour-graded, softened and grainy, as an image
+    generator renders them (catalog photos stay clean), a domain gap the demo model never saw."""
     if difficulty not in ("easy", "hard", "mixed"):
         raise ValueError(f"difficulty: 'easy', 'hard' or 'mixed', not {difficulty!r}")
     out = Path(out)
@@ -521,6 +535,8 @@ def write_world(
             img, _ = render_hard_look(look)
             drawn.append((look, img, look.boxes, look.frame.difficulty("outer" in look.styles)))
     for look, img, boxes, level in drawn:
+        if graded:
+            img = grade(img, random.Random(f"grade-{seed}-{look.id}"))
         img.save(out / "looks" / f"{look.id}.png")
         truth.append(
             {
@@ -536,6 +552,7 @@ def write_world(
         "seed": seed,
         "palette": palette,
         "difficulty": difficulty,
+        "graded": graded,
         "products": products,
         "looks": truth,
         "captions": {p.id: p.style.caption for p in catalog},

@@ -241,3 +241,41 @@ def render_hard_look(look: HardLook) -> tuple[Image.Image, np.ndarray]:
         classes[visible] = DETECTOR_LAYERS.index(layer) + 1
     look.styles = {z: s for z, s in look.styles.items() if z in look.garments}
     return img, classes
+
+
+# Result layers a truth garment may be found in: its own layer, and for body zones the layers
+# that zone can show (a dress is cut in the upper and the lower zone).
+ZONE_LAYERS = {
+    "upper": {"topwear", "outerwear", "dress"},
+    "lower": {"bottomwear", "dress"},
+    "feet": {"footwear"},
+    "dress": {"dress", "topwear", "bottomwear"},
+    "outer": {"outerwear", "topwear"},
+    "bag": {"bag"},
+    "head": {"headwear"},
+    "eyes": {"eyewear"},
+}
+# What each body zone of the fallback localizer can show (gateway/look/localizer.py BODY_ZONES).
+BODY_ZONE_LAYERS = {
+    "upper": {"topwear", "outerwear", "dress"},
+    "lower": {"bottomwear", "dress"},
+    "feet": {"footwear"},
+}
+
+
+def iou(a, b) -> float:
+    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def garment_regions(zone: str, truth_box, regions) -> list:
+    """The localizer regions (`.zone`: a layer, or a body zone's name; `.box`) a worn garment
+    may be found in: of a compatible layer and overlapping its box, the best overlap first."""
+    fits = []
+    for region in regions:
+        layers = BODY_ZONE_LAYERS.get(region.zone, {region.zone})
+        overlap = 1.0 if truth_box is None else iou(region.box, truth_box)
+        if layers & ZONE_LAYERS[zone] and overlap > 0:
+            fits.append((overlap, region))
+    return [r for _, r in sorted(fits, key=lambda t: -t[0])]

@@ -203,6 +203,36 @@ def train(req: TrainRequest) -> dict:
     return report
 
 
+class InProcessDetector:
+    """An exported detector version run in this process with the gateway's own post-processing
+    (gateway/look/detector.py): what training and offline evaluation use to cut looks exactly
+    as SearchLook does."""
+
+    def __init__(self, version_dir: Path):
+        import onnxruntime as ort
+
+        from gateway.look.detector import DetectorSpec
+
+        meta = json.loads((version_dir / "detector.json").read_text())
+        self.spec = DetectorSpec(tuple(meta["classes"]), meta["input_size"], meta["stride"])
+        self.session = ort.InferenceSession(
+            str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+        )
+
+    @classmethod
+    def in_repository(cls, repo: Path, name: str = "garment_detector") -> InProcessDetector | None:
+        """The newest version of the detector in a model repository, or None."""
+        versions = sorted(int(p.name) for p in (repo / name).glob("*") if p.name.isdigit())
+        return cls(repo / name / str(versions[-1])) if versions else None
+
+    def regions(self, look: Image.Image):
+        from gateway.look.detector import regions_from_logits
+
+        pixels, scale, offset = letterbox(look, self.spec.input_size)
+        (logits,) = self.session.run(["logits"], {"pixel_values": pixels[None]})
+        return regions_from_logits(look, logits[0], self.spec, scale, offset)
+
+
 @dataclass
 class DetectorExport:
     version: int = 1

@@ -114,9 +114,13 @@ def _check_base(model, req: FinetuneRequest, meta: dict) -> None:
 def training_pairs(world: Path, repo: Path, name: str, version: int, max_looks: int):
     """(pixels (N,3,S,S) float32, token ids (N,ctx) int64, caption per pair) from the world's
     catalog and its looks' garment crops."""
+    import io
+
     from PIL import Image
 
-    from clients.world import look_crops
+    from benchmarks.quality import look_regions
+    from clients.world_hard import garment_regions
+    from export.detector import InProcessDetector
     from export.triton.preprocess import ImageSpec, image_bytes_to_pixels, pixels
     from export.triton.text_tokenizer import TextTokenizer
 
@@ -133,12 +137,17 @@ def training_pairs(world: Path, repo: Path, name: str, version: int, max_looks: 
         captions.append(r["title"])
     manifest = world / "looks.json"
     looks = json.loads(manifest.read_text()).get("looks", []) if manifest.is_file() else []
+    # Looks are cut as SearchLook cuts them: by the repository's garment detector when it has
+    # one, else by body zones; each worn garment pairs with the region that overlaps it best.
+    detector = InProcessDetector.in_repository(repo)
     for look in looks[:max_looks]:
-        crops = look_crops(Image.open(world / look["image"]).convert("RGB"))
+        regions = look_regions(
+            Image.open(world / look["image"]).convert("RGB"), detector and detector.regions
+        )
         for zone, pid in look["garments"].items():
-            crop = crops.get("upper" if zone == "dress" else zone)
-            if crop is not None and pid in titles:
-                images.append(pixels(crop, spec))
+            fits = garment_regions(zone, look.get("boxes", {}).get(zone), regions)
+            if fits and pid in titles:
+                images.append(pixels(Image.open(io.BytesIO(fits[0].image)).convert("RGB"), spec))
                 captions.append(titles[pid])
     ids, _ = tokenizer(captions)
     return np.stack(images).astype(np.float32), ids, captions

@@ -3,12 +3,14 @@
 The quality harness's queries and metrics (benchmarks/quality.py: text -> product, image ->
 product, look -> garment; R@1/R@5/R@10, MRR, nDCG@10, per category and gender), with each
 version's own ONNX encoders, pre-processing and tokenizer run in process (the same code as its
-Triton models) and exact search over the held-out catalog. `recommend` prints the swap command,
+Triton models) and exact search over the held-out catalog. Looks are cut as SearchLook cuts
+them: by the repository's garment detector when it has one, else by body zones. `recommend` prints the swap command,
 or refuses when the fine-tuned version is worse than the base.
 """
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from pathlib import Path
 
@@ -36,6 +38,7 @@ class ServedVersion:
             str(repo / f"{name}_text_encoder" / str(version) / "model.onnx"), "input_ids"
         )
         self.tokenizer = TextTokenizer.from_version(repo / f"{name}_text" / str(version), text_meta)
+        self.repo = repo
 
     def embed_images(self, images: list[Image.Image], batch: int = 64) -> np.ndarray:
         from export.triton.preprocess import pixels
@@ -54,8 +57,9 @@ class ServedVersion:
 
 def served_ranks(version: ServedVersion, world: Path, sample: int = 400) -> dict[str, list]:
     """(category, gender, rank or None) per query and task, as the quality harness counts them."""
-    from benchmarks.quality import ZONE_KINDS, Queries
-    from clients.world import look_crops
+    from benchmarks.quality import Queries, look_regions, look_tags
+    from clients.world_hard import garment_regions
+    from export.detector import InProcessDetector
 
     q = Queries(world, sample)
     ids = [r["id"] for r in q.records]
@@ -75,16 +79,27 @@ def served_ranks(version: ServedVersion, world: Path, sample: int = 400) -> dict
         a = q.attrs[rec["id"]]
         out["text"].append((a["kind"], a["gender"], rank(t, rec["id"])))
         out["image"].append((a["kind"], a["gender"], rank(catalog[ids.index(rec["id"])], rec["id"])))
-    crops, truth = [], []
+    detector = InProcessDetector.in_repository(version.repo)
     for look in q.manifest["looks"]:
-        zones = look_crops(Image.open(world / look["image"]).convert("RGB"))
+        regions = look_regions(
+            Image.open(world / look["image"]).convert("RGB"), detector and detector.regions
+        )
+        vectors = (
+            version.embed_images([Image.open(io.BytesIO(r.image)).convert("RGB") for r in regions])
+            if regions
+            else []
+        )
+        vector_of = {id(r): v for r, v in zip(regions, vectors)}
         for zone, pid in look["garments"].items():
-            crops.append(zones["upper" if zone == "dress" else zone])
-            truth.append((zone, pid))
-    if crops:
-        for (zone, pid), v in zip(truth, version.embed_images(crops)):
             a = q.attrs[pid]
-            out["look"].append((a["kind"], a["gender"], rank(v, pid, ZONE_KINDS[zone])))
+            ranks = [
+                rank(vector_of[id(r)], pid, r.categories)
+                for r in garment_regions(zone, look.get("boxes", {}).get(zone), regions)
+            ]
+            found = [r for r in ranks if r is not None]
+            out["look"].append(
+                (a["kind"], a["gender"], min(found) if found else None, look_tags(look, a["kind"]))
+            )
     return out
 
 

@@ -51,8 +51,11 @@ def demo(tmp_path_factory):
     server = start_triton(root / "repo", root / "triton")
     env = looksync_env(server, root / "data", LOOKSYNC_DEDUP_THRESHOLD="0.97")
     assert looksync("index", str(world / "catalog.jsonl"), "--quiet", env=env).returncode == 0
-    # The operator's step after indexing with a new model: its own near-duplicate threshold.
-    assert looksync("calibrate-dedup", env=env).returncode == 0
+    # The operator's step after indexing with a new model: its own near-duplicate threshold
+    # (measured on a small world of its own with planted duplicates, shared by both indexes).
+    calibration = root / "calibration-world"
+    write_world(calibration, products=120, looks=0, seed=4242, duplicates=0.3)
+    assert looksync("calibrate-dedup", "--world", str(calibration), env=env).returncode == 0
     gw = start_gateway(env, root / "gateway.log")
     yield gw, world, manifest, server, root
     gw.stop()
@@ -68,7 +71,7 @@ def hard(demo):
     manifest = write_world(world, products=300, looks=30, seed=2002, difficulty="hard")
     env = looksync_env(server, root / "data-hard", LOOKSYNC_DEDUP_THRESHOLD="0.97", LOOKSYNC_CACHE="off")
     assert looksync("index", str(world / "catalog.jsonl"), "--quiet", env=env).returncode == 0
-    assert looksync("calibrate-dedup", env=env).returncode == 0
+    assert looksync("calibrate-dedup", "--world", str(root / "calibration-world"), env=env).returncode == 0
     detector = start_gateway(env, root / "gateway-hard.log")
     zones = start_gateway({**env, "LOOKSYNC_LOCALIZER": "zones"}, root / "gateway-zones.log")
     yield detector, zones, world, manifest

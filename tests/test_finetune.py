@@ -38,6 +38,27 @@ def _request(repo, world, **kw):
     return FinetuneRequest(**{**args, **kw, "log_every": 4})
 
 
+def test_look_garments_are_cut_as_search_look_cuts_them(tiny_repo, tmp_path):
+    """With a garment detector in the repository, training pairs a look's garments with the
+    detector's cut-outs that overlap them (SearchLook's crops); without one, with body zones."""
+    import shutil
+
+    from clients.world import write_world
+    from export.detector import WEIGHTS, DetectorExport, export_detector
+
+    world = tmp_path / "hard"
+    manifest = write_world(world, products=40, looks=6, seed=8, difficulty="hard", graded=True)
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo)
+    zones, _, _ = training_pairs(world, repo, "clip", 1, max_looks=6)
+    export_detector(DetectorExport(repository=repo, checkpoint=WEIGHTS))
+    detected, _, captions = training_pairs(world, repo, "clip", 1, max_looks=6)
+    worn = sum(len(look["garments"]) for look in manifest["looks"])
+    # Body zones pair only the garments a zone overlaps; the detector finds most of them wherever they are.
+    assert len(detected) - 40 > len(zones) - 40 and len(detected) - 40 >= 0.6 * worn
+    assert len(captions) == len(detected)
+
+
 def test_a_few_steps_lower_the_loss_change_the_weights_and_repeat_exactly(tiny_repo, worlds):
     train_world, _ = worlds
     meta, _ = version_meta(tiny_repo, "clip", 1)

@@ -66,3 +66,15 @@ def test_easy_looks_record_their_boxes_and_level(tmp_path):
     for look in manifest["looks"]:
         assert look["difficulty"] == {"level": "easy"}
         assert set(look["boxes"]) == set(look["garments"])
+
+
+def test_graded_looks_differ_only_in_how_they_are_rendered(tmp_path):
+    plain = write_world(tmp_path / "plain", products=30, looks=4, seed=9, difficulty="mixed")
+    graded = write_world(tmp_path / "graded", products=30, looks=4, seed=9, difficulty="mixed", graded=True)
+    assert plain["looks"] == graded["looks"] and graded["graded"] and not plain["graded"]
+    for rel in ("catalog.jsonl", "images/w00003.png"):
+        assert (tmp_path / "plain" / rel).read_bytes() == (tmp_path / "graded" / rel).read_bytes()
+    for look in plain["looks"]:
+        a = np.asarray(Image.open(tmp_path / "plain" / look["image"]), dtype=np.float32)
+        b = np.asarray(Image.open(tmp_path / "graded" / look["image"]), dtype=np.float32)
+        assert a.shape == b.shape and np.abs(a - b).mean() > 5  # a visible cast, same picture

@@ -10,6 +10,7 @@ tower. Body zones answer when the detector is not served or finds nothing.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import time
@@ -89,7 +90,7 @@ def detections(logits: np.ndarray, classes: tuple[str, ...]) -> list[Detection]:
     for c, layer in enumerate(classes):
         if layer not in LAYERS:  # background
             continue
-        parts = [m for m in _components(winner == c) if m.sum() >= 1]
+        parts = _components(winner == c)
         merged = True
         while merged and len(parts) > 1:  # close parts of one layer are one garment
             merged = False
@@ -143,6 +144,17 @@ def cut_out(look: Image.Image, det: Detection, mask: Image.Image) -> Region | No
     )
 
 
+def regions_from_logits(
+    look: Image.Image, logits: np.ndarray, spec: DetectorSpec, scale: float, offset
+) -> list[Region]:
+    """One look's garments from its (classes, grid, grid) logits, as Regions in look pixels."""
+    found = (
+        cut_out(look, det, look_mask(det, spec, look.size, scale, offset))
+        for det in detections(logits, spec.classes)
+    )
+    return [r for r in found if r is not None]
+
+
 class DetectorLocalizer:
     """Garments from the detector; body zones when it is not served (checked again every
     `retry_s`) or finds nothing in a look."""
@@ -173,7 +185,9 @@ class DetectorLocalizer:
         spec = await self.spec(timeout_s)
         if spec is None:
             return await self.fallback.regions(look, timeout_s)
-        pixels, scale, offset = letterbox(look, spec.input_size)
+        # Resizing, the flood fill and JPEG encoding are CPU work: off the event loop, so other
+        # requests keep being served meanwhile.
+        pixels, scale, offset = await asyncio.to_thread(letterbox, look, spec.input_size)
         try:
             logits = await self.embedder.infer_array(
                 self.model, "pixel_values", pixels[None], "logits", timeout_s
@@ -183,11 +197,7 @@ class DetectorLocalizer:
                 self._spec, self._unavailable_until = None, time.monotonic() + self.retry_s
                 return await self.fallback.regions(look, timeout_s)
             raise
-        found = []
-        for det in detections(logits[0], spec.classes):
-            region = cut_out(look, det, look_mask(det, spec, look.size, scale, offset))
-            if region is not None:
-                found.append(region)
+        found = await asyncio.to_thread(regions_from_logits, look, logits[0], spec, scale, offset)
         if not found:
             return await self.fallback.regions(look, timeout_s)
         return sorted(found, key=lambda r: (r.box[1], r.box[0]))  # top to bottom, as worn
