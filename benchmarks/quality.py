@@ -29,7 +29,7 @@ from benchmarks.common import HERE, append_results, markdown_table, write_json
 from clients.world import write_world
 
 REPO = HERE.parent
-from clients.world_hard import ZONE_LAYERS, garment_regions  # noqa: E402
+from clients.world_hard import ZONE_LAYERS, garment_regions, iou  # noqa: E402
 
 ZONE_KINDS = {
     "upper": ("t-shirt", "shirt", "jacket", "dress"),
@@ -46,10 +46,6 @@ def look_tags(look: dict, kind: str) -> dict[str, str]:
 
     tags = {k: str(v) for k, v in look.get("difficulty", {"level": "easy"}).items() if k in LOOK_KEYS}
     return {**tags, "layer": CATEGORY_LAYER[kind]}
-
-
-def _overlaps(a, b) -> bool:
-    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
 
 
 def rank_metrics(ranks: list[int | None]) -> dict[str, float]:
@@ -110,7 +106,7 @@ def gateway_ranks(
                     and (
                         truth_box is None
                         or not lr.HasField("box")
-                        or _overlaps((lr.box.left, lr.box.top, lr.box.right, lr.box.bottom), truth_box)
+                        or iou((lr.box.left, lr.box.top, lr.box.right, lr.box.bottom), truth_box) > 0
                     )
                 ]
                 found = [r for r in ranks if r is not None]

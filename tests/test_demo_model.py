@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from clients.world import PATTERNS, write_world
+from clients.world_hard import iou
 from tests.conftest import looksync, looksync_env, start_gateway, start_triton
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "export" / "weights" / "looksync-demo.pt"
@@ -79,12 +80,6 @@ def hard(demo):
     zones.stop()
 
 
-def _iou(a, b) -> float:
-    inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union else 0.0
-
-
 def _box(layer):
     return (layer.box.left, layer.box.top, layer.box.right, layer.box.bottom)
 
@@ -111,10 +106,10 @@ def _hard_run(gw, world, manifest):
                 jacket = [
                     lr
                     for lr in resp.layers
-                    if lr.layer == "outerwear" and _iou(_box(lr), boxes["outer"]) > 0.4
+                    if lr.layer == "outerwear" and iou(_box(lr), boxes["outer"]) > 0.4
                 ]
                 top = [
-                    lr for lr in resp.layers if lr.layer == "topwear" and _iou(_box(lr), boxes["upper"]) > 0.1
+                    lr for lr in resp.layers if lr.layer == "topwear" and iou(_box(lr), boxes["upper"]) > 0.1
                 ]
                 two_tops += bool(jacket and top)
     return found, total, two_tops, layered, responses
@@ -144,7 +139,7 @@ def test_looks_as_they_really_come_find_their_garments_wherever_they_are(hard):
         shown = [look for look in manifest["looks"] if zone in look["garments"]]
         placed = sum(
             any(
-                lr.layer == layer and _iou(_box(lr), look["boxes"][zone]) > 0.3
+                lr.layer == layer and iou(_box(lr), look["boxes"][zone]) > 0.3
                 for lr in responses[look["id"]].layers
             )
             for look in shown
