@@ -138,6 +138,26 @@ def look_regions(img: Image.Image, regions_of=None) -> list:
     return out
 
 
+def look_rows(q: Queries, regions_of, embed, rank) -> list[tuple]:
+    """look -> garment rows: each look cut by `regions_of` (None: body zones), its regions
+    embedded by `embed(images)`, and each worn garment ranked by `rank(vector, pid, categories)`
+    in every region that fits it (compatible layer, overlapping box); the best rank counts."""
+    rows = []
+    for look in q.manifest["looks"]:
+        regions = look_regions(Image.open(q.world / look["image"]).convert("RGB"), regions_of)
+        images = [Image.open(io.BytesIO(r.image)).convert("RGB") for r in regions]
+        vector_of = {id(r): v for r, v in zip(regions, embed(images) if images else [])}
+        for zone, pid in look["garments"].items():
+            a = q.attrs[pid]
+            ranks = [
+                rank(vector_of[id(r)], pid, r.categories)
+                for r in garment_regions(zone, look.get("boxes", {}).get(zone), regions)
+            ]
+            found = [r for r in ranks if r is not None]
+            rows.append((a["kind"], a["gender"], min(found) if found else None, look_tags(look, a["kind"])))
+    return rows
+
+
 def torch_ranks(checkpoint: Path, q: Queries, detector: Path | None = None) -> dict[str, list]:
     """The same queries with the PyTorch fp32 model and exact search in process. Looks are cut
     by the garment detector's ONNX file (`detector`, run in process with the gateway's own
@@ -181,21 +201,7 @@ def torch_ranks(checkpoint: Path, q: Queries, detector: Path | None = None) -> d
             t = model.encode_text(tokenizer([q.manifest["captions"][rec["id"]]]), normalize=True).numpy()[0]
             out["text"].append((a["kind"], a["gender"], rank(t, rec["id"])))
             out["image"].append((a["kind"], a["gender"], rank(cat[ids.index(rec["id"])], rec["id"])))
-        for look in q.manifest["looks"]:
-            img = Image.open(q.world / look["image"]).convert("RGB")
-            regions = look_regions(img, regions_of)
-            vectors = embed([Image.open(io.BytesIO(r.image)) for r in regions]) if regions else []
-            vector_of = {id(r): v for r, v in zip(regions, vectors)}
-            for zone, pid in look["garments"].items():
-                a = q.attrs[pid]
-                ranks = [
-                    rank(vector_of[id(r)], pid, r.categories)
-                    for r in garment_regions(zone, look.get("boxes", {}).get(zone), regions)
-                ]
-                found = [r for r in ranks if r is not None]
-                out["look"].append(
-                    (a["kind"], a["gender"], min(found) if found else None, look_tags(look, a["kind"]))
-                )
+        out["look"] = look_rows(q, regions_of, embed, rank)
     return out
 
 

@@ -10,7 +10,6 @@ or refuses when the fine-tuned version is worse than the base.
 
 from __future__ import annotations
 
-import io
 from collections import defaultdict
 from pathlib import Path
 
@@ -57,8 +56,7 @@ class ServedVersion:
 
 def served_ranks(version: ServedVersion, world: Path, sample: int = 400) -> dict[str, list]:
     """(category, gender, rank or None) per query and task, as the quality harness counts them."""
-    from benchmarks.quality import Queries, look_regions, look_tags
-    from clients.world_hard import garment_regions
+    from benchmarks.quality import Queries, look_rows
     from export.detector import InProcessDetector
 
     q = Queries(world, sample)
@@ -80,26 +78,7 @@ def served_ranks(version: ServedVersion, world: Path, sample: int = 400) -> dict
         out["text"].append((a["kind"], a["gender"], rank(t, rec["id"])))
         out["image"].append((a["kind"], a["gender"], rank(catalog[ids.index(rec["id"])], rec["id"])))
     detector = InProcessDetector.in_repository(version.repo)
-    for look in q.manifest["looks"]:
-        regions = look_regions(
-            Image.open(world / look["image"]).convert("RGB"), detector and detector.regions
-        )
-        vectors = (
-            version.embed_images([Image.open(io.BytesIO(r.image)).convert("RGB") for r in regions])
-            if regions
-            else []
-        )
-        vector_of = {id(r): v for r, v in zip(regions, vectors)}
-        for zone, pid in look["garments"].items():
-            a = q.attrs[pid]
-            ranks = [
-                rank(vector_of[id(r)], pid, r.categories)
-                for r in garment_regions(zone, look.get("boxes", {}).get(zone), regions)
-            ]
-            found = [r for r in ranks if r is not None]
-            out["look"].append(
-                (a["kind"], a["gender"], min(found) if found else None, look_tags(look, a["kind"]))
-            )
+    out["look"] = look_rows(q, detector and detector.regions, version.embed_images, rank)
     return out
 
 
