@@ -645,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--world", type=Path, help="a world with planted duplicates (default: one is generated)")
     p.add_argument("--model", help="the space's model (default: the one the alias serves)")
-    p.add_argument("--version", type=int, help="with --model: its version")
+    p.add_argument("--version", type=int, help="with --model: its version (default: its newest index)")
     p.add_argument(
         "--quantile", type=float, default=0.995, help="share of distinct products kept below the threshold"
     )

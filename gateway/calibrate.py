@@ -105,16 +105,25 @@ async def measure(
 async def calibrate_dedup(settings, world: Path | None, model: str | None, version: int | None, quantile: float,
                           apply: bool = True) -> tuple[EmbeddingSpace, Calibration]:  # fmt: skip
     """Measure the space (default: the one the alias serves) and record its threshold."""
-    from gateway.errors import FailedPrecondition
+    from gateway.errors import FailedPrecondition, InvalidArgument
     from gateway.server import open_index
 
+    if world is not None and not all((world / f).is_file() for f in ("catalog.jsonl", "looks.json")):
+        raise InvalidArgument(
+            f"--world: {world} is not a world (catalog.jsonl and looks.json, clients/world.py)"
+        )
     embedder = TritonEmbedder(settings.triton_url)
     index = open_index(settings)
     try:
         if model:
-            space = await index.space_of(index_name(model, version)) if version else None
+            if version:
+                space = await index.space_of(index_name(model, version))
+            else:  # the newest index of that model
+                same = [s for s in (await index.indexes()).values() if s.model == model]
+                space = max(same, key=lambda s: s.version) if same else None
             if space is None:
-                raise FailedPrecondition(f"no index of {model} v{version}: index the catalog with it first")
+                wanted = f"{model} v{version}" if version else model
+                raise FailedPrecondition(f"no index of {wanted}: index the catalog with it first")
         else:
             space = await index.space()
             if space is None:

@@ -32,6 +32,14 @@ def test_calibration_stops_dedup_from_eating_a_crowded_space(triton, tmp_path):
             assert report["distinct"]["max"] >= report["distinct"]["p99"] >= report["distinct"]["p50"] > 0.97
             recorded = json.loads((tmp_path / "data/index/manifest.json").read_text())["indexes"]
             assert recorded["products-clip-v1"]["dedup_threshold"] == report["threshold"]
+            # A named model without a version is its newest index; a dry run records nothing.
+            dry = looksync(
+                "calibrate-dedup", "--model", "clip", "--world", str(world), "--dry-run", "--json", env=env
+            )
+            assert dry.returncode == 0, dry.stderr
+            assert json.loads(dry.stdout)["space"]["version"] == 1
+            bad = looksync("calibrate-dedup", "--world", str(tmp_path / "nowhere"), env=env)
+            assert bad.returncode == 2 and "INVALID_ARGUMENT: --world" in bad.stderr
 
             # The running gateway picks the space's threshold up with the index's metadata.
             wait_for(lambda: _lists(client, look)[1] < absorbed, timeout_s=30, what="calibrated dedup")
