@@ -151,7 +151,9 @@ class LookSearcher:
         # layers fall back
         segmented = _Once(lambda: self._segment(image, outcomes, space, deadline))
         with timings.stage("rerank"):
-            await asyncio.gather(*(self._rerank(llm_look, o, deadline, segmented) for o in outcomes))
+            await asyncio.gather(
+                *(self._rerank(llm_look, o, deadline, segmented, str(i)) for i, o in enumerate(outcomes))
+            )
         for outcome in outcomes:
             outcome.candidates = outcome.candidates[:k]
         await self.result_cache.set(cache_key, _cacheable(outcomes))
@@ -302,28 +304,32 @@ class LookSearcher:
         return LayerOutcome(query, candidates)
 
     async def _segment(self, image: bytes, outcomes, space, deadline) -> dict[str, np.ndarray]:
-        """CLIP vectors of each layer's garment cut out by Florence-2 + SAM2; {} on failure."""
+        """CLIP vectors of each garment cut out by Florence-2 + SAM2, by the position of its
+        outcome; {} on failure."""
         if self.segmenter is None:
             return {}
-        phrases = {o.query.layer: o.query.query for o in outcomes if len(o.candidates) > 1}
+        # Keyed by the outcome's position: two garments of one layer are grounded apart.
+        phrases = {str(i): o.query.query for i, o in enumerate(outcomes) if len(o.candidates) > 1}
         try:
             regions = await self.segmenter.regions_for(image, phrases, deadline.left(self.triton_timeout_s))
             if not regions:
                 return {}
-            layers = list(regions)
+            keys = list(regions)
             vectors = await self.embedder.embed_images(
                 space.model,
                 space.version,
-                [regions[layer].image for layer in layers],
+                [regions[key].image for key in keys],
                 deadline.left(self.triton_timeout_s),
             )
         except LookSyncError as exc:
             FALLBACKS.labels("segmentation", type(exc).__name__).inc()
             log(logger, logging.WARNING, "segmentation failed; using body-zone regions", error=str(exc))
             return {}
-        return dict(zip(layers, vectors))
+        return dict(zip(keys, vectors))
 
-    async def _rerank(self, llm_look: bytes, outcome: LayerOutcome, deadline, segmented=None) -> None:
+    async def _rerank(
+        self, llm_look: bytes, outcome: LayerOutcome, deadline, segmented=None, key: str = ""
+    ) -> None:
         if len(outcome.candidates) < 2:
             return
         if self.llm_reranker is not None:
@@ -348,13 +354,13 @@ class LookSearcher:
             FALLBACKS.labels("rerank", "no_llm").inc()
         started = time.monotonic()
         try:
-            await self._fallback_rerank(outcome, segmented)
+            await self._fallback_rerank(outcome, segmented, key)
         finally:
             self.rerank_reserve.observe(time.monotonic() - started)
 
-    async def _fallback_rerank(self, outcome: LayerOutcome, segmented) -> None:
+    async def _fallback_rerank(self, outcome: LayerOutcome, segmented, key: str) -> None:
         if segmented is not None and self.segmenter is not None:
-            vector = (await segmented.get()).get(outcome.query.layer)
+            vector = (await segmented.get()).get(key)
             if vector is not None:
                 outcome.candidates = embedding_rerank(vector, outcome.candidates)
                 outcome.rerank_source = "segmentation"
