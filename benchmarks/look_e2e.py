@@ -2,9 +2,11 @@
 
     python -m benchmarks.look_e2e [--quick] [--rate 2] [--llm-latency-ms 400]
 
-Starts Triton (tiny CLIP), indexes the sample catalog, then for each setting starts a gateway
-and drives it open-loop (fixed schedule) with distinct looks composed from catalog garments:
-  - no LLM (fallback query generation and embedding rerank)
+Starts Triton (tiny CLIP and the garment detector), indexes the sample catalog, then for each
+setting starts a gateway and drives it open-loop (fixed schedule) with distinct looks composed
+from catalog garments:
+  - no LLM (fallback query generation and embedding rerank), body zones
+  - no LLM, the garment detector (what the detector costs per look)
   - a scripted OpenAI-compatible LLM answering after a fixed latency (tests/llm_stub.py)
 and SearchText at a fixed rate for the gateway overhead (end to end minus the stages).
 """
@@ -113,6 +115,9 @@ def main() -> None:
     triton = None
     try:
         export_clip(ExportRequest(arch="looksync-tiny", version=1, repository=work / "repo"))
+        from export.detector import DetectorExport, export_detector
+
+        export_detector(DetectorExport(repository=work / "repo"))
         catalog = generate(work / "catalog", n=300, seed=7)
         triton = TritonServer(work / "repo", free_port(), free_port(), free_port(), work_dir=work / "triton")
         triton.start(log_file=open(work / "triton.log", "w"))
@@ -136,13 +141,15 @@ def main() -> None:
         texts = [json.loads(line)["title"] for line in catalog.read_text().splitlines()]
         rows, figures = [], {}
         settings = [
-            ("no LLM (fallbacks)", {}),
+            ("fallback", "no LLM (fallbacks), body zones", {"LOOKSYNC_LOCALIZER": "zones"}),
+            ("detector", "no LLM (fallbacks), garment detector", {}),
             (
+                "llm",
                 f"LLM stub, {args.llm_latency_ms:.0f} ms per call",
                 {"LOOKSYNC_LLM_BASE_URL": stub.base_url, "LOOKSYNC_LLM_MODEL": "stub"},
             ),
         ]
-        for label, extra in settings:
+        for key, label, extra in settings:
             gw = start_gateway({**env, **extra}, work / "gateway.log")
             try:
                 report = measure(gw.address, args.rate, duration, looks=looks, mix={"look": 1.0})
@@ -161,7 +168,6 @@ def main() -> None:
                     ", ".join(f"{k} {v:.0f}" for k, v in stages.items()),
                 ]
             )
-            key = "llm" if extra else "fallback"
             figures[f"look_{key}_p50_ms"] = round(look["latency_ms"]["p50"], 1)
             figures[f"look_{key}_p99_ms"] = round(look["latency_ms"]["p99"], 1)
             print(
@@ -199,8 +205,10 @@ def main() -> None:
                 table,
                 "Open loop on a fixed schedule; latency from the scheduled send time. Every look is distinct "
                 "(the result cache is off). The LLM stub answers query generation and each layer's rerank after "
-                "the stated delay (reranks run concurrently). Gateway overhead = client-measured time minus the "
-                "stages the gateway reports (gRPC, serialisation, servicer glue).",
+                "the stated delay (reranks run concurrently); its regions come from the garment detector. The "
+                "detector row against the body-zones row is what finding garments costs per look (the "
+                "`queries` stage: letterbox, one detector call, cut-outs). Gateway overhead = client-measured "
+                "time minus the stages the gateway reports (gRPC, serialisation, servicer glue).",
             )
     finally:
         stub.stop()
