@@ -172,8 +172,6 @@ def torch_ranks(checkpoint: Path, q: Queries, detector: Path | None = None) -> d
     model = open_clip.create_model("looksync-demo", pretrained=str(checkpoint)).eval()
     tokenizer = open_clip.get_tokenizer("looksync-demo")
     size = model.visual.preprocess_cfg["size"][0]
-    ids = [r["id"] for r in q.records]
-    kinds = np.array([q.attrs[i]["kind"] for i in ids])
     regions_of = InProcessDetector(detector.parent).regions if detector else None
     with torch.no_grad():
 
@@ -181,27 +179,42 @@ def torch_ranks(checkpoint: Path, q: Queries, detector: Path | None = None) -> d
             x = torch.from_numpy(np.stack([_pixels(img.convert("RGB"), size) for img in images]))
             return model.encode_image(x, normalize=True).numpy()
 
-        cat = np.concatenate(
-            [
-                embed([Image.open(q.world / r["image_url"]) for r in q.records[i : i + 64]])
-                for i in range(0, len(q.records), 64)
-            ]
-        )
+        def embed_texts(texts):
+            return model.encode_text(tokenizer(texts), normalize=True).numpy()
 
-        def rank(vec, pid, allowed=None):
-            scores = cat @ vec
-            if allowed is not None:
-                scores = np.where(np.isin(kinds, allowed), scores, -np.inf)
-            top = [ids[i] for i in np.argsort(-scores)[:10]]
-            return top.index(pid) + 1 if pid in top else None
+        return exact_ranks(q, embed, embed_texts, regions_of)
 
-        out = defaultdict(list)
-        for rec in q.items:
-            a = q.attrs[rec["id"]]
-            t = model.encode_text(tokenizer([q.manifest["captions"][rec["id"]]]), normalize=True).numpy()[0]
-            out["text"].append((a["kind"], a["gender"], rank(t, rec["id"])))
-            out["image"].append((a["kind"], a["gender"], rank(cat[ids.index(rec["id"])], rec["id"])))
-        out["look"] = look_rows(q, regions_of, embed, rank)
+
+def exact_ranks(q: Queries, embed_images, embed_texts, regions_of=None, batch: int = 64) -> dict[str, list]:
+    """Every task's rows with exact search over the world's catalog, in process: `embed_images`
+    (PIL images) and `embed_texts` (strings) give unit vectors; looks are cut by `regions_of`
+    (None: body zones) and searched within each region's categories."""
+    ids = [r["id"] for r in q.records]
+    kinds = np.array([q.attrs[i]["kind"] for i in ids])
+    catalog = np.concatenate(
+        [
+            embed_images(
+                [Image.open(q.world / r["image_url"]).convert("RGB") for r in q.records[i : i + batch]]
+            )
+            for i in range(0, len(q.records), batch)
+        ]
+    )
+
+    def rank(vec, pid, allowed=None):
+        scores = catalog @ vec
+        if allowed is not None:
+            scores = np.where(np.isin(kinds, allowed), scores, -np.inf)
+        top = [ids[i] for i in np.argsort(-scores)[:10]]
+        return top.index(pid) + 1 if pid in top else None
+
+    out = defaultdict(list)
+    captions = [q.manifest["captions"][r["id"]] for r in q.items]
+    texts = np.concatenate([embed_texts(captions[i : i + batch]) for i in range(0, len(captions), batch)])
+    for rec, t in zip(q.items, texts):
+        a = q.attrs[rec["id"]]
+        out["text"].append((a["kind"], a["gender"], rank(t, rec["id"])))
+        out["image"].append((a["kind"], a["gender"], rank(catalog[ids.index(rec["id"])], rec["id"])))
+    out["look"] = look_rows(q, regions_of, embed_images, rank)
     return out
 
 

@@ -10,7 +10,6 @@ or refuses when the fine-tuned version is worse than the base.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -56,30 +55,13 @@ class ServedVersion:
 
 def served_ranks(version: ServedVersion, world: Path, sample: int = 400) -> dict[str, list]:
     """(category, gender, rank or None) per query and task, as the quality harness counts them."""
-    from benchmarks.quality import Queries, look_rows
+    from benchmarks.quality import Queries, exact_ranks
     from export.detector import InProcessDetector
 
-    q = Queries(world, sample)
-    ids = [r["id"] for r in q.records]
-    kinds = np.array([q.attrs[i]["kind"] for i in ids])
-    catalog = version.embed_images([Image.open(world / r["image_url"]).convert("RGB") for r in q.records])
-
-    def rank(vec, pid, allowed=None):
-        scores = catalog @ vec
-        if allowed is not None:
-            scores = np.where(np.isin(kinds, allowed), scores, -np.inf)
-        top = [ids[i] for i in np.argsort(-scores)[:10]]
-        return top.index(pid) + 1 if pid in top else None
-
-    out = defaultdict(list)
-    texts = version.embed_texts([q.manifest["captions"][r["id"]] for r in q.items])
-    for rec, t in zip(q.items, texts):
-        a = q.attrs[rec["id"]]
-        out["text"].append((a["kind"], a["gender"], rank(t, rec["id"])))
-        out["image"].append((a["kind"], a["gender"], rank(catalog[ids.index(rec["id"])], rec["id"])))
     detector = InProcessDetector.in_repository(version.repo)
-    out["look"] = look_rows(q, detector and detector.regions, version.embed_images, rank)
-    return out
+    return exact_ranks(
+        Queries(world, sample), version.embed_images, version.embed_texts, detector and detector.regions
+    )
 
 
 def mean_r5(summary: dict) -> float:
