@@ -141,8 +141,17 @@ def cmd_search_look(args) -> int:
     if args.json:
         _print_response(resp, True)
         return 0
+    _print_look(resp)
+    return 0
+
+
+def _print_look(resp) -> None:
+    import datetime
+
+    when = datetime.datetime.fromtimestamp(resp.computed_at_unix, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    look = f"look {resp.look_id}: " if resp.look_id else ""
     print(
-        f"{len(resp.layers)} layers  (space {resp.space.model} v{resp.space.version}, "
+        f"{look}{len(resp.layers)} layers  ({resp.source or 'online'}, computed {when}; space {resp.space.model} v{resp.space.version}, "
         f"request {resp.request_id}{', cached' if resp.cached else ''})"
     )
     for layer in resp.layers:
@@ -161,7 +170,6 @@ def cmd_search_look(args) -> int:
                 f"{p.price:8.2f} {p.currency}{dup}"
             )
     print("\ntimings: " + ", ".join(f"{t.stage} {t.ms:.1f} ms" for t in resp.timings))
-    return 0
 
 
 def cmd_triton(args) -> int:
@@ -454,6 +462,71 @@ def cmd_calibrate_dedup(args) -> int:
     return 0
 
 
+def cmd_match_looks(args) -> int:
+    from gateway.ingest.events import snapshot_seq
+    from gateway.offline.job import MatchOptions, match_looks
+
+    if not args.stale and not args.manifest:
+        raise ValueError("match-looks: give a MANIFEST.jsonl, or --stale")
+    if args.manifest and not Path(args.manifest).is_file():
+        raise ValueError(f"match-looks: {args.manifest}: no such file")
+    options = MatchOptions(
+        manifest=Path(args.manifest) if args.manifest else None,
+        stale=args.stale,
+        before=snapshot_seq("", args.before) if args.before else None,
+        enqueue=args.enqueue,
+        resume=not args.no_resume,
+        progress=not args.quiet,
+        failures_path=Path(args.failures) if args.failures else None,
+    )
+    report, summary = asyncio.run(match_looks(_settings(), options))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "looks": report.looks,
+                    "skipped": report.skipped,
+                    "matched": report.matched,
+                    "failed": {k: {"reason": f.reason, "detail": f.detail} for k, f in report.failed.items()},
+                    "retries": report.retries,
+                    "wall_s": round(report.wall_s, 3),
+                    "looks_per_s": round(report.looks_per_s, 2),
+                    "batch_sizes": report.batch_sizes,
+                }
+            )
+        )
+    else:
+        print(summary)
+    return 0
+
+
+def cmd_match_worker(args) -> int:
+    from prometheus_client import start_http_server
+
+    from gateway.observability import setup_logging
+    from gateway.offline.job import match_worker
+
+    s = _settings()
+    setup_logging(args.log_level)
+    if s.worker_metrics_port:
+        start_http_server(s.worker_metrics_port)
+    asyncio.run(match_worker(s, args.consumer))
+    return 0
+
+
+def cmd_get_look(args) -> int:
+    image = Path(args.image).read_bytes() if args.image else b""
+    with _client(args) as client:
+        resp = client.get_look_matches(
+            args.look_id, k_per_layer=args.k, filters=_filters(args), image=image, space=_space(args)
+        )
+    if args.json:
+        _print_response(resp, True)
+        return 0
+    _print_look(resp)
+    return 0
+
+
 def cmd_sample_catalog(args) -> int:
     from clients.sample_catalog import generate
 
@@ -652,6 +725,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="measure and print; record nothing")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_calibrate_dedup)
+
+    p = sub.add_parser(
+        "match-looks",
+        help="match a manifest of looks offline (here, or --enqueue for match-worker); --stale re-matches",
+    )
+    p.add_argument(
+        "manifest", nargs="?", help='JSON Lines: {"look_id", "image" (path or URL), "filters"?, "keep"?}'
+    )
+    p.add_argument("--stale", action="store_true", help="the stored looks of another space (or --before)")
+    p.add_argument(
+        "--before",
+        help="a catalog position (stream id <ms>-<n> or ISO time): looks matched before it are stale",
+    )
+    p.add_argument("--enqueue", action="store_true", help="queue the looks for `looksync match-worker`")
+    p.add_argument("--no-resume", action="store_true", help="match every look, even those already stored")
+    p.add_argument(
+        "--failures", help="where to write failed looks (default <data_dir>/look-match-failures.jsonl)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_match_looks)
+
+    p = sub.add_parser("match-worker", help="match queued looks (Redis Streams consumer group)")
+    p.add_argument("--consumer", help="consumer name (default host-pid)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_match_worker)
+
+    p = sub.add_parser("get-look", help="a look matched offline, by id (GetLookMatches)")
+    p.add_argument("look_id")
+    p.add_argument("--image", help="the look's image: searched online if the look is not stored")
+    _add_filters(p)
+    p.set_defaults(func=cmd_get_look)
 
     p = sub.add_parser("sample-catalog", help="generate the synthetic sample catalog")
     p.add_argument("out")

@@ -121,6 +121,29 @@ class LookSyncClient:
             request.space.CopyFrom(as_space(space))
         return self.stub.SearchLook(request, timeout=timeout_s or self.timeout_s, metadata=_meta(request_id))
 
+    def get_look_matches(
+        self,
+        look_id: str,
+        k_per_layer: int = 5,
+        filters: FilterArgs | None = None,
+        image: bytes = b"",
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+        space: pb.EmbeddingSpace | tuple[str, int] | None = None,
+    ) -> pb.SearchLookResponse:
+        """A look matched offline, by id; with `image`, a miss is searched online instead."""
+        request = pb.GetLookMatchesRequest(
+            look_id=look_id,
+            k_per_layer=k_per_layer,
+            filters=(filters or FilterArgs()).to_proto(),
+            image=image,
+        )
+        if space is not None:
+            request.space.CopyFrom(as_space(space))
+        return self.stub.GetLookMatches(
+            request, timeout=timeout_s or self.timeout_s, metadata=_meta(request_id)
+        )
+
     def health(self, service: str = "", timeout_s: float = 2.0) -> str:
         stub = health_pb2_grpc.HealthStub(self.channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)

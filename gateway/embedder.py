@@ -117,6 +117,14 @@ class TritonEmbedder:
         params = config.get("config", {}).get("parameters", {})
         return {k: v.get("string_value", "") for k, v in params.items()}
 
+    async def max_batch_size(self, model: str, timeout_s: float = 5.0) -> int:
+        """The most items one request to `model` may carry (its config's max_batch_size)."""
+        try:
+            config = await self.client.get_model_config(model, as_json=True, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            raise _translate(exc, self.url, f"{model} config") from None
+        return int(config.get("config", {}).get("max_batch_size", 0) or 0)
+
     async def infer_array(self, model: str, name: str, array: np.ndarray, output: str, timeout_s: float):
         """One float32 tensor in, one out, on the latest version of `model`."""
         tensor = triton.InferInput(name, list(array.shape), "FP32")

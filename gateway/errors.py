@@ -33,3 +33,9 @@ class FailedPrecondition(LookSyncError):
 
 class ResourceExhausted(LookSyncError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class NotFound(LookSyncError):
+    """What the request names does not exist (e.g. a look id never matched)."""
+
+    code = grpc.StatusCode.NOT_FOUND

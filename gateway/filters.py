@@ -43,6 +43,17 @@ class SearchFilters:
         )
 
 
+@dataclass(frozen=True)
+class AllOf:
+    """Several filter sets that must all hold (a precomputed look's own preferences and the
+    reading request's filters)."""
+
+    parts: tuple[SearchFilters, ...]
+
+    def matches(self, p) -> bool:
+        return all(f.matches(p) for f in self.parts)
+
+
 def _strings(field: str, values, lower: bool = False) -> tuple[str, ...]:
     values = [v.strip() for v in values]
     if len(values) > MAX_VALUES:

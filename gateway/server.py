@@ -164,6 +164,10 @@ def _look_response(result: LookResult, request_id: str) -> pb.SearchLookResponse
         timings=_timings_pb(result.timings),
         request_id=request_id,
         cached=result.cached,
+        computed_at_unix=result.computed_at,
+        source=result.source,
+        look_id=result.look_id,
+        requeued=result.requeued,
     )
 
 
@@ -210,6 +214,7 @@ def add_look_search(servicer, server) -> None:
         "SearchText": (pb.SearchTextRequest, servicer.SearchText),
         "SearchImage": (pb.SearchImageRequest, servicer.SearchImage),
         "SearchLook": (pb.SearchLookRequest, servicer.SearchLook),
+        "GetLookMatches": (pb.GetLookMatchesRequest, servicer.GetLookMatches),
     }
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
@@ -221,9 +226,12 @@ def add_look_search(servicer, server) -> None:
 
 
 class LookSearchServicer(pb_grpc.LookSearchServicer):
-    def __init__(self, searcher: Searcher, look_searcher: LookSearcher, settings: Settings):
+    def __init__(
+        self, searcher: Searcher, look_searcher: LookSearcher, settings: Settings, look_matches=None
+    ):
         self.searcher = searcher
         self.look_searcher = look_searcher
+        self.look_matches = look_matches  # gateway/offline/serve.py: GetLookMatches
         self.settings = settings
         self.in_flight = 0
         self._handlers: set[asyncio.Task] = set()
@@ -346,6 +354,21 @@ class LookSearchServicer(pb_grpc.LookSearchServicer):
 
         return await self._run("SearchLook", context, handle, _look_response, request=request)
 
+    async def GetLookMatches(self, request, context):
+        s = self.settings
+
+        async def handle(deadline):
+            return await self.look_matches.get(
+                request.look_id,
+                from_proto(request.filters),
+                check_k(request.k_per_layer, s.max_k_per_layer, "k_per_layer"),
+                deadline,
+                _space_from_proto(request.space),
+                request.image,
+            )
+
+        return await self._run("GetLookMatches", context, handle, _look_response, request=request)
+
 
 async def _watch_health(
     health_servicer, embedder: TritonEmbedder, index: CatalogIndex, stop: asyncio.Event
@@ -378,7 +401,10 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         ]
     )
     look_searcher = build_look_searcher(settings, embedder, index)
-    search_servicer = LookSearchServicer(searcher, look_searcher, settings)
+    from gateway.offline.serve import LookMatchReader
+
+    look_matches = LookMatchReader(index, look_searcher, settings.redis_url, settings.match_requeue_share)
+    search_servicer = LookSearchServicer(searcher, look_searcher, settings, look_matches)
     add_look_search(search_servicer, server)
     from gateway.admin import AdminServicer
 
@@ -432,5 +458,6 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         admin.jobs.shutdown(60.0),
     )
     watcher.cancel()
+    await look_matches.close()
     await embedder.close()
     await index.close()

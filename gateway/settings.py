@@ -83,6 +83,16 @@ class Settings(BaseSettings):
     cache: Literal["memory", "redis", "off"] = Field("memory", description="query/result caches")
     cache_ttl_s: float = 300.0
 
+    # Offline look matching (gateway/offline/)
+    match_keep: int = Field(30, description="candidates stored per garment (read-time filters drop some)")
+    match_batch_looks: int = Field(32, description="looks matched at once by a job or worker")
+    match_window_ms: float = Field(10.0, description="how long Triton calls of those looks are gathered")
+    match_claim_idle_ms: int = Field(30_000, description="a look request pending this long: taken over")
+    match_max_tries: int = Field(3, description="tries before a failing look is dead-lettered")
+    match_requeue_share: float = Field(
+        0.3, description="GetLookMatches re-queues a look when this share of its candidates is gone"
+    )
+
     # Gateway
     gateway_url: str = Field("127.0.0.1:50051", description="where clients find the gateway")
     gateway_tls: bool = Field(False, description="clients connect to the gateway over TLS")

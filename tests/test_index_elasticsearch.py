@@ -44,6 +44,7 @@ from gateway.index.elastic import (
 from gateway.index.lww import Op
 from gateway.index.lww import apply as lww_apply
 from tests.es_double import ElasticsearchDouble
+from tests.look_store_contract import check_store
 from tests.test_index_embedded import FILTER_CASES  # the same cases on both backends
 
 SPACE64 = EmbeddingSpace("clip", 1, 64)
@@ -495,6 +496,10 @@ class IndexContract:
         assert hits[0].product.id == "x7"
         assert hits[0].score == pytest.approx(1.0, abs=1e-5)
         np.testing.assert_allclose(hits[0].vector, env.vectors[7])
+
+    def test_look_matches_one_per_look_newest_wins(self, env):
+        env.created.append(env.index.look_matches.name)
+        env.run(check_store(env.index.look_matches))
 
     def test_upsert_replaces_by_id(self, env):
         original = env.products[0]

@@ -323,15 +323,37 @@ class Box(_message.Message):
     def __init__(self, left: _Optional[int] = ..., top: _Optional[int] = ..., right: _Optional[int] = ..., bottom: _Optional[int] = ...) -> None: ...
 
 class SearchLookResponse(_message.Message):
-    __slots__ = ("layers", "space", "timings", "request_id", "cached")
+    __slots__ = ("layers", "space", "timings", "request_id", "cached", "computed_at_unix", "source", "look_id", "requeued")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SPACE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    COMPUTED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LOOK_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEUED_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[LayerResult]
     space: EmbeddingSpace
     timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
     request_id: str
     cached: bool
-    def __init__(self, layers: _Optional[_Iterable[_Union[LayerResult, _Mapping]]] = ..., space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., request_id: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
+    computed_at_unix: float
+    source: str
+    look_id: str
+    requeued: bool
+    def __init__(self, layers: _Optional[_Iterable[_Union[LayerResult, _Mapping]]] = ..., space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ..., request_id: _Optional[str] = ..., cached: _Optional[bool] = ..., computed_at_unix: _Optional[float] = ..., source: _Optional[str] = ..., look_id: _Optional[str] = ..., requeued: _Optional[bool] = ...) -> None: ...
+
+class GetLookMatchesRequest(_message.Message):
+    __slots__ = ("look_id", "filters", "k_per_layer", "space", "image")
+    LOOK_ID_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    K_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    look_id: str
+    filters: Filters
+    k_per_layer: int
+    space: EmbeddingSpace
+    image: bytes
+    def __init__(self, look_id: _Optional[str] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., k_per_layer: _Optional[int] = ..., space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., image: _Optional[bytes] = ...) -> None: ...

@@ -49,6 +49,11 @@ class LookSearchStub:
                 request_serializer=gateway_dot_api_dot_looksync__pb2.SearchImageRequest.SerializeToString,
                 response_deserializer=gateway_dot_api_dot_looksync__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.GetLookMatches = channel.unary_unary(
+                '/looksync.v1.LookSearch/GetLookMatches',
+                request_serializer=gateway_dot_api_dot_looksync__pb2.GetLookMatchesRequest.SerializeToString,
+                response_deserializer=gateway_dot_api_dot_looksync__pb2.SearchLookResponse.FromString,
+                _registered_method=True)
 
 
 class LookSearchServicer:
@@ -72,6 +77,15 @@ class LookSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLookMatches(self, request, context):
+        """A look matched offline (`looksync match-looks`), by its id, with the request's hard filters
+        applied now. A miss (unknown look, or matched in another space) runs SearchLook when the
+        request carries the image (source "online"), and is NOT_FOUND otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LookSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +103,11 @@ def add_LookSearchServicer_to_server(servicer, server):
                     servicer.SearchImage,
                     request_deserializer=gateway_dot_api_dot_looksync__pb2.SearchImageRequest.FromString,
                     response_serializer=gateway_dot_api_dot_looksync__pb2.SearchResponse.SerializeToString,
+            ),
+            'GetLookMatches': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLookMatches,
+                    request_deserializer=gateway_dot_api_dot_looksync__pb2.GetLookMatchesRequest.FromString,
+                    response_serializer=gateway_dot_api_dot_looksync__pb2.SearchLookResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +191,33 @@ class LookSearch:
             '/looksync.v1.LookSearch/SearchImage',
             gateway_dot_api_dot_looksync__pb2.SearchImageRequest.SerializeToString,
             gateway_dot_api_dot_looksync__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLookMatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/looksync.v1.LookSearch/GetLookMatches',
+            gateway_dot_api_dot_looksync__pb2.GetLookMatchesRequest.SerializeToString,
+            gateway_dot_api_dot_looksync__pb2.SearchLookResponse.FromString,
             options,
             channel_credentials,
             insecure,

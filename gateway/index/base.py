@@ -255,5 +255,11 @@ class CatalogIndex(ABC):
     @abstractmethod
     async def count(self, space: EmbeddingSpace) -> int: ...
 
+    @property
+    def look_matches(self):
+        """The store of offline look matches beside this catalog (gateway/index/look_matches.py):
+        put / get / scan / count / optimize."""
+        raise NotImplementedError(f"{type(self).__name__} does not store look matches")
+
     @abstractmethod
     async def close(self) -> None: ...

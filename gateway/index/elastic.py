@@ -978,5 +978,13 @@ class ElasticIndex(CatalogIndex):
         name = space.index_name
         await self._call(f"refresh {name}", self._client().indices.refresh(index=name))
 
+    @property
+    def look_matches(self):
+        if getattr(self, "_look_matches", None) is None:
+            from gateway.index.look_matches import ElasticLookMatches
+
+            self._look_matches = ElasticLookMatches(self)
+        return self._look_matches
+
     async def close(self):
         await self._es.close()

@@ -567,6 +567,15 @@ class EmbeddedIndex(CatalogIndex):
         table = await self._table(await self.ensure(space, make_current_if_none=False))
         return await table.count_rows("deleted = false")
 
+    @property
+    def look_matches(self):
+        if getattr(self, "_look_matches", None) is None:
+            from gateway.index.look_matches import EmbeddedLookMatches
+
+            self._look_matches = EmbeddedLookMatches(self)
+        return self._look_matches
+
     async def close(self):
         self._tables.clear()
         self._db = None
+        self._look_matches = None

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from prometheus_client import Counter
@@ -25,13 +25,14 @@ from prometheus_client import Counter
 from gateway.embedder import TritonEmbedder
 from gateway.errors import LookSyncError
 from gateway.filters import SearchFilters
-from gateway.index.base import CatalogIndex, EmbeddingSpace, ScoredProduct
+from gateway.index.base import CatalogIndex, EmbeddingSpace
 from gateway.items import OVERFETCH, group_by_item
 from gateway.llm import LLMError
 from gateway.look.dedup import dedup
 from gateway.look.querygen import FallbackQueryGenerator, LLMQueryGenerator, decode_look_async, llm_image
 from gateway.look.rerank import LLMReranker, embedding_rerank
-from gateway.look.types import Candidate, LayerOutcome, LayerQuery, Region
+from gateway.look.stored import restore, to_stored
+from gateway.look.types import Candidate, LayerOutcome, LayerQuery
 from gateway.observability import log
 from gateway.search import Deadline, Timings, check_image, request_space
 
@@ -78,6 +79,10 @@ class LookResult:
     space: EmbeddingSpace
     timings: Timings
     cached: bool = False
+    source: str = "online"  # "precomputed": read from the offline look matches
+    computed_at: float = field(default_factory=time.time)
+    look_id: str = ""
+    requeued: bool = False
 
 
 class LookSearcher:
@@ -156,47 +161,24 @@ class LookSearcher:
             )
         for outcome in outcomes:
             outcome.candidates = outcome.candidates[:k]
-        await self.result_cache.set(cache_key, _cacheable(outcomes))
+        await self.result_cache.set(cache_key, to_stored(outcomes))
         return LookResult(list(outcomes), space, timings)
 
     async def _fresh(
         self, cached, space: EmbeddingSpace, filters: SearchFilters
     ) -> list[LayerOutcome] | None:
-        """A cached answer made current: its products re-read from the index, and those the
-        request's hard filters exclude now (sold out, repriced, deleted since) dropped. The
-        cache keeps ids and scores, never product state. None: unusable, search again."""
+        """A cached answer made current (gateway/look/stored.py); None: unusable, search
+        again. Unlike a precomputed look, a cached answer is all or nothing: anything that
+        left since (sold out, repriced, deleted, grouped into one item) means searching again
+        rather than answering with fewer."""
         try:
-            ids = list(dict.fromkeys(c["id"] for layer in cached for c in layer["candidates"]))
-            current = await self.index.get(space, ids) if ids else {}
-            layers = []
-            for layer in cached:
-                q = layer["query"]
-                query = LayerQuery(
-                    q["layer"], tuple(q["categories"]), q["query"], q["source"], q.get("gender")
-                )
-                if q.get("box"):  # where the garment was: the response says it again
-                    query.region = Region(
-                        q["layer"], tuple(q["box"]), b"", query.categories, q.get("region_source", "zones")
-                    )
-                candidates = [
-                    Candidate(ScoredProduct(current[c["id"]].product, c["score"]), c["duplicates"])
-                    for c in layer["candidates"]
-                    if c["id"] in current and filters.matches(current[c["id"]].product)
-                ]
-                if len(candidates) < len(layer["candidates"]):
-                    return None  # something left: search again rather than answer with fewer
-                # Offers are current too: the item's listings as they are now.
-                hits = await group_by_item(
-                    self.index, space, [c.hit for c in candidates], filters, len(candidates)
-                )
-                if len(hits) < len(candidates):
-                    return None  # listings were grouped into one item since: search again
-                candidates = [Candidate(h, c.duplicates) for h, c in zip(hits, candidates)]
-                layers.append(LayerOutcome(query, candidates, layer["rerank_source"]))
-            return layers
+            restored = await restore(self.index, space, cached, filters)
         except (KeyError, TypeError, ValueError) as exc:  # an entry of another shape: a miss
             log(logger, logging.WARNING, "unusable cached look result; searching again", error=str(exc))
             return None
+        if restored.dropped or sum(len(o.candidates) for o in restored.layers) < restored.candidates:
+            return None
+        return restored.layers
 
     async def _queries(self, image, llm_look, look, space, deadline) -> tuple[list[LayerQuery], float | None]:
         """The layer queries, and when the fallback started (None: the LLM answered)."""
@@ -382,29 +364,6 @@ class _Once:
         if self.task is None:
             self.task = asyncio.ensure_future(self.fn())
         return await self.task
-
-
-def _cacheable(outcomes: list[LayerOutcome]) -> list[dict]:
-    """What the result cache keeps: each layer's query and its candidates' ids and scores."""
-    return [
-        {
-            "query": {
-                "layer": o.query.layer,
-                "categories": list(o.query.categories),
-                "query": o.query.query,
-                "source": o.query.source,
-                "gender": o.query.gender,
-                "box": list(o.query.region.box) if o.query.region else None,
-                "region_source": o.query.region.source if o.query.region else "",
-            },
-            "rerank_source": o.rerank_source,
-            "candidates": [
-                {"id": c.hit.product.id, "score": float(c.hit.score), "duplicates": c.duplicates}
-                for c in o.candidates
-            ],
-        }
-        for o in outcomes
-    ]
 
 
 def _cache_key(image: bytes, filters: SearchFilters, k: int, space: EmbeddingSpace) -> str:

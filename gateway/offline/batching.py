@@ -1,0 +1,143 @@
+"""Work of many looks in one Triton call.
+
+The batch job runs SearchLook's own pipeline (gateway/look/pipeline.py) for many looks at once.
+Each look asks for its own embeddings (its crops, its queries, its detector pass); this wrapper
+gathers the calls that arrive within a short window, per model and version, and sends them as
+one request of up to `max_batch` items. So Triton sees full batches without the pipeline
+knowing: the batch path and the online path stay one piece of code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class _Pending:
+    items: list  # texts / images, or the rows of one array
+    timeout_s: float
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class _Batcher:
+    """Calls of one kind for one model, merged. `call(items, timeout_s)` returns one result row
+    per item (a sequence, or a tuple of sequences for several outputs)."""
+
+    def __init__(self, call, max_batch: int, window_s: float):
+        self.call, self.max_batch, self.window_s = call, max_batch, window_s
+        self.pending: list[_Pending] = []
+        self.size = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.calls = 0  # Triton requests sent (for the benchmark's batch-size figure)
+        self.items = 0
+
+    async def submit(self, items: list, timeout_s: float):
+        entry = _Pending(list(items), timeout_s)
+        self.pending.append(entry)
+        self.size += len(entry.items)
+        if self.size >= self.max_batch:
+            self._flush()
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.window_s, self._flush)
+        return await entry.future
+
+    def _flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        batch, self.pending, self.size = self.pending, [], 0
+        if batch:
+            asyncio.ensure_future(self._run(batch))
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        items = [x for entry in batch for x in entry.items]
+        timeout = max(entry.timeout_s for entry in batch)
+        try:
+            parts = []
+            for start in range(0, len(items), self.max_batch):
+                chunk = items[start : start + self.max_batch]
+                self.calls += 1
+                self.items += len(chunk)
+                parts.append(await self.call(chunk, timeout))
+            rows = _concat(parts)
+        except BaseException as exc:  # every look of the batch learns what went wrong
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        start = 0
+        for entry in batch:
+            n = len(entry.items)
+            if not entry.future.done():  # a look that gave up (cancelled) takes nothing
+                entry.future.set_result(_slice(rows, start, start + n))
+            start += n
+
+
+def _concat(parts):
+    if isinstance(parts[0], tuple):
+        return tuple(np.concatenate(p) for p in zip(*parts))
+    return np.concatenate(parts)
+
+
+def _slice(rows, a: int, b: int):
+    return tuple(r[a:b] for r in rows) if isinstance(rows, tuple) else rows[a:b]
+
+
+class CoalescingEmbedder:
+    """A TritonEmbedder whose inference calls are merged across concurrent callers; every other
+    method is the wrapped embedder's."""
+
+    def __init__(self, embedder, max_batch: int = 64, window_s: float = 0.01):
+        self.embedder = embedder
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.batchers: dict[tuple, _Batcher] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.embedder, name)
+
+    async def _batcher(self, key: tuple, triton_model: str, call) -> _Batcher:
+        if key not in self.batchers:
+            # Never more per request than the model accepts (the detector takes 16).
+            limit = await self.embedder.max_batch_size(triton_model) or self.max_batch
+            self.batchers.setdefault(key, _Batcher(call, min(limit, self.max_batch), self.window_s))
+        return self.batchers[key]
+
+    async def embed_texts(self, model: str, version: int, texts: list[str], timeout_s: float):
+        async def call(chunk, timeout):
+            return await self.embedder.embed_texts(model, version, chunk, timeout)
+
+        if not texts:
+            return await self.embedder.embed_texts(model, version, texts, timeout_s)
+        batcher = await self._batcher(("text", model, version), f"{model}_text", call)
+        return await batcher.submit(texts, timeout_s)
+
+    async def embed_images(self, model: str, version: int, images: list[bytes], timeout_s: float):
+        async def call(chunk, timeout):
+            return await self.embedder.embed_images(model, version, chunk, timeout)
+
+        if not images:
+            return await self.embedder.embed_images(model, version, images, timeout_s)
+        batcher = await self._batcher(("image", model, version), f"{model}_image", call)
+        return await batcher.submit(images, timeout_s)
+
+    async def infer_array(self, model: str, name: str, array: np.ndarray, output: str, timeout_s: float):
+        async def call(chunk, timeout):
+            return await self.embedder.infer_array(model, name, np.stack(chunk), output, timeout)
+
+        batcher = await self._batcher(("array", model, name, output), model, call)
+        rows = await batcher.submit(list(array), timeout_s)
+        return np.asarray(rows)
+
+    def stats(self) -> dict[str, float]:
+        """Mean items per Triton request, by kind (what Triton saw)."""
+        out: dict[str, float] = {}
+        for key, b in self.batchers.items():
+            if b.calls:
+                out[key[0]] = round(b.items / b.calls, 1)
+        return out
