@@ -492,6 +492,7 @@ def cmd_match_looks(args) -> int:
                     "wall_s": round(report.wall_s, 3),
                     "looks_per_s": round(report.looks_per_s, 2),
                     "batch_sizes": report.batch_sizes,
+                    "stages_mean_ms": report.stages_mean_ms,
                 }
             )
         )

@@ -42,8 +42,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("text", "image", "look")
-RPC_OF = {"text": "SearchText", "image": "SearchImage", "look": "SearchLook"}
+KINDS = ("text", "image", "look", "match")
+RPC_OF = {"text": "SearchText", "image": "SearchImage", "look": "SearchLook", "match": "GetLookMatches"}
 PERCENTILES = (50.0, 90.0, 95.0, 99.0)
 DEFAULT_QUERIES = (
     "red summer dress",
@@ -224,6 +224,7 @@ class LoadConfig:
     texts: list[str] = field(default_factory=list)
     images: list[bytes] = field(default_factory=list)
     looks: list[bytes] = field(default_factory=list)
+    look_ids: list[str] = field(default_factory=list)  # GetLookMatches: looks matched offline
     mix: dict[str, float] | None = None  # kind -> weight; default: equal over kinds with payloads
     k: int = 10
     k_per_layer: int = 5
@@ -243,7 +244,7 @@ class LoadConfig:
         return "open" if self.rate is not None else "closed"
 
     def payloads(self, kind: str) -> list:
-        return {"text": self.texts, "image": self.images, "look": self.looks}[kind]
+        return {"text": self.texts, "image": self.images, "look": self.looks, "match": self.look_ids}[kind]
 
     def weights(self) -> dict[str, float]:
         if self.mix is None:
@@ -680,8 +681,17 @@ class _Driver:
                 pb.SearchLookRequest(image=b, k_per_layer=cfg.k_per_layer, filters=filters, space=space)
                 for b in cfg.looks
             ],
+            "match": [
+                pb.GetLookMatchesRequest(look_id=i, k_per_layer=cfg.k_per_layer, filters=filters, space=space)
+                for i in cfg.look_ids
+            ],
         }
-        self.methods = {"text": stub.SearchText, "image": stub.SearchImage, "look": stub.SearchLook}
+        self.methods = {
+            "text": stub.SearchText,
+            "image": stub.SearchImage,
+            "look": stub.SearchLook,
+            "match": stub.GetLookMatches,
+        }
         weights = cfg.weights()
         self.kinds = [k for k in KINDS if k in weights]
         self.weights = [weights[k] for k in self.kinds]
@@ -1124,6 +1134,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--images", metavar="DIR", help="images for SearchImage (every file is sent as is)")
     g.add_argument("--looks", metavar="DIR", help="look images for SearchLook")
     g.add_argument(
+        "--look-ids", metavar="FILE", help="ids of looks matched offline, one a line (GetLookMatches)"
+    )
+    g.add_argument(
         "--mix",
         help="weights, e.g. text=0.6,image=0.3,look=0.1 (default: equal over the sources given; "
         "with no source, built-in text queries)",
@@ -1183,10 +1196,18 @@ def config_from_args(args, address: str, filters=None) -> LoadConfig:
     texts = read_queries(args.text_queries) if args.text_queries else []
     images = read_images(args.images) if args.images else []
     looks = read_images(args.looks) if args.looks else []
+    look_ids = read_queries(args.look_ids) if args.look_ids else []
     sources = {
-        k: v for k, v in (("text", args.text_queries), ("image", args.images), ("look", args.looks)) if v
+        k: v
+        for k, v in (
+            ("text", args.text_queries),
+            ("image", args.images),
+            ("look", args.looks),
+            ("match", args.look_ids),
+        )
+        if v
     }
-    if not (texts or images or looks) and not args.mix:
+    if not (texts or images or looks or look_ids) and not args.mix:
         texts = list(DEFAULT_QUERIES)
         sources["text"] = "built-in queries"
     return LoadConfig(
@@ -1204,6 +1225,7 @@ def config_from_args(args, address: str, filters=None) -> LoadConfig:
         texts=texts,
         images=images,
         looks=looks,
+        look_ids=look_ids,
         mix=parse_mix(args.mix) if args.mix else None,
         k=args.k,
         k_per_layer=args.k_per_layer,

@@ -27,9 +27,10 @@ def best_first(listings: list[Product]) -> list[Product]:
 
 
 async def group_by_item(
-    index, space, hits: list[ScoredProduct], filters: SearchFilters, k: int
+    index, space, hits: list[ScoredProduct], filters: SearchFilters, k: int, known: dict | None = None
 ) -> list[ScoredProduct]:
-    """At most one hit per item, at most k, in the order of each item's best hit."""
+    """At most one hit per item, at most k, in the order of each item's best hit. `known`:
+    listings by item already read (several lists served at once read them in one call)."""
     order: list[str] = []
     best: dict[str, ScoredProduct] = {}
     for hit in hits:
@@ -39,7 +40,8 @@ async def group_by_item(
             best[item] = hit
     order = order[:k]
     grouped = [i for i in order if best[i].product.item_id]
-    listings = await index.listings(space, grouped) if grouped else {}
+    missing = [i for i in grouped if known is None or i not in known]
+    listings = {**(known or {}), **(await index.listings(space, missing) if missing else {})}
     out = []
     for item in order:
         hit = best[item]

@@ -123,7 +123,7 @@ def test_batch_results_equal_online_search_look_garment_by_garment(env):
         "no-image": "fetch_not_found",
     }
     assert "filters.market" in report["failed"]["line 11"]["detail"]
-    assert report["batch_sizes"]["image"] > 1  # crops of several looks went to Triton together
+    assert report["batch_sizes"]["image"]["per_call"] > 1  # crops of several looks went to Triton together
     saved = [
         json.loads(line) for line in (env["data"] / "look-match-failures.jsonl").read_text().splitlines()
     ]

@@ -144,11 +144,17 @@ class CatalogIndex(ABC):
         abandoned with DeadlineExceeded (never an answer after the client has given up)."""
 
     async def search_many(
-        self, vectors: list[np.ndarray], space: EmbeddingSpace, filters: SearchFilters, k: int
+        self,
+        vectors: list[np.ndarray],
+        space: EmbeddingSpace,
+        filters: SearchFilters,
+        k: int,
+        with_vectors: bool = False,
     ) -> list[list[ScoredProduct]]:
         """kNN for several query vectors (batch jobs); per vector, its hits. Backends that can
         send them as one request override this."""
-        return [(await self.search(v, space, filters, k))[1] for v in vectors]
+        found = await asyncio.gather(*(self.search(v, space, filters, k, with_vectors) for v in vectors))
+        return [hits for _, hits in found]
 
     async def listings(self, space: EmbeddingSpace, item_ids: list[str]) -> dict[str, list[Product]]:
         """The live listings of these items (the dedup job's groups), by item id."""
@@ -251,6 +257,19 @@ class CatalogIndex(ABC):
     @abstractmethod
     async def get(self, space: EmbeddingSpace, ids: list[str]) -> dict[str, StoredProduct]:
         """Stored products by id (ids not present are absent from the result)."""
+
+    async def products(self, space: EmbeddingSpace, ids: list[str]) -> dict[str, Product]:
+        """Live products by id, without vectors (the read path of stored answers); backends
+        override it with a lighter read than `get`."""
+        return {pid: stored.product for pid, stored in (await self.get(space, ids)).items()}
+
+    async def serving_read(
+        self, space: EmbeddingSpace, ids: list[str], item_ids: list[str]
+    ) -> tuple[dict[str, Product], dict[str, list[Product]]]:
+        """Live products by id, and the live listings of these items (a stored answer's
+        candidates and their offers), in as few reads as the backend can."""
+        products = await self.products(space, ids) if ids else {}
+        return products, (await self.listings(space, item_ids) if item_ids else {})
 
     @abstractmethod
     async def count(self, space: EmbeddingSpace) -> int: ...

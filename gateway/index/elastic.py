@@ -925,6 +925,24 @@ class ElasticIndex(CatalogIndex):
                     )
         return found
 
+    async def products(self, space, ids):
+        if not ids:
+            return {}
+        name = await self.ensure(space, make_current_if_none=False)
+        found = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            resp = await self._call(
+                f"read products from {name}",
+                self._client().mget(index=name, ids=chunk, source_excludes=["vector"]),
+            )
+            for doc in resp["docs"]:
+                if "error" in doc:
+                    raise Unavailable(f"reading {doc.get('_id')!r} from {name} failed: {doc['error']}")
+                if doc.get("found") and not doc["_source"].get("deleted"):
+                    found[doc["_id"]] = product_from_source(doc["_source"])
+        return found
+
     async def listings(self, space, item_ids):
         out: dict[str, list[Product]] = {}
         if not item_ids:

@@ -117,6 +117,33 @@ def where_clause(f: SearchFilters) -> str:
     return " AND ".join(parts)
 
 
+def _hits(found: pa.Table, with_vectors: bool, dim: int) -> list[tuple[int, ScoredProduct]]:
+    """(query index, hit) per row of a kNN answer. Column by column: converting whole rows to
+    dicts cost ~4 ms per 80 hits, more than the search itself once queries are batched."""
+    n = found.num_rows
+    if n == 0:
+        return []
+    products = _products(found)
+    scores = 1.0 - found.column("_distance").to_numpy(zero_copy_only=False).astype(np.float64)
+    queries = found.column("query_index").to_pylist() if "query_index" in found.column_names else [0] * n
+    vectors = None
+    if with_vectors:
+        flat = found.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        vectors = np.asarray(flat, dtype=np.float32).reshape(n, dim)
+    return [
+        (queries[i], ScoredProduct(product, float(scores[i]), None if vectors is None else vectors[i]))
+        for i, product in enumerate(products)
+    ]
+
+
+def _products(found: pa.Table) -> list[Product]:
+    names = [f for f in _FIELDS if f in found.column_names]
+    columns = [found.column(f).to_pylist() for f in names]
+    return [
+        Product(**{k: ("" if v is None else v) for k, v in zip(names, values)}) for values in zip(*columns)
+    ]
+
+
 def _row_product(row: dict) -> Product:
     return Product(**{k: row[k] if row.get(k) is not None else "" for k in _FIELDS})
 
@@ -253,12 +280,10 @@ class EmbeddedIndex(CatalogIndex):
                 raise FailedPrecondition(f"no index {target!r} for query space {space}")
         index_space = self._space_of(target)
         check_query(vector, space, index_space)
-        rows = await self._knn(target, np.asarray(vector, dtype=np.float32), filters, k, timeout_s)
-        hits = []
-        for row in rows:
-            vec = np.asarray(row["vector"], dtype=np.float32) if with_vectors else None
-            hits.append(ScoredProduct(_row_product(row), 1.0 - float(row["_distance"]), vec))
-        return index_space, hits
+        found = await self._knn(
+            target, np.asarray(vector, dtype=np.float32), filters, k, timeout_s, with_vectors
+        )
+        return index_space, [hit for _, hit in _hits(found, with_vectors, index_space.dim)]
 
     async def search_many(self, vectors, space, filters, k, with_vectors=False):
         """One LanceDB multi-vector query for several query vectors of one space."""
@@ -270,23 +295,26 @@ class EmbeddedIndex(CatalogIndex):
         for v in vectors:
             check_query(v, space, self._space_of(target))
         batch = [np.asarray(v, dtype=np.float32) for v in vectors]
-        rows = await self._knn(target, batch if len(batch) > 1 else batch[0], filters, k, None)
+        found = await self._knn(target, batch if len(batch) > 1 else batch[0], filters, k, None, with_vectors)
         out: list[list[ScoredProduct]] = [[] for _ in vectors]
-        for row in rows:
-            vec = np.asarray(row["vector"], dtype=np.float32) if with_vectors else None
-            out[row.get("query_index", 0)].append(
-                ScoredProduct(_row_product(row), 1.0 - float(row["_distance"]), vec)
-            )
+        for query, hit in _hits(found, with_vectors, space.dim):
+            out[query].append(hit)
         return out
 
-    async def _knn(self, target: str, vectors, filters, k: int, timeout_s: float | None) -> list[dict]:
+    async def _knn(
+        self, target: str, vectors, filters, k: int, timeout_s: float | None, with_vectors: bool = True
+    ) -> pa.Table:
         table = await self._table(target)
         where = where_clause(filters)
-        query = table.query().nearest_to(vectors).distance_type("cosine").where(where).limit(k)
+        # Only what a hit carries: the bookkeeping columns (field_seqs, ...) cost conversion.
+        columns = [*_FIELDS, *(["vector"] if with_vectors else []), "_distance"]
+        query = (
+            table.query().nearest_to(vectors).distance_type("cosine").where(where).select(columns).limit(k)
+        )
         try:
             async with within(timeout_s, f"search of {target}"):
                 query = await self._plan(table, target, query, where)
-                return (await query.to_arrow()).to_pylist()
+                return await query.to_arrow()
         except (RuntimeError, OSError) as exc:
             # Lance reports missing or unreadable files as RuntimeError: the index is not
             # there to answer. Forget the handle so a restored index is picked up again.
@@ -316,6 +344,10 @@ class EmbeddedIndex(CatalogIndex):
         so a kNN pre-filter reads an index instead of scanning the column), and the ANN index
         once the table is big enough; returns whether that exists."""
         table = await self._table(await self.ensure(space, make_current_if_none=False), strong=True)
+        # Compaction first: a bulk write leaves one small fragment per batch, and every read by
+        # id then opens each of them (measured: 30 ids 5.8 ms from 13 fragments, 3.3 from one).
+        async with self._writer(space.index_name):
+            await table.optimize()
         for column, config in scalar_indexes():
             await table.create_index(column, config=config, replace=True)
         rows = await table.count_rows()
@@ -562,6 +594,52 @@ class EmbeddedIndex(CatalogIndex):
             for pid, row in rows.items()
             if not row["deleted"]
         }
+
+    async def products(self, space, ids):
+        """Read like a search (the refreshing connection, the table already open, product
+        columns only): what serving a stored answer needs, several times cheaper than `get`."""
+        if not ids:
+            return {}
+        target = space.index_name
+        if target not in self._manifest()["indexes"]:
+            raise FailedPrecondition(f"no index {target!r} for space {space}")
+        table = await self._table(target)
+        out = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            where = f"deleted = false AND id IN ({', '.join(map(_quote, chunk))})"
+            found = await table.query().where(where).select(list(_FIELDS)).to_arrow()
+            out.update((p.id, p) for p in _products(found))
+        return out
+
+    async def serving_read(self, space, ids, item_ids):
+        """Products by id and the listings of these items, in one query."""
+        if not ids and not item_ids:
+            return {}, {}
+        target = space.index_name
+        if target not in self._manifest()["indexes"]:
+            raise FailedPrecondition(f"no index {target!r} for space {space}")
+        table = await self._table(target)
+        products: dict[str, Product] = {}
+        listings: dict[str, list[Product]] = {i: [] for i in item_ids}
+        terms = []
+        if ids:
+            terms.append(f"id IN ({', '.join(map(_quote, ids))})")
+        if item_ids:
+            terms.append(f"item_id IN ({', '.join(map(_quote, item_ids))})")
+        found = (
+            await table.query()
+            .where(f"deleted = false AND ({' OR '.join(terms)})")
+            .select(list(_FIELDS))
+            .to_arrow()
+        )
+        wanted = set(ids)
+        for p in _products(found):
+            if p.id in wanted:
+                products[p.id] = p
+            if p.item_id in listings:
+                listings[p.item_id].append(p)
+        return products, listings
 
     async def count(self, space):
         table = await self._table(await self.ensure(space, make_current_if_none=False))

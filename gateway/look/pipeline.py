@@ -176,7 +176,8 @@ class LookSearcher:
         except (KeyError, TypeError, ValueError) as exc:  # an entry of another shape: a miss
             log(logger, logging.WARNING, "unusable cached look result; searching again", error=str(exc))
             return None
-        if restored.dropped or sum(len(o.candidates) for o in restored.layers) < restored.candidates:
+        stored = sum(len(layer["candidates"]) for layer in cached)
+        if restored.dropped or sum(len(o.candidates) for o in restored.layers) < stored:
             return None
         return restored.layers
 

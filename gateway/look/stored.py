@@ -49,9 +49,9 @@ def to_stored(outcomes: list[LayerOutcome]) -> list[dict]:
 @dataclass
 class Restored:
     layers: list[LayerOutcome]
-    candidates: int  # stored, over all layers
-    dropped: int  # deleted, or excluded by the filters now
-    current: dict  # id -> StoredProduct: the stored candidates still in the index
+    read: list[str]  # the stored candidates looked at (all of them when no k was given)
+    dropped: int  # of those: deleted, or excluded by the filters now
+    current: dict  # id -> Product: the ones read that are still in the index
 
 
 def _query(q: dict) -> LayerQuery:
@@ -71,31 +71,66 @@ async def restore(
     k: int | None = None,
 ) -> Restored:
     """The stored layers as they read now: per layer, the candidates whose product still
-    exists and passes `filters`, in stored order, one per item, at most k."""
-    ids = list(dict.fromkeys(c["id"] for layer in stored for c in layer["candidates"]))
-    current = await index.get(space, ids) if ids else {}
-    layers, total, dropped = [], 0, 0
-    for layer in stored:
-        total += len(layer["candidates"])
-        passing = [
-            Candidate(ScoredProduct(current[c["id"]].product, c["score"]), c["duplicates"])
-            for c in layer["candidates"]
-            if c["id"] in current and filters.matches(current[c["id"]].product)
-        ]
-        dropped += len(layer["candidates"]) - len(passing)
+    exists and passes `filters`, in stored order, one per item, at most k. With k, only the
+    head of each list is read (three times k), and more only for a layer the filters thin out: a
+    look stores 30 candidates per garment and is usually served 5."""
+    lists = [layer["candidates"] for layer in stored]
+    want = [len(c) if k is None else min(len(c), 3 * k) for c in lists]
+    current: dict = {}
+    known: dict = {}  # item id -> its live listings (offers)
+    read: dict[str, None] = {}
+    while True:
+        heads = [c for cands, n in zip(lists, want) for c in cands[:n] if c["id"] not in read]
+        ids = list(dict.fromkeys(c["id"] for c in heads))
+        # The items the candidates belonged to when stored, read in the same query: their
+        # listings are the offers. An item regrouped since is read by group_by_item itself.
+        items = list(
+            dict.fromkeys(c["item_id"] for c in heads if c.get("item_id") and c["item_id"] not in known)
+        )
+        if ids or items:
+            found, listings = await index.serving_read(space, ids, items)
+            current.update(found)
+            known.update(listings)
+            read.update(dict.fromkeys(ids))
+        more = False
+        for i, cands in enumerate(lists):
+            # Items, not listings: several listings of one item fold into one hit.
+            passing = {
+                current[c["id"]].item_id or c["id"]
+                for c in cands[: want[i]]
+                if c["id"] in current and filters.matches(current[c["id"]])
+            }
+            if k is not None and len(passing) < k and want[i] < len(cands):
+                want[i], more = min(len(cands), 2 * want[i] + k), True
+        if not more:
+            break
+    passing = [
+        [c for c in cands[:n] if c["id"] in current and filters.matches(current[c["id"]])]
+        for cands, n in zip(lists, want)
+    ]
+    layers = []
+    for layer, kept in zip(stored, passing):
+        by_id = {c["id"]: c for c in kept}
+        hits = [ScoredProduct(current[c["id"]], c["score"]) for c in kept]
         # Offers are current too: the item's listings as they are now.
-        want = len(passing) if k is None else min(k, len(passing))
-        hits = await group_by_item(index, space, [c.hit for c in passing], filters, want)
-        by_id = {c.hit.product.id: c for c in passing}
-        candidates = [Candidate(h, _duplicates(h, by_id)) for h in hits]
+        grouped = await group_by_item(
+            index, space, hits, filters, len(hits) if k is None else min(k, len(hits)), known
+        )
+        candidates = [Candidate(h, _duplicates(h, by_id)) for h in grouped]
         layers.append(LayerOutcome(_query(layer["query"]), candidates, layer["rerank_source"]))
-    return Restored(layers, total, dropped, current)
+    dropped = sum(1 for i in read if i not in current) + sum(
+        1
+        for cands, n in zip(lists, want)
+        for c in cands[:n]
+        if c["id"] in current and not filters.matches(current[c["id"]])
+    )
+    return Restored(layers, list(read), dropped, current)
 
 
-def _duplicates(hit: ScoredProduct, by_id: dict[str, Candidate]) -> int:
+def _duplicates(hit: ScoredProduct, by_id: dict[str, dict]) -> int:
     """The stored duplicate count of the listing the hit came from (its product, or one of its
     offers when another listing of the item is the best now)."""
     for p in (hit.product, *hit.offers):
         if p.id in by_id:
-            return by_id[p.id].duplicates
+            return by_id[p.id]["duplicates"]
     return 0

@@ -1,10 +1,11 @@
-"""Work of many looks in one Triton call.
+"""Work of many looks in one Triton call, and in one index query.
 
 The batch job runs SearchLook's own pipeline (gateway/look/pipeline.py) for many looks at once.
-Each look asks for its own embeddings (its crops, its queries, its detector pass); this wrapper
-gathers the calls that arrive within a short window, per model and version, and sends them as
-one request of up to `max_batch` items. So Triton sees full batches without the pipeline
-knowing: the batch path and the online path stay one piece of code.
+Each look asks for its own embeddings (its crops, its queries, its detector pass) and its own
+kNN per garment; these wrappers gather the calls that arrive within a short window (per model
+and version; per space, filters and k) and send them as one request of up to `max_batch`
+items. So Triton and the index see full batches without the pipeline knowing: the batch path
+and the online path stay one piece of code.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class _Batcher:
 
 
 def _concat(parts):
+    if isinstance(parts[0], list):
+        return [row for part in parts for row in part]
     if isinstance(parts[0], tuple):
         return tuple(np.concatenate(p) for p in zip(*parts))
     return np.concatenate(parts)
@@ -110,7 +113,13 @@ class CoalescingEmbedder:
 
     async def embed_texts(self, model: str, version: int, texts: list[str], timeout_s: float):
         async def call(chunk, timeout):
-            return await self.embedder.embed_texts(model, version, chunk, timeout)
+            # Looks in flight at once ask for the same words ("blue denim jeans") before any
+            # of them has cached it: each distinct text is embedded once per request.
+            unique = list(dict.fromkeys(chunk))
+            emb, truncated = await self.embedder.embed_texts(model, version, unique, timeout)
+            where = {t: i for i, t in enumerate(unique)}
+            rows = [where[t] for t in chunk]
+            return emb[rows], truncated[rows]
 
         if not texts:
             return await self.embedder.embed_texts(model, version, texts, timeout_s)
@@ -134,10 +143,47 @@ class CoalescingEmbedder:
         rows = await batcher.submit(list(array), timeout_s)
         return np.asarray(rows)
 
-    def stats(self) -> dict[str, float]:
-        """Mean items per Triton request, by kind (what Triton saw)."""
-        out: dict[str, float] = {}
+    def stats(self) -> dict[str, dict[str, float]]:
+        """By kind (text, image, array): Triton requests sent, items in them, and the mean
+        batch (what Triton saw)."""
+        out: dict[str, dict[str, float]] = {}
         for key, b in self.batchers.items():
-            if b.calls:
-                out[key[0]] = round(b.items / b.calls, 1)
+            kind = out.setdefault(key[0], {"calls": 0, "items": 0})
+            kind["calls"] += b.calls
+            kind["items"] += b.items
+        for kind in out.values():
+            kind["per_call"] = round(kind["items"] / kind["calls"], 1) if kind["calls"] else 0.0
         return out
+
+
+class CoalescingIndex:
+    """A CatalogIndex whose kNN searches with the same space, filters and k are merged across
+    concurrent callers into one multi-vector query (`search_many`); every other method is the
+    wrapped index's. Measured on the embedded index: 1.5 ms per query merged by 32, 10 ms alone."""
+
+    def __init__(self, index, max_batch: int = 64, window_s: float = 0.01):
+        self.index = index
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.batchers: dict[tuple, _Batcher] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.index, name)
+
+    async def search(self, vector, space, filters, k, with_vectors=False, index=None, timeout_s=None):
+        if index is not None:  # a named physical index: as asked, alone
+            return await self.index.search(vector, space, filters, k, with_vectors, index, timeout_s)
+        key = (space.model, space.version, space.dim, filters, k, with_vectors)
+        if key not in self.batchers:
+
+            async def call(vectors, timeout):
+                return await self.index.search_many(vectors, space, filters, k, with_vectors)
+
+            self.batchers[key] = _Batcher(call, self.max_batch, self.window_s)
+        hits = await self.batchers[key].submit([vector], timeout_s or 60.0)
+        return space, hits[0]
+
+    def stats(self) -> dict[str, float]:
+        calls = sum(b.calls for b in self.batchers.values())
+        items = sum(b.items for b in self.batchers.values())
+        return {"calls": calls, "items": items, "per_call": round(items / calls, 1) if calls else 0.0}

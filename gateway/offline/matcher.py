@@ -30,7 +30,7 @@ from gateway.index.embedded import wall_clock_seq
 from gateway.ingest.fetch import FetchError, FetchPolicy, fetch
 from gateway.look.stored import to_stored
 from gateway.observability import log
-from gateway.offline.batching import CoalescingEmbedder
+from gateway.offline.batching import CoalescingEmbedder, CoalescingIndex
 from gateway.offline.record import LookMatches, LookRequest
 from gateway.search import Deadline
 
@@ -131,7 +131,8 @@ class LookMatcher:
         self.settings = settings
         self.index = index
         self.embedder = CoalescingEmbedder(embedder, window_s=window_s)
-        self.searcher = build_look_searcher(settings, self.embedder, index)
+        self.searches = CoalescingIndex(index, window_s=window_s)
+        self.searcher = build_look_searcher(settings, self.embedder, self.searches)
         self.searcher.result_cache = NoCache()
         self.policy = FetchPolicy(
             max_bytes=settings.max_request_bytes,
@@ -143,6 +144,8 @@ class LookMatcher:
             allow_loopback=settings.fetch_allow_loopback,
         )
         self.look_timeout_s = max(settings.request_timeout_s, 60.0)
+        self.stage_ms: Tally = Tally()  # summed per-look stage times (latency, waits included)
+        self.looks = 0
 
     async def space(self) -> EmbeddingSpace:
         space = await self.index.space()
@@ -180,6 +183,8 @@ class LookMatcher:
             return Failure("internal_error", f"{type(exc).__name__}: {exc}"[:300])
         for stage, ms in result.timings.stages:
             STAGES.labels(stage).observe(ms / 1000)
+            self.stage_ms[stage] += ms
+        self.looks += 1
         return LookMatches(req.look_id, result.space, time.time(), position, req, to_stored(result.layers))
 
     async def match(self, requests: list[LookRequest]) -> MatchOutcome:
@@ -247,7 +252,8 @@ class JobReport:
     failed: dict[str, Failure] = field(default_factory=dict)
     retries: int = 0
     wall_s: float = 0.0
-    batch_sizes: dict[str, float] = field(default_factory=dict)
+    batch_sizes: dict[str, dict[str, float]] = field(default_factory=dict)  # CoalescingEmbedder.stats
+    stages_mean_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def looks_per_s(self) -> float:
@@ -326,7 +332,8 @@ async def run_looks(
     bar.close()
     await matcher.index.look_matches.optimize()
     report.wall_s = time.perf_counter() - start
-    report.batch_sizes = matcher.embedder.stats()
+    report.batch_sizes = {**matcher.embedder.stats(), "knn": matcher.searches.stats()}
+    report.stages_mean_ms = {k: round(v / max(matcher.looks, 1), 2) for k, v in matcher.stage_ms.items()}
     return report
 
 

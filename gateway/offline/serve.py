@@ -62,15 +62,15 @@ class LookMatchReader:
         with timings.stage("restore"):
             # The look's own preferences (market, sizes...) hold as well as the request's.
             restored = await restore(self.index, space, record.layers, AllOf((own, filters)), k)
+        # Judged on the candidates read (the head of each list, what users see).
         gone = sum(
-            1
-            for layer in record.layers
-            for c in layer["candidates"]
-            if c["id"] not in restored.current or not own.matches(restored.current[c["id"]].product)
+            1 for i in restored.read if i not in restored.current or not own.matches(restored.current[i])
         )
-        requeued = bool(restored.candidates) and gone / restored.candidates >= self.requeue_share
+        requeued = bool(restored.read) and gone / len(restored.read) >= self.requeue_share
         if requeued:
-            self._background(self._requeue(record.request, f"{gone}/{restored.candidates} candidates gone"))
+            self._background(
+                self._requeue(record.request, f"{gone} of {len(restored.read)} candidates read are gone")
+            )
         return LookResult(
             restored.layers,
             space,
