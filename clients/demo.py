@@ -140,6 +140,33 @@ def _contact_sheet(rows: list[tuple[Path, list[Path]]], out: Path, size: int = 1
     sheet.save(out)
 
 
+def _offline(settings: Settings, client: LookSyncClient, world: Path, manifest: dict, item_of: dict) -> None:
+    """The world's looks matched in one batch, as the app's looks are ahead of time, and one of
+    them served by id with the catalog's current state (GetLookMatches)."""
+    from gateway.offline.job import MatchOptions, match_looks
+
+    looks = world / "looks.jsonl"
+    looks.write_text(
+        "".join(
+            json.dumps({"look_id": f"look-{i}", "image": t["image"]}) + "\n"
+            for i, t in enumerate(manifest["looks"])
+        )
+    )
+    print("\noffline: looksync match-looks " + str(looks))
+    report, summary = asyncio.run(match_looks(settings, MatchOptions(manifest=looks, progress=False)))
+    print("  " + summary)
+    resp = client.get_look_matches("look-0", k_per_layer=3, filters=FilterArgs(in_stock_only=True))
+    when = time.strftime("%H:%M:%S", time.gmtime(resp.computed_at_unix))
+    print(f"get-look look-0 --in-stock: {resp.source}, computed {when} UTC, {len(resp.layers)} garments")
+    truth = set(manifest["looks"][0]["garments"].values())
+    for layer in resp.layers:
+        marks = ", ".join(
+            f"{h.product.id}{'*' if item_of[h.product.id] in truth else ''}" for h in layer.hits
+        )
+        print(f'  [{layer.layer}] "{layer.query}": {marks}')
+    print("  timings: " + ", ".join(f"{t.stage} {t.ms:.1f} ms" for t in resp.timings))
+
+
 def run_demo(keep_running: bool = False) -> int:
     settings = get_settings()
     data = settings.data_dir
@@ -257,6 +284,7 @@ def run_demo(keep_running: bool = False) -> int:
             total += len(truth)
             print("  timings: " + ", ".join(f"{t.stage} {t.ms:.1f} ms" for t in resp.timings))
         print(f"\nsource garments found in the top 5 of their layer: {found}/{total} (* marks them)")
+        _offline(settings, client, world, manifest, item_of)
         sheet = data / "demo-contact-sheet.png"
         _contact_sheet(rows, sheet)
         print(f"contact sheet (query | top 5): {sheet}")
