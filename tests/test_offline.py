@@ -49,7 +49,7 @@ def env(offline_repo, redis_url, tmp_path_factory):
     work = tmp_path_factory.mktemp("offline")
     server = start_triton(offline_repo, work / "triton")
     world = work / "world"
-    truth = write_world(world, products=120, looks=8, seed=41)
+    truth = write_world(world, products=80, looks=6, seed=41)
     data = work / "data"
     env = looksync_env(
         server,
@@ -118,11 +118,11 @@ def test_batch_results_equal_online_search_look_garment_by_garment(env):
     # Bad lines and looks are failures with a reason; the job went on.
     failed = {k: v["reason"] for k, v in report["failed"].items()}
     assert failed == {
+        "line 7": "invalid_request",
         "line 9": "invalid_request",
-        "line 11": "invalid_request",
         "no-image": "fetch_not_found",
     }
-    assert "filters.market" in report["failed"]["line 11"]["detail"]
+    assert "filters.market" in report["failed"]["line 9"]["detail"]
     assert report["batch_sizes"]["image"]["per_call"] > 1  # crops of several looks went to Triton together
     saved = [
         json.loads(line) for line in (env["data"] / "look-match-failures.jsonl").read_text().splitlines()
