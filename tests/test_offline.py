@@ -297,3 +297,37 @@ def test_a_model_swap_makes_results_stale_and_stale_recomputes_them(env):
 
     nothing = looksync("match-looks", "--stale", "--quiet", "--json", env=env["env"])
     assert json.loads(nothing.stdout)["looks"] == 0
+
+
+def test_a_worker_requeues_looks_of_other_spaces_once_per_new_space(tmp_path, redis_url):
+    """After a swap one worker, and only one, queues every look stored in another space."""
+    from types import SimpleNamespace
+
+    import redis.asyncio as redis_async
+
+    from gateway.index.base import EmbeddingSpace
+    from gateway.offline.worker import MatchWorker
+    from tests.look_store_contract import record
+
+    async def scenario():
+        index = EmbeddedIndex(tmp_path / "index", refresh_s=0.0)
+        v1, v2 = EmbeddingSpace("clip", 1, 64), EmbeddingSpace("clip", 2, 64)
+        await index.ensure(v1)
+        await index.ensure(v2, make_current_if_none=False)
+        await index.look_matches.put([record("old-a", 1.0), record("old-b", 1.0)])
+        client = redis_async.from_url(redis_url)
+        await client.flushdb()
+        matcher = SimpleNamespace(index=index)  # the re-queue reads the index and the store only
+        first, second = MatchWorker(client, matcher, consumer="a"), MatchWorker(client, matcher, consumer="b")
+        await first._requeue_after_swap()
+        assert await client.xlen(STREAM) == 0  # every stored look is in the serving space
+        await index.look_matches.put([record("rematched", 2.0, version=2)])  # already in v2
+        await index.set_current(v2)
+        await first._requeue_after_swap()
+        await second._requeue_after_swap()  # the same space: already done by the first worker
+        queued = [json.loads(f[b"look"])["look_id"] for _, f in await client.xrange(STREAM)]
+        await client.aclose()
+        return queued
+
+    queued = asyncio.run(scenario())
+    assert sorted(queued) == ["old-a", "old-b"]
