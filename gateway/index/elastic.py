@@ -800,19 +800,26 @@ class ElasticIndex(CatalogIndex):
     async def _read_rows(self, name: str, ids: list[str]) -> dict[str, tuple[dict, dict]]:
         """{id: (lww row, {_seq_no, _primary_term})} of stored documents, tombstones included.
         Real-time reads (mget), without vectors: merges never need the stored one."""
-        found = {}
+        return {
+            doc["_id"]: (row_from_doc(doc), {k: doc[k] for k in ("_seq_no", "_primary_term")})
+            for doc in await self._mget(name, ids, source_excludes=["vector"])
+            if doc.get("found")
+        }
+
+    async def _mget(self, name: str, ids: list[str], **options) -> list[dict]:
+        """Real-time reads of documents by id, 500 per request; a document that cannot be
+        read makes the whole read Unavailable (never a silently shorter answer)."""
+        docs = []
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             resp = await self._call(
-                f"read products from {name}",
-                self._client().mget(index=name, ids=chunk, source_excludes=["vector"]),
+                f"read products from {name}", self._client().mget(index=name, ids=chunk, **options)
             )
             for doc in resp["docs"]:
                 if "error" in doc:
                     raise Unavailable(f"reading {doc.get('_id')!r} from {name} failed: {doc['error']}")
-                if doc.get("found"):
-                    found[doc["_id"]] = (row_from_doc(doc), {k: doc[k] for k in ("_seq_no", "_primary_term")})
-        return found
+                docs.append(doc)
+        return docs
 
     async def apply_ops(self, space: EmbeddingSpace, ops: list[Op], attempts: int = 10) -> list[str]:
         """Apply catalog operations with per-field last-writer-wins (gateway/index/lww.py, the
@@ -909,39 +916,25 @@ class ElasticIndex(CatalogIndex):
         if not ids:
             return {}
         name = await self.ensure(space, make_current_if_none=False)
-        found = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            resp = await self._call(f"read products from {name}", self._client().mget(index=name, ids=chunk))
-            for doc in resp["docs"]:
-                if "error" in doc:
-                    raise Unavailable(f"reading {doc.get('_id')!r} from {name} failed: {doc['error']}")
-                if doc.get("found") and not doc["_source"].get("deleted"):
-                    source = doc["_source"]
-                    found[doc["_id"]] = StoredProduct(
-                        product_from_source(source),
-                        source["image_hash"],
-                        np.asarray(source["vector"], dtype=np.float32),
-                    )
-        return found
+        return {
+            doc["_id"]: StoredProduct(
+                product_from_source(doc["_source"]),
+                doc["_source"]["image_hash"],
+                np.asarray(doc["_source"]["vector"], dtype=np.float32),
+            )
+            for doc in await self._mget(name, ids)
+            if doc.get("found") and not doc["_source"].get("deleted")
+        }
 
     async def products(self, space, ids):
         if not ids:
             return {}
         name = await self.ensure(space, make_current_if_none=False)
-        found = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            resp = await self._call(
-                f"read products from {name}",
-                self._client().mget(index=name, ids=chunk, source_excludes=["vector"]),
-            )
-            for doc in resp["docs"]:
-                if "error" in doc:
-                    raise Unavailable(f"reading {doc.get('_id')!r} from {name} failed: {doc['error']}")
-                if doc.get("found") and not doc["_source"].get("deleted"):
-                    found[doc["_id"]] = product_from_source(doc["_source"])
-        return found
+        return {
+            doc["_id"]: product_from_source(doc["_source"])
+            for doc in await self._mget(name, ids, source_excludes=["vector"])
+            if doc.get("found") and not doc["_source"].get("deleted")
+        }
 
     async def listings(self, space, item_ids):
         out: dict[str, list[Product]] = {}
