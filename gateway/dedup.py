@@ -242,6 +242,8 @@ class Dedup:
             outcomes = await self.index.assign_items(self.space, chunk)
             report.written += sum(o == "applied" for o in outcomes)
         ASSIGNED.labels(report.mode).inc(report.written)
+        if report.written:
+            await self.index.compact(self.space)  # the item writes left many small fragments
         report.wall_s = time.perf_counter() - start
         log(
             logger,

@@ -223,6 +223,11 @@ class CatalogIndex(ABC):
         ANN structure exists afterwards."""
         return False
 
+    async def compact(self, space: EmbeddingSpace) -> None:
+        """After many small writes (a dedup run's item ids): merge them so that reads by id
+        and searches stay fast. Cheaper than `optimize`: no index is rebuilt from scratch."""
+        return None  # Elasticsearch merges its segments itself
+
     @abstractmethod
     async def upsert(self, space: EmbeddingSpace, items: list[tuple]) -> None:
         """Insert or replace by id: items are (product, image content hash, vector[, event_seq]).

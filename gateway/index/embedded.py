@@ -344,10 +344,7 @@ class EmbeddedIndex(CatalogIndex):
         so a kNN pre-filter reads an index instead of scanning the column), and the ANN index
         once the table is big enough; returns whether that exists."""
         table = await self._table(await self.ensure(space, make_current_if_none=False), strong=True)
-        # Compaction first: a bulk write leaves one small fragment per batch, and every read by
-        # id then opens each of them (measured: 30 ids 5.8 ms from 13 fragments, 3.3 from one).
-        async with self._writer(space.index_name):
-            await table.optimize()
+        await self.compact(space)
         for column, config in scalar_indexes():
             await table.create_index(column, config=config, replace=True)
         rows = await table.count_rows()
@@ -357,14 +354,31 @@ class EmbeddedIndex(CatalogIndex):
         self._ann.pop(space.index_name, None)
         return True
 
+    async def compact(self, space: EmbeddingSpace) -> None:
+        """LanceDB's optimize: small fragments merged, indexes brought up to date with the rows
+        written since they were built (rows outside the ANN index are searched by brute force).
+        A bulk write leaves one fragment per batch and a dedup run one per 500 item ids; measured
+        at 100 k listings after a full dedup run: 203 fragments, a kNN 86 ms -> 13 ms and a read
+        of 64 ids 190 -> 23 ms once compacted (32 s)."""
+        table = await self._table(await self.ensure(space, make_current_if_none=False), strong=True)
+        async with self._writer(space.index_name):
+            await table.optimize()
+
     async def ensure(self, space: EmbeddingSpace, make_current_if_none: bool = True) -> str:
         name = space.index_name
         async with self._lock:
-            known = self.manifest.read()["indexes"].get(name)
+            data = self.manifest.read()
+            known = data["indexes"].get(name)
             if known is not None:
                 recorded = EmbeddingSpace.from_record(known)
                 if recorded != space:
                     raise FailedPrecondition(f"index {name} holds {recorded}, not {space}")
+                # Recorded, opened by this process, and nothing to set: no manifest write
+                # (every read and write path calls this; a rewrite with fsync each time cost
+                # milliseconds and made every other process re-read the manifest).
+                opened = (name, False) in self._tables or (name, True) in self._tables
+                if opened and (not make_current_if_none or data["aliases"].get(self.alias)):
+                    return name
             db = await self._connect()
             try:
                 await db.open_table(name)  # an older table may lack columns: _table migrates it
