@@ -617,14 +617,23 @@ class EmbeddedIndex(CatalogIndex):
         target = space.index_name
         if target not in self._manifest()["indexes"]:
             raise FailedPrecondition(f"no index {target!r} for space {space}")
-        table = await self._table(target)
         out = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             where = f"deleted = false AND id IN ({', '.join(map(_quote, chunk))})"
-            found = await table.query().where(where).select(list(_FIELDS)).to_arrow()
-            out.update((p.id, p) for p in _products(found))
+            out.update((p.id, p) for p in await self._select(target, where))
         return out
+
+    async def _select(self, target: str, where: str) -> list[Product]:
+        """Products matching a predicate, read like a search; an unreadable table is
+        Unavailable and its handle is forgotten (a rebuilt table is opened afresh)."""
+        table = await self._table(target)
+        try:
+            return _products(await table.query().where(where).select(list(_FIELDS)).to_arrow())
+        except (RuntimeError, OSError) as exc:
+            self._tables.pop((target, False), None)
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise Unavailable(f"embedded index {target} cannot be read: {first}") from None
 
     async def serving_read(self, space, ids, item_ids):
         """Products by id and the listings of these items, in one query."""
@@ -633,7 +642,6 @@ class EmbeddedIndex(CatalogIndex):
         target = space.index_name
         if target not in self._manifest()["indexes"]:
             raise FailedPrecondition(f"no index {target!r} for space {space}")
-        table = await self._table(target)
         products: dict[str, Product] = {}
         listings: dict[str, list[Product]] = {i: [] for i in item_ids}
         terms = []
@@ -641,14 +649,9 @@ class EmbeddedIndex(CatalogIndex):
             terms.append(f"id IN ({', '.join(map(_quote, ids))})")
         if item_ids:
             terms.append(f"item_id IN ({', '.join(map(_quote, item_ids))})")
-        found = (
-            await table.query()
-            .where(f"deleted = false AND ({' OR '.join(terms)})")
-            .select(list(_FIELDS))
-            .to_arrow()
-        )
+        found = await self._select(target, f"deleted = false AND ({' OR '.join(terms)})")
         wanted = set(ids)
-        for p in _products(found):
+        for p in found:
             if p.id in wanted:
                 products[p.id] = p
             if p.item_id in listings:

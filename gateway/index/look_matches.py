@@ -69,12 +69,16 @@ class EmbeddedLookMatches:
         # Under the table's writer lock: two workers inserting one new look id at once would
         # otherwise both insert it (Lance's merge_insert does not see the other's new row).
         async with self.index._writer(self.name):
-            await (
-                table.merge_insert("look_id")
-                .when_matched_update_all(where="target.computed_at <= source.computed_at")
-                .when_not_matched_insert_all()
-                .execute(pa.Table.from_pylist(rows, schema=_SCHEMA))
-            )
+            try:
+                await (
+                    table.merge_insert("look_id")
+                    .when_matched_update_all(where="target.computed_at <= source.computed_at")
+                    .when_not_matched_insert_all()
+                    .execute(pa.Table.from_pylist(rows, schema=_SCHEMA))
+                )
+            except (RuntimeError, OSError) as exc:  # the disk or the table: the caller waits
+                self._tables.clear()
+                raise Unavailable(f"writing {self.name} failed: {str(exc)[:200]}") from None
 
     async def get(self, look_ids: list[str], strong: bool = False) -> dict[str, LookMatches]:
         out: dict[str, LookMatches] = {}
@@ -105,11 +109,14 @@ class EmbeddedLookMatches:
         return await (await self._table(strong=True)).count_rows()
 
     async def optimize(self) -> None:
-        """A B-tree on look_id: GetLookMatches reads one look by id from a table of millions."""
+        """Fragments merged (one per batch written) and a B-tree on look_id: GetLookMatches
+        reads one look by id from a table of millions. Under the writer lock: workers write."""
         from lancedb.index import BTree
 
         table = await self._table(strong=True)
-        await table.create_index("look_id", config=BTree(), replace=True)
+        async with self.index._writer(self.name):
+            await table.optimize()
+            await table.create_index("look_id", config=BTree(), replace=True)
 
 
 def _source(r: LookMatches) -> dict:
@@ -204,6 +211,10 @@ class ElasticLookMatches:
                 self.index._client().mget(index=self.name, ids=chunk),
             )
             for doc in resp["docs"]:
+                if "error" in doc:  # never read as "not matched"
+                    raise Unavailable(
+                        f"reading look {doc.get('_id')!r} from {self.name} failed: {doc['error']}"
+                    )
                 if doc.get("found"):
                     out[doc["_id"]] = _record(doc["_source"])
         return out

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from gateway.filters import SearchFilters
 from gateway.index.base import CatalogIndex, EmbeddingSpace, ScoredProduct
-from gateway.items import group_by_item
+from gateway.items import best_first, group_by_item
 from gateway.look.types import Candidate, LayerOutcome, LayerQuery, Region
 
 
@@ -79,6 +79,17 @@ async def restore(
     current: dict = {}
     known: dict = {}  # item id -> its live listings (offers)
     read: dict[str, None] = {}
+
+    def live(c: dict):
+        """What a stored candidate shows now: its listing when that still passes, else the best
+        passing listing of its item (another shop's, in stock, within the price...), else None."""
+        p = current.get(c["id"])
+        if p is not None and filters.matches(p):
+            return p
+        item = (p.item_id if p is not None else "") or c.get("item_id", "")
+        passing = [listing for listing in known.get(item, []) if filters.matches(listing)]
+        return best_first(passing)[0] if passing else None
+
     while True:
         heads = [c for cands, n in zip(lists, want) for c in cands[:n] if c["id"] not in read]
         ids = list(dict.fromkeys(c["id"] for c in heads))
@@ -95,23 +106,16 @@ async def restore(
         more = False
         for i, cands in enumerate(lists):
             # Items, not listings: several listings of one item fold into one hit.
-            passing = {
-                current[c["id"]].item_id or c["id"]
-                for c in cands[: want[i]]
-                if c["id"] in current and filters.matches(current[c["id"]])
-            }
+            passing = {p.item_id or p.id for p in map(live, cands[: want[i]]) if p is not None}
             if k is not None and len(passing) < k and want[i] < len(cands):
                 want[i], more = min(len(cands), 2 * want[i] + k), True
         if not more:
             break
-    passing = [
-        [c for c in cands[:n] if c["id"] in current and filters.matches(current[c["id"]])]
-        for cands, n in zip(lists, want)
-    ]
     layers = []
-    for layer, kept in zip(stored, passing):
-        by_id = {c["id"]: c for c in kept}
-        hits = [ScoredProduct(current[c["id"]], c["score"]) for c in kept]
+    for layer, cands, n in zip(stored, lists, want):
+        shown = [(c, live(c)) for c in cands[:n]]
+        by_id = {p.id: c for c, p in shown if p is not None}
+        hits = [ScoredProduct(p, c["score"]) for c, p in shown if p is not None]
         # Offers are current too: the item's listings as they are now.
         grouped = await group_by_item(
             index, space, hits, filters, len(hits) if k is None else min(k, len(hits)), known

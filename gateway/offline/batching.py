@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gateway.errors import DeadlineExceeded
+
 
 @dataclass
 class _Pending:
@@ -62,7 +64,10 @@ class _Batcher:
                 chunk = items[start : start + self.max_batch]
                 self.calls += 1
                 self.items += len(chunk)
-                parts.append(await self.call(chunk, timeout))
+                try:  # one deadline per request, so a stuck call never holds a batch forever
+                    parts.append(await asyncio.wait_for(self.call(chunk, timeout), timeout))
+                except TimeoutError:
+                    raise DeadlineExceeded(f"a merged call did not answer within {timeout:.1f}s") from None
             rows = _concat(parts)
         except BaseException as exc:  # every look of the batch learns what went wrong
             for entry in batch:

@@ -174,8 +174,10 @@ class LookMatcher:
             return Failure(f"fetch_{exc.reason}", str(exc))
         except InvalidArgument as exc:
             return Failure("invalid_image", str(exc))
-        except (Unavailable, DeadlineExceeded) as exc:
+        except Unavailable as exc:
             return Failure("unavailable", str(exc))
+        except DeadlineExceeded as exc:  # this look was too slow: counted against its tries
+            return Failure("deadline", str(exc))
         except LookSyncError as exc:
             return Failure(type(exc).__name__, str(exc))
         except Exception as exc:  # one look's surprise never ends the batch
@@ -202,6 +204,13 @@ class LookMatcher:
                 out.records.append(result)
         if out.failures and not out.records and all(f.reason == "unavailable" for f in out.failures.values()):
             raise Unavailable(next(iter(out.failures.values())).detail)
+        # A swap during the batch: its answers belong to the old space and must not replace
+        # answers of the new one; they are matched again (in the new space).
+        now = await self.index.space()
+        if now is not None and (now.model, now.version) != (space.model, space.version):
+            for r in out.records:
+                out.failures[r.look_id] = Failure("space_changed", f"matched in {space}, now {now} serves")
+            out.records = []
         await self.index.look_matches.put(out.records)
         for failure in out.failures.values():
             FAILURES.labels(failure.reason).inc()

@@ -16,7 +16,7 @@ import logging
 
 from gateway.errors import InvalidArgument, NotFound
 from gateway.filters import AllOf, SearchFilters, build_filters
-from gateway.index.base import CatalogIndex, EmbeddingSpace
+from gateway.index.base import CatalogIndex, EmbeddingSpace, within
 from gateway.look.pipeline import LookResult, LookSearcher
 from gateway.look.stored import restore
 from gateway.observability import log
@@ -50,7 +50,11 @@ class LookMatchReader:
         timings = Timings()
         space = await request_space(self.index, requested)
         with timings.stage("read"):
-            record = (await self.index.look_matches.get([look_id])).get(look_id)
+            async with within(deadline.left(), "reading the look's matches"):
+                record = (await self.index.look_matches.get([look_id])).get(look_id)
+        if record is not None and not record.in_space(space) and space == await self.index.space():
+            # Matched before a swap: queue it for the serving space (once, however often read).
+            self._background(self._requeue(record.request, f"matched in {record.space}", "space"))
         if record is None or not record.in_space(space):
             if not image:
                 why = "was never matched" if record is None else f"was matched in {record.space}, not {space}"
@@ -61,16 +65,16 @@ class LookMatchReader:
         own = build_filters(**record.request.filters)
         with timings.stage("restore"):
             # The look's own preferences (market, sizes...) hold as well as the request's.
-            restored = await restore(self.index, space, record.layers, AllOf((own, filters)), k)
+            async with within(deadline.left(), "reading the look's products"):
+                restored = await restore(self.index, space, record.layers, AllOf((own, filters)), k)
         # Judged on the candidates read (the head of each list, what users see).
         gone = sum(
             1 for i in restored.read if i not in restored.current or not own.matches(restored.current[i])
         )
         requeued = bool(restored.read) and gone / len(restored.read) >= self.requeue_share
         if requeued:
-            self._background(
-                self._requeue(record.request, f"{gone} of {len(restored.read)} candidates read are gone")
-            )
+            why = f"{gone} of {len(restored.read)} candidates read are gone"
+            self._background(self._requeue(record.request, why, "gone"))
         return LookResult(
             restored.layers,
             space,
@@ -86,15 +90,15 @@ class LookMatchReader:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _requeue(self, request, why: str) -> None:
+    async def _requeue(self, request, why: str, reason: str) -> None:
         from gateway.offline.worker import requeue_look
 
         try:
-            if self._redis is None:
+            if self._redis is None:  # no await before the assignment: one client however many race
                 import redis.asyncio as redis
 
                 self._redis = redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=1)
-            await requeue_look(self._redis, request, "gone")
+            await requeue_look(self._redis, request, reason)
             log(logger, logging.INFO, "stale look re-queued", look_id=request.look_id, why=why)
         except Exception as exc:  # Redis away: the next read tries again
             log(

@@ -22,10 +22,11 @@ import json
 import logging
 import os
 import socket
+import time
 
 from prometheus_client import Counter, Gauge
 
-from gateway.errors import LookSyncError
+from gateway.errors import LookSyncError, Unavailable
 from gateway.ingest.worker import _one_line, _sid, _sleep_unless, is_redis_outage
 from gateway.observability import log
 from gateway.offline.matcher import Failure, LookMatcher, stale_looks
@@ -53,13 +54,32 @@ async def enqueue(redis, looks: list[LookRequest], reason: str = "manifest") -> 
 
 
 async def requeue_look(redis, req: LookRequest, why: str, ttl_s: int = 600) -> bool:
-    """Queue one look again unless it was queued for the same reason within ttl_s (a look read
-    a thousand times while stale is queued once)."""
-    if not await redis.set(f"{REQUEUED}:look:{req.look_id}", why, nx=True, ex=ttl_s):
-        return False
-    await enqueue(redis, [req], why)
-    REQUEUES.labels(why).inc()
-    return True
+    """Queue one look again unless it was queued within ttl_s (a look read a thousand times
+    while stale is queued once)."""
+    return await requeue_looks(redis, [req], why, ttl_s) == 1
+
+
+async def requeue_looks(redis, looks: list[LookRequest], why: str, ttl_s: int = 600, scope: str = "") -> int:
+    """Queue the looks not queued within ttl_s (per look and `scope`, e.g. the new space, so
+    several workers re-queueing after one swap queue each look once). Returns how many."""
+    queued = 0
+    for start in range(0, len(looks), 1000):
+        chunk = looks[start : start + 1000]
+        pipe = redis.pipeline(transaction=False)
+        for req in chunk:
+            pipe.set(f"{REQUEUED}:look:{req.look_id}{scope}", why, nx=True, ex=ttl_s)
+        fresh = [req for req, ok in zip(chunk, await pipe.execute()) if ok]
+        if not fresh:
+            continue
+        try:
+            await enqueue(redis, fresh, why)
+        except Exception:
+            # Not queued after all: let the next reader or worker try again.
+            await redis.delete(*[f"{REQUEUED}:look:{req.look_id}{scope}" for req in fresh])
+            raise
+        queued += len(fresh)
+    REQUEUES.labels(why.split(" ")[0]).inc(queued)
+    return queued
 
 
 class MatchWorker:
@@ -84,6 +104,10 @@ class MatchWorker:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self._held: set[str] = set()
         self._space_checked = None
+        self._stop = asyncio.Event()
+        self._written_since_optimize = 0
+        self._optimized_at = time.monotonic()
+        self.optimize_every_s = 600.0
 
     async def ensure_group(self) -> None:
         try:
@@ -93,6 +117,7 @@ class MatchWorker:
                 raise
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         READY.set(0)
         keep_alive = asyncio.create_task(self._keep_alive(stop))
         backoff = 0.5
@@ -140,6 +165,8 @@ class MatchWorker:
                 messages.extend(entries)
         if messages:
             await self.process(messages)
+        else:
+            await self._optimize_store()  # when idle
         await self._update_gauges()
         return len(messages)
 
@@ -163,7 +190,10 @@ class MatchWorker:
         held = [i for ids in ids_of.values() for i in ids]
         self._held.update(held)
         try:
-            outcome = await self.matcher.match(list(by_look.values()))
+            outcome = await self._match_held(list(by_look.values()))
+            if outcome is None:
+                return  # stopped while a dependency was down: the requests stay pending
+            self._written_since_optimize += len(outcome.records)
             for look_id, ids in ids_of.items():
                 failure = outcome.failures.get(look_id)
                 if failure is None:
@@ -172,6 +202,23 @@ class MatchWorker:
                     await self._retry_or_dead(by_look[look_id], ids, failure)
         finally:
             self._held.difference_update(held)
+
+    async def _match_held(self, looks: list[LookRequest]):
+        """Match the batch in hand; while Triton or the index is down, keep it (kept fresh in
+        the group) and try again, so an outage costs no delivery attempts. None: stopped."""
+        backoff = 0.5
+        while True:
+            try:
+                return await self.matcher.match(looks)
+            except Unavailable as exc:
+                READY.set(0)
+                log(
+                    logger, logging.WARNING, "dependency unavailable; holding the batch", error=_one_line(exc)
+                )
+            await _sleep_unless(self._stop, backoff)
+            if self._stop.is_set():
+                return None
+            backoff = min(backoff * 2, 10.0)
 
     async def _retry_or_dead(self, req: LookRequest, ids: list[str], failure: Failure) -> None:
         info = await self.redis.xpending_range(STREAM, GROUP, min=ids[-1], max=ids[-1], count=1)
@@ -207,23 +254,27 @@ class MatchWorker:
         log(logger, logging.WARNING, "look dead-lettered", stream_id=stream_id, reason=reason, detail=detail)
 
     async def _requeue_after_swap(self) -> None:
+        """When the serving space is new to this worker: queue the stored looks of other spaces.
+        Every worker does it (a crash half-way loses nothing); per-look markers scoped to the
+        space make each look queued once, and a later swap back to a space queues them again
+        once the markers have expired."""
         space = await self.matcher.index.space()
         if space is None or space == self._space_checked:
             return
-        self._space_checked = space
-        marker = f"{REQUEUED}:space:{space.model}:{space.version}"
-        if await self.redis.set(marker, self.consumer, nx=True):  # one worker per space
-            stale = await stale_looks(self.matcher.index, space)
-            if stale:
-                await enqueue(self.redis, stale, f"space {space.model} v{space.version}")
-                REQUEUES.labels("space").inc(len(stale))
+        stale = await stale_looks(self.matcher.index, space)
+        scope = f":{space.model}:{space.version}"
+        queued = await requeue_looks(self.redis, stale, f"space {space.model} v{space.version}", 3600, scope)
+        self._space_checked = space  # only once they are all queued
+        if queued:
             log(
-                logger,
-                logging.INFO,
-                "stored looks of other spaces re-queued",
-                looks=len(stale),
-                space=str(space),
+                logger, logging.INFO, "stored looks of other spaces re-queued", looks=queued, space=str(space)
             )
+
+    async def _optimize_store(self) -> None:
+        """The store gets a fragment per batch written: compact and index it now and then."""
+        if self._written_since_optimize and time.monotonic() - self._optimized_at > self.optimize_every_s:
+            await self.matcher.index.look_matches.optimize()
+            self._written_since_optimize, self._optimized_at = 0, time.monotonic()
 
     async def _keep_alive(self, stop: asyncio.Event) -> None:
         period = max(self.claim_idle_ms / 3000, 0.05)
