@@ -19,8 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from benchmarks.common import append_results, markdown_table, write_json
 from clients.client import FilterArgs
 from clients.loadtest import LoadConfig, run_load
 from clients.world import write_world
-from tests.conftest import free_port, start_gateway
+from tests.conftest import free_port, looksync, start_gateway
 
 REPO = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -37,15 +35,11 @@ IMAGE_GFLOP, TEXT_GFLOP = 334.6, 47.1
 LOOKS_PER_DAY = 350_000
 
 
-def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "clients.cli", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+def _cli(*args: str, env: dict):
+    result = looksync(*args, env=env, timeout=1800)
+    if result.returncode:
+        raise SystemExit(f"looksync {' '.join(args)} failed: {result.stderr[-2000:]}")
+    return result
 
 
 def _load(address: str, **config) -> dict:
