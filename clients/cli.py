@@ -258,7 +258,7 @@ def cmd_ingest_worker(args) -> int:
     from gateway.embedder import TritonEmbedder
     from gateway.indexer import Indexer, resolve_space
     from gateway.ingest.fetch import FetchPolicy
-    from gateway.ingest.worker import IngestWorker, WorkerSettings
+    from gateway.ingest.worker import IngestWorker, WorkerSettings, run_until_signalled
     from gateway.observability import setup_logging
     from gateway.server import open_index
 
@@ -283,14 +283,7 @@ def cmd_ingest_worker(args) -> int:
                     source="ingest",
                 )
 
-            policy = FetchPolicy(
-                max_bytes=s.fetch_max_bytes,
-                timeout_s=s.fetch_timeout_s,
-                allowed_hosts=tuple(h.strip().lower() for h in s.fetch_allowed_hosts.split(",") if h.strip()),
-                allow_private=s.fetch_allow_private,
-                allow_loopback=s.fetch_allow_loopback,
-                local_dir=s.fetch_local_dir,
-            )
+            policy = FetchPolicy.from_settings(s)
             worker = IngestWorker(
                 client,
                 make_indexer,
@@ -311,11 +304,7 @@ def cmd_ingest_worker(args) -> int:
                 ),
                 consumer=args.consumer,
             )
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            await worker.run(stop)
+            await run_until_signalled(worker.run)
         finally:
             await embedder.close()
             await index.close()

@@ -73,6 +73,20 @@ class FetchPolicy:
     # feeds must never make a worker read the host's files.
     local_dir: Path | None = None
 
+    @classmethod
+    def from_settings(cls, s, **overrides) -> FetchPolicy:
+        """The policy the LOOKSYNC_FETCH_* settings describe (ingest and match workers)."""
+        hosts = tuple(h.strip().lower() for h in s.fetch_allowed_hosts.split(",") if h.strip())
+        fields = dict(
+            max_bytes=s.fetch_max_bytes,
+            timeout_s=s.fetch_timeout_s,
+            allowed_hosts=hosts,
+            allow_private=s.fetch_allow_private,
+            allow_loopback=s.fetch_allow_loopback,
+            local_dir=s.fetch_local_dir,
+        )
+        return cls(**{**fields, **overrides})
+
 
 _SIX_TO_FOUR = ipaddress.ip_network("2002::/16")  # deprecated relay tunnels into any IPv4 address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # embeds an IPv4 address in its last 32 bits

@@ -535,6 +535,17 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
+async def run_until_signalled(run) -> None:
+    """`run(stop)` with `stop` set by SIGTERM or SIGINT (the workers' commands)."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run(stop)
+
+
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
     """Sleep, but wake at once on SIGTERM."""
     try:

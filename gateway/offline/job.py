@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +103,7 @@ async def match_looks(settings, options: MatchOptions) -> tuple[JobReport, str]:
 
 async def match_worker(settings, consumer: str | None = None) -> None:
     from gateway.embedder import TritonEmbedder
+    from gateway.ingest.worker import run_until_signalled
     from gateway.offline.worker import MatchWorker
     from gateway.server import open_index
 
@@ -121,11 +120,7 @@ async def match_worker(settings, consumer: str | None = None) -> None:
             max_tries=settings.match_max_tries,
             consumer=consumer,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await worker.run(stop)
+        await run_until_signalled(worker.run)
     finally:
         await embedder.close()
         await index.close()

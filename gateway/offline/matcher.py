@@ -134,14 +134,9 @@ class LookMatcher:
         self.searches = CoalescingIndex(index, window_s=window_s)
         self.searcher = build_look_searcher(settings, self.embedder, self.searches)
         self.searcher.result_cache = NoCache()
-        self.policy = FetchPolicy(
-            max_bytes=settings.max_request_bytes,
-            timeout_s=settings.fetch_timeout_s,
-            allowed_hosts=tuple(
-                h.strip().lower() for h in settings.fetch_allowed_hosts.split(",") if h.strip()
-            ),
-            allow_private=settings.fetch_allow_private,
-            allow_loopback=settings.fetch_allow_loopback,
+        # URLs only: a manifest's local paths are the operator's own and read directly.
+        self.policy = FetchPolicy.from_settings(
+            settings, max_bytes=settings.max_request_bytes, local_dir=None
         )
         self.look_timeout_s = max(settings.request_timeout_s, 60.0)
         self.stage_ms: Tally = Tally()  # summed per-look stage times (latency, waits included)
