@@ -207,7 +207,7 @@ class Dedup:
         for category, pids in sorted(by_category.items()):
             for at in range(0, len(pids), BATCH):
                 chunk = pids[at : at + BATCH]
-                found = await self.index.search_many(
+                found = await self.index.neighbours(
                     [self.listings[p].vector for p in chunk],
                     self.space,
                     build_filters(categories=[category]),
@@ -215,8 +215,7 @@ class Dedup:
                 )
                 for pid, hits in zip(chunk, found):
                     listing = self.listings[pid]
-                    for hit in hits:
-                        other = hit.product.id
+                    for other, _ in hits:
                         if (
                             other != pid
                             and other in self.listings

@@ -497,6 +497,19 @@ class IndexContract:
         assert hits[0].score == pytest.approx(1.0, abs=1e-5)
         np.testing.assert_allclose(hits[0].vector, env.vectors[7])
 
+    def test_neighbours_are_ids_and_scores_of_the_filtered_knn(self, env):
+        """The dedup job's read (CatalogIndex.neighbours): per query vector, what search gives,
+        as (id, score)."""
+        filters = build_filters(categories=["dress"])
+        queries = [env.vectors[3], _vectors(1, seed=11)[0]]
+        found = env.run(env.index.neighbours(queries, env.space, filters, 4))
+        allowed = [i for i, p in enumerate(env.products) if filters.matches(p)]
+        for query, near in zip(queries, found):
+            expected = sorted(allowed, key=lambda i: -float(env.vectors[i] @ query))[:4]
+            assert [pid for pid, _ in near] == [env.products[i].id for i in expected]
+            for (_, score), i in zip(near, expected):
+                assert score == pytest.approx(float(env.vectors[i] @ query), abs=1e-5)
+
     def test_look_matches_one_per_look_newest_wins(self, env):
         env.created.append(env.index.look_matches.name)
         env.run(check_store(env.index.look_matches))

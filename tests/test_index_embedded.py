@@ -263,6 +263,13 @@ def test_large_tables_get_an_ann_index_and_selective_filters_stay_exact(tmp_path
         # unfiltered: through the ANN index, still finds the query's own vector first
         _, hits = await index.search(query, space, build_filters(), 10)
         assert hits[0].product.id == "a7" and len(hits) == 10
+        # the batch jobs' read: ids and scores only, exact under the narrow filter, the job's
+        # plan (more probes) through the index otherwise
+        (near,) = await index.neighbours([query], space, f, 10)
+        assert [pid for pid, _ in near] == [f"a{i}" for i in expected]
+        assert near[0][1] == pytest.approx(float(vecs[expected[0]] @ query), abs=1e-4)
+        many = await index.neighbours([vecs[7], vecs[8], vecs[9]], space, build_filters(), 5)
+        assert [m[0][0] for m in many] == ["a7", "a8", "a9"] and all(len(m) == 5 for m in many)
         return index._ann[space.index_name][0]
 
     assert asyncio.run(scenario()) > 0
@@ -379,6 +386,11 @@ def test_search_plan_is_exact_under_narrow_filters_and_fixed_settings_otherwise(
     assert (wide.nprobes, wide.refine, wide.ef) == (8, 4, 300)
     assert plan_search(5000, 10**8, 20_000).nprobes == 83  # scales with the partitions
     assert plan_search(4, 10**6, 20_000).nprobes == 4  # never more than there are
+    # batch jobs: more probes for recall, no refine (they re-check candidates on full vectors)
+    job = plan_search(500, 10**6, 20_000, job=True)
+    assert (job.exact, job.nprobes, job.refine) == (False, 32, 0)
+    assert plan_search(1732, 12 * 10**6, 20_000, job=True).nprobes == 108
+    assert plan_search(500, 20_000, 20_000, job=True).exact
 
 
 def test_scalar_indexes_change_no_answer_of_any_filter(tmp_path):

@@ -60,6 +60,17 @@ NPROBES_SHARE = 1 / 60  # of the partitions: 8 of 500 at 1 M rows
 REFINE = 4
 EF = 300
 
+# Batch jobs (the dedup self-join) look for a listing's re-shot copies, which sit further from
+# it than a query from its answers and so more often in another partition. Measured at 1 M
+# listings (64-d, `benchmarks/dedup_scale.py`'s world) under a category filter leaving 38 k
+# rows: the share of a listing's true copies among its 11 nearest was 0.84 at 8 probes, 0.93
+# at 16, 0.98 at 32 and 0.999 at 64, while ef (50-300) and refine (0-4) changed nothing; the
+# job re-checks every candidate on full vectors, so it needs no refine. Recall is what a job
+# buys with time: a sixteenth of the partitions, at least 32 (32 at 1 M rows, 108 at 12 M).
+JOB_MIN_NPROBES = 32
+JOB_NPROBES_SHARE = 1 / 16
+JOB_EF = 100
+
 
 @dataclass(frozen=True)
 class SearchPlan:
@@ -77,11 +88,15 @@ class SearchPlan:
         return query.ef(self.ef) if self.ef else query
 
 
-def plan_search(partitions: int, matching: int, exact_max_rows: int) -> SearchPlan:
+def plan_search(partitions: int, matching: int, exact_max_rows: int, job: bool = False) -> SearchPlan:
     """Exact when there is no ANN index or the filter leaves at most exact_max_rows (the ANN
     index cannot find a few scattered rows: recall 0.3-0.5 at 0.5 %); otherwise the index with
-    the measured settings, whatever the filter (pre-filtering keeps them good down to 5 %)."""
+    the measured settings, whatever the filter (pre-filtering keeps them good down to 5 %).
+    `job`: a batch job's settings (more probes, no refine) instead of the serving path's."""
     if not partitions or matching <= exact_max_rows:
         return SearchPlan(exact=True)
+    if job:
+        nprobes = min(partitions, max(JOB_MIN_NPROBES, round(partitions * JOB_NPROBES_SHARE)))
+        return SearchPlan(exact=False, nprobes=nprobes, refine=0, ef=JOB_EF)
     nprobes = min(partitions, max(MIN_NPROBES, round(partitions * NPROBES_SHARE)))
     return SearchPlan(exact=False, nprobes=nprobes, refine=REFINE, ef=EF)

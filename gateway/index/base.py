@@ -156,6 +156,15 @@ class CatalogIndex(ABC):
         found = await asyncio.gather(*(self.search(v, space, filters, k, with_vectors) for v in vectors))
         return [hits for _, hits in found]
 
+    async def neighbours(
+        self, vectors: list[np.ndarray], space: EmbeddingSpace, filters: SearchFilters, k: int
+    ) -> list[list[tuple[str, float]]]:
+        """Per vector, the (product id, score) of its k nearest, for batch jobs that hold the
+        products already (the dedup self-join); a backend may search with more recall than its
+        serving path and skip the product fields."""
+        found = await self.search_many(vectors, space, filters, k)
+        return [[(h.product.id, h.score) for h in hits] for hits in found]
+
     async def listings(self, space: EmbeddingSpace, item_ids: list[str]) -> dict[str, list[Product]]:
         """The live listings of these items (the dedup job's groups), by item id."""
         raise NotImplementedError(f"{type(self).__name__} does not group listings into items")
