@@ -3,7 +3,8 @@ re-photographed or re-compressed, under other titles and prices, grouped into on
 
     scan the index (every live listing with its vector)
       -> candidate pairs: each listing's nearest neighbours in the index's own kNN, within its
-         category (never all pairs)
+         category (never all pairs): `CatalogIndex.neighbours`, ids and scores only, batched,
+         with the backend's batch-job recall (the embedded index probes 4x the partitions)
       -> confirmed by the listings' own words and the picture: same category and brand (when
          both name one), title similarity >= title_threshold (content words of the titles, brand
          and retailer names and filler left out: "red striped shirt" vs "red checked shirt"
@@ -25,7 +26,7 @@ import logging
 import re
 import time
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from prometheus_client import Counter
@@ -186,60 +187,15 @@ class Dedup:
     async def run(self, full: bool = False, progress: bool = True) -> DedupReport:
         start = time.perf_counter()
         report = DedupReport(mode="full" if full else "incremental")
-        # Only what grouping needs is kept per listing (words, brand, vector): a catalog of
-        # millions is held as compact records, not as products.
-        async for batch in self.index.scan(self.space):
-            for stored in batch:
-                self.listings[stored.product.id] = _Listing(stored)
-        report.listings = len(self.listings)
-        # Existing items are the starting components (incremental); a full run starts from
-        # singletons.
-        for pid in sorted(self.listings):
-            item = self.listings[pid].item_id
-            root = item if (item and not full) else pid
-            self.parent[pid] = root
-            self.members.setdefault(root, []).append(pid)
-        todo = sorted(p for p, x in self.listings.items() if full or not x.item_id)
-        bar = tqdm(total=len(todo), unit="listing", desc=f"dedup ({report.mode})", disable=not progress)
-        by_category: dict[str, list[str]] = {}
-        for pid in todo:
-            by_category.setdefault(self.listings[pid].category, []).append(pid)
-        for category, pids in sorted(by_category.items()):
-            for at in range(0, len(pids), BATCH):
-                chunk = pids[at : at + BATCH]
-                found = await self.index.neighbours(
-                    [self.listings[p].vector for p in chunk],
-                    self.space,
-                    build_filters(categories=[category]),
-                    self.s.neighbours + 1,
-                )
-                for pid, hits in zip(chunk, found):
-                    listing = self.listings[pid]
-                    for other, _ in hits:
-                        if (
-                            other != pid
-                            and other in self.listings
-                            and self._matches(listing, self.listings[other])
-                        ):
-                            self._merge(pid, other, report)
-                bar.update(len(chunk))
+        # One category at a time: listings of two categories never match, and the job holds one
+        # category's listings instead of the catalog's (12 M x 1024-d vectors alone are ~50 GB).
+        counts = await self.index.categories(self.space)
+        bar = tqdm(
+            total=sum(counts.values()), unit="listing", desc=f"dedup ({report.mode})", disable=not progress
+        )
+        for category in sorted(counts):
+            await self._group(category, full, report, bar)
         bar.close()
-        # Item ids: an existing item keeps its id; a new one is named after its smallest id.
-        writes: dict[str, tuple[str, str]] = {}
-        for members in self.members.values():
-            kept = sorted({self.listings[m].item_id for m in members} - {""})
-            item = kept[0] if (kept and not full) else min(members)
-            for m in members:
-                report.items_of[m] = item
-                if self.listings[m].item_id != item:
-                    writes[m] = (item, self.listings[m].image_hash)
-            report.items += 1
-            report.grouped_items += len(members) > 1
-        ids = sorted(writes)
-        for start_at in range(0, len(ids), 500):
-            chunk = {pid: writes[pid] for pid in ids[start_at : start_at + 500]}
-            outcomes = await self.index.assign_items(self.space, chunk)
-            report.written += sum(o == "applied" for o in outcomes)
         ASSIGNED.labels(report.mode).inc(report.written)
         if report.written:
             await self.index.compact(self.space)  # the item writes left many small fragments
@@ -256,6 +212,62 @@ class Dedup:
             wall_s=round(report.wall_s, 2),
         )
         return report
+
+    async def _group(self, category: str, full: bool, report: DedupReport, bar) -> None:
+        """Group one category's listings and write the item ids that changed."""
+        self.listings, self.parent, self.members = {}, {}, {}
+        # Only what grouping needs is kept per listing (words, brand, vector): compact records,
+        # not products.
+        async for batch in self.index.scan(self.space, category=category):
+            for stored in batch:
+                self.listings[stored.product.id] = _Listing(stored)
+        report.listings += len(self.listings)
+        # Existing items are the starting components (incremental); a full run starts from
+        # singletons.
+        for pid in sorted(self.listings):
+            item = self.listings[pid].item_id
+            root = item if (item and not full) else pid
+            self.parent[pid] = root
+            self.members.setdefault(root, []).append(pid)
+        todo = sorted(p for p, x in self.listings.items() if full or not x.item_id)
+        bar.update(len(self.listings) - len(todo))  # nothing to search for these
+        # Not build_filters: it refuses categories outside the taxonomy, which an index loaded
+        # from elsewhere may hold; they are grouped too.
+        same_category = replace(build_filters(), categories=(category,))
+        for at in range(0, len(todo), BATCH):
+            chunk = todo[at : at + BATCH]
+            found = await self.index.neighbours(
+                [self.listings[p].vector for p in chunk],
+                self.space,
+                same_category,
+                self.s.neighbours + 1,
+            )
+            for pid, hits in zip(chunk, found):
+                listing = self.listings[pid]
+                for other, _ in hits:
+                    if (
+                        other != pid
+                        and other in self.listings
+                        and self._matches(listing, self.listings[other])
+                    ):
+                        self._merge(pid, other, report)
+            bar.update(len(chunk))
+        # Item ids: an existing item keeps its id; a new one is named after its smallest id.
+        writes: dict[str, tuple[str, str]] = {}
+        for members in self.members.values():
+            kept = sorted({self.listings[m].item_id for m in members} - {""})
+            item = kept[0] if (kept and not full) else min(members)
+            for m in members:
+                report.items_of[m] = item
+                if self.listings[m].item_id != item:
+                    writes[m] = (item, self.listings[m].image_hash)
+            report.items += 1
+            report.grouped_items += len(members) > 1
+        ids = sorted(writes)
+        for start_at in range(0, len(ids), 500):
+            chunk_writes = {pid: writes[pid] for pid in ids[start_at : start_at + 500]}
+            outcomes = await self.index.assign_items(self.space, chunk_writes)
+            report.written += sum(o == "applied" for o in outcomes)
 
 
 async def run_dedup(settings, full: bool = False, progress: bool = True) -> DedupReport:

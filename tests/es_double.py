@@ -562,6 +562,59 @@ def parse_query(query: Any) -> tuple:
     raise unsupported(f"the query type [{kind}]")
 
 
+def _parse_aggs(raw: Any) -> dict[str, tuple[str, int]]:
+    """Top-level `terms` aggregations only: name -> (field, size).
+    https://www.elastic.co/guide/en/elasticsearch/reference/8.17/search-aggregations.html"""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise parse_error("Expected [START_OBJECT] under [aggs]")
+    out = {}
+    for name, body in raw.items():
+        if not isinstance(body, dict) or not body:
+            raise parse_error(f"Missing definition for aggregation [{name}]")
+        kinds = sorted(set(body) - {"meta"})
+        if kinds != ["terms"]:
+            raise unsupported(f"the aggregation(s) {kinds} of [{name}] (top-level [terms] only)")
+        terms = body["terms"]
+        if not isinstance(terms, dict) or "field" not in terms:
+            raise unsupported(f"[terms] aggregation [{name}] without a [field] (scripts)")
+        extra = sorted(set(terms) - {"field", "size"})
+        if extra:
+            raise unsupported(f"the [terms] option(s) {extra} of [{name}]")
+        size = terms.get("size", 10)
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise parse_error(f"[terms] failed to parse field [size] of [{name}]")
+        if size <= 0:
+            raise illegal(f"[size] must be greater than 0. Found [{size}] in [{name}]")
+        out[name] = (terms["field"], size)
+    return out
+
+
+def _terms_buckets(field: str, size: int, docs: list) -> dict:
+    """A terms aggregation over the matching documents: one bucket per distinct term (a document
+    counts once per term it holds), ordered by count descending then key ascending (the default
+    `order`), the first `size` returned and the rest summed in `sum_other_doc_count`. One shard
+    per index here, so the counts are exact (`doc_count_error_upper_bound` 0).
+    https://www.elastic.co/guide/en/elasticsearch/reference/8.17/search-aggregations-bucket-terms-aggregation.html"""
+    counts: dict[str, int] = {}
+    for index, source in docs:
+        resolved = resolve_field(index.mappings.get("properties", {}), field)
+        if resolved is None:
+            continue  # unmapped in this index: no buckets from it
+        definition, path = resolved
+        if definition.get("type") != "keyword":
+            raise unsupported(f"a [terms] aggregation on field [{field}] of type [{definition.get('type')}]")
+        for term in set(_doc_terms(definition, _values_at(source, path))):
+            counts[term] = counts.get(term, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return {
+        "doc_count_error_upper_bound": 0,
+        "sum_other_doc_count": sum(c for _, c in ranked[size:]),
+        "buckets": [{"key": k, "doc_count": c} for k, c in ranked[:size]],
+    }
+
+
 def resolve_field(properties: dict, name: str) -> tuple[dict, str] | None:
     """(field mapping, path of its values in _source), through objects and multi-fields."""
     parts = name.split(".")
@@ -2561,9 +2614,23 @@ class ElasticsearchDouble:
         params = self._params(query, {"allow_no_indices", "expand_wildcards", "ignore_unavailable"}, "search")
         spec = self._body_keys(
             body,
-            {"knn", "query", "size", "from", "track_total_hits", "_source", "sort", "search_after"},
+            {
+                "knn",
+                "query",
+                "size",
+                "from",
+                "track_total_hits",
+                "_source",
+                "sort",
+                "search_after",
+                "aggs",
+                "aggregations",
+            },
             "search",
         )
+        if "aggs" in spec and "aggregations" in spec:
+            raise parse_error("Found two aggregation definitions: [aggs] and [aggregations]")
+        aggs = _parse_aggs(spec.get("aggs", spec.get("aggregations")))
         if "from" in spec:
             raise unsupported("[from] in a search (paging)")
         size = spec.get("size", 10)
@@ -2586,6 +2653,8 @@ class ElasticsearchDouble:
         sort = _parse_sort(spec.get("sort"), spec.get("search_after"))
         if sort is not None and knn is not None:
             raise unsupported("[sort] with [knn]")
+        if aggs and knn is not None:
+            raise unsupported("[aggs] with [knn] (aggregations over the k nearest)")
         now = self.now()
         targets = self._search_targets(args, params, now)
         failures: list[dict] = []
@@ -2607,6 +2676,7 @@ class ElasticsearchDouble:
         # Ties: Elasticsearch orders equal scores by shard and Lucene doc id (roughly index
         # order); the double orders them by index name then _id, which is stable and close.
         scored.sort(key=lambda h: (-h[0], h[1], h[2]))
+        matched = scored  # aggregations count every match, whatever search_after and size keep
         if knn is not None:
             scored = scored[: knn["k"]]
         if sort is not None:
@@ -2631,12 +2701,19 @@ class ElasticsearchDouble:
             }
         out_hits["max_score"] = scored[0][0] if scored and size > 0 and sort is None else None
         out_hits["hits"] = hits
-        return 200, {
+        out = {
             "took": 1,
             "timed_out": False,
             "_shards": self._shards(len(targets), failures),
             "hits": out_hits,
         }
+        if aggs:
+            by_name = {index.name: index for index in targets}
+            out["aggregations"] = {
+                name: _terms_buckets(field, size_, [(by_name[n], src) for _, n, _, src in matched])
+                for name, (field, size_) in aggs.items()
+            }
+        return 200, out
 
     def _parse_knn(self, raw: Any, size: int) -> dict:
         """Top-level approximate kNN, answered exactly here (brute force).

@@ -1068,7 +1068,12 @@ def test_unsupported_requests_are_refused_loudly(d, es):
         return error_of(caught)["reason"]
 
     assert "routing" in refusal(lambda: es.index(index="products", id="a", document={}, routing="r"))
-    assert "aggs" in refusal(lambda: es.search(index="products", aggs={"b": {"terms": {"field": "brand"}}}))
+    assert "['avg']" in refusal(lambda: es.search(index="products", aggs={"b": {"avg": {"field": "price"}}}))
+    assert "['order']" in refusal(
+        lambda: es.search(
+            index="products", aggs={"b": {"terms": {"field": "brand", "order": {"_key": "asc"}}}}
+        )
+    )
     assert "[match]" in refusal(lambda: es.search(index="products", query={"match": {"brand": "K"}}))
     assert "scoring a [term] query" in refusal(
         lambda: es.search(index="products", query={"term": {"brand": "K"}})
@@ -1198,3 +1203,49 @@ def test_sort_by_a_keyword_and_page_with_search_after(d, es):
     assert [h["_source"]["brand"] for h in desc] == ["delta", "charlie"]
     with pytest.raises(BadRequestError):
         es.search(index=name, search_after=["alpha"], size=2)  # search_after needs a sort
+
+
+def test_terms_aggregation_counts_every_match_per_term(d, es):
+    """A terms aggregation: one bucket per term among the documents the query matches (a
+    document holding a term twice counts once), by count descending then key ascending, `size`
+    buckets and the rest in `sum_other_doc_count`; hits' `size` and `search_after` do not narrow
+    it. https://www.elastic.co/guide/en/elasticsearch/reference/8.17/search-aggregations-bucket-terms-aggregation.html"""
+    name = make_products(es)
+    docs = {
+        "a": {"brand": "K", "sizes": ["S", "M"], "in_stock": True},
+        "b": {"brand": "K", "sizes": ["M", "M"], "in_stock": True},
+        "c": {"brand": "B", "sizes": ["L"], "in_stock": False},
+        "d": {"brand": "A", "sizes": [], "in_stock": True},
+        "e": {"sizes": ["S"], "in_stock": True},
+    }
+    for doc_id, doc in docs.items():
+        es.index(index=name, id=doc_id, document=doc)
+    es.indices.refresh(index=name)
+
+    def buckets(resp, agg):
+        out = resp["aggregations"][agg]
+        return [(b["key"], b["doc_count"]) for b in out["buckets"]], out["sum_other_doc_count"]
+
+    resp = es.search(index=name, size=0, aggs={"brands": {"terms": {"field": "brand"}}})
+    assert resp["hits"]["hits"] == [] and resp["hits"]["total"]["value"] == 5
+    assert buckets(resp, "brands") == ([("K", 2), ("A", 1), ("B", 1)], 0)
+    assert resp["aggregations"]["brands"]["doc_count_error_upper_bound"] == 0
+    only_stock = es.search(
+        index=name,
+        size=1,
+        query={"bool": {"filter": [{"term": {"in_stock": True}}]}},
+        aggs={"sizes": {"terms": {"field": "sizes", "size": 1}}, "brands": {"terms": {"field": "brand"}}},
+    )
+    assert len(only_stock["hits"]["hits"]) == 1
+    assert buckets(only_stock, "sizes") == ([("M", 2)], 2)  # S: a and e; one bucket kept
+    assert buckets(only_stock, "brands") == ([("K", 2), ("A", 1)], 0)
+    paged = es.search(
+        index=name,
+        sort=[{"brand": "asc"}],
+        search_after=["B"],
+        aggregations={"b": {"terms": {"field": "brand"}}},
+    )
+    assert [h["_id"] for h in paged["hits"]["hits"]] == ["a", "b", "e"]
+    assert buckets(paged, "b")[0] == [("K", 2), ("A", 1), ("B", 1)]
+    with pytest.raises(BadRequestError):
+        es.search(index=name, aggs={"b": {"terms": {"field": "brand", "size": 0}}})

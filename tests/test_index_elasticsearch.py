@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import uuid
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -509,6 +510,21 @@ class IndexContract:
             assert [pid for pid, _ in near] == [env.products[i].id for i in expected]
             for (_, score), i in zip(near, expected):
                 assert score == pytest.approx(float(env.vectors[i] @ query), abs=1e-5)
+
+    def test_categories_and_a_one_category_scan_agree_with_the_full_scan(self, env):
+        """What the dedup job reads: live products per category (a terms aggregation) and one
+        category's products (search_after pages with a term filter)."""
+
+        async def scan(**kw):
+            return [s.product async for batch in env.index.scan(env.space, batch_size=7, **kw) for s in batch]
+
+        everything = env.run(scan())
+        counts = env.run(env.index.categories(env.space))
+        assert counts == dict(Counter(p.category for p in everything)) and sum(counts.values()) == len(
+            everything
+        )
+        jeans = env.run(scan(category="jeans"))
+        assert [p.id for p in jeans] == sorted(p.id for p in everything if p.category == "jeans")
 
     def test_look_matches_one_per_look_newest_wins(self, env):
         env.created.append(env.index.look_matches.name)

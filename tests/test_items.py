@@ -107,6 +107,35 @@ def test_dedup_groups_listings_of_one_item_and_keeps_look_alikes_apart(backend):
     backend(scenario)
 
 
+def test_the_job_reads_one_category_at_a_time_including_one_outside_the_taxonomy(backend):
+    """Dedup holds one category's listings at a time (CatalogIndex.categories, then scan of that
+    category); listings of a category the taxonomy does not know (an index loaded from
+    elsewhere) are counted, read and grouped like the others, and a deleted one is in none."""
+
+    async def scenario(idx):
+        cape = _unit(np.arange(16) + 1.0)
+        await idx.upsert(
+            SPACE,
+            [
+                _listing("k1", "Wool hooded cape", 90.0, cape, "shopone", category="Cape"),
+                _listing("k2", "Wool hooded cape - ShopTwo", 80.0, cape, "ShopTwo", category="Cape"),
+                _listing("k3", "Wool hooded cape", 70.0, cape, "shopthree", category="Cape"),
+            ],
+        )
+        await idx.delete(SPACE, ["k3"])
+        await _settle(idx)
+        assert await idx.categories(SPACE) == {"shirt": 4, "jeans": 1, "Cape": 2}
+        capes = [s.product.id async for batch in idx.scan(SPACE, category="Cape") for s in batch]
+        assert sorted(capes) == ["k1", "k2"]
+        report = await _dedup(idx, full=True)
+        items = await _items(idx)
+        assert items["k1"] == items["k2"] == "k1" and "k3" not in items
+        assert items["a1"] == items["a2"] == items["a3"] == "a1" and items["b1"] == "b1"
+        assert (report.listings, report.items, report.grouped_items) == (7, 4, 2)
+
+    backend(scenario)
+
+
 async def _ask(idx, k=5, **filters):
     f = build_filters(**filters)
     _, hits = await idx.search(_world()[0][2], SPACE, f, 15)

@@ -169,11 +169,15 @@ class CatalogIndex(ABC):
         """The live listings of these items (the dedup job's groups), by item id."""
         raise NotImplementedError(f"{type(self).__name__} does not group listings into items")
 
-    async def scan(self, space: EmbeddingSpace, batch_size: int = 2048):
-        """Every live product with its image hash and vector, in batches of StoredProduct (an
-        async iterator; the dedup job reads the catalog with it)."""
+    async def scan(self, space: EmbeddingSpace, batch_size: int = 2048, category: str | None = None):
+        """Every live product (of one category when given) with its image hash and vector, in
+        batches of StoredProduct (an async iterator; the dedup job reads the catalog with it)."""
         raise NotImplementedError(f"{type(self).__name__} cannot scan its products")
         yield  # pragma: no cover  (makes this an async generator)
+
+    async def categories(self, space: EmbeddingSpace) -> dict[str, int]:
+        """Live products per category: the dedup job reads and groups one category at a time."""
+        raise NotImplementedError(f"{type(self).__name__} cannot count its categories")
 
     async def assign_items(self, space: EmbeddingSpace, items: dict[str, tuple[str, str]]) -> list[str]:
         """product id -> (item id, the image hash it was grouped on); outcomes as apply_ops."""

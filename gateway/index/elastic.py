@@ -77,6 +77,7 @@ from gateway.ingest.events import seq_at_ms
 
 _FIELDS = [f for f in Product.__dataclass_fields__]
 META_KEY = "looksync"
+MAX_CATEGORIES = 1000  # terms buckets read by `categories`
 MAX_NUM_CANDIDATES = 10_000  # Elasticsearch's upper bound for knn.num_candidates
 MIN_NUM_CANDIDATES = 100
 # The oldest server version each vector index type works on.
@@ -956,12 +957,20 @@ class ElasticIndex(CatalogIndex):
                 out.setdefault(product.item_id, []).append(product)
         return out
 
-    async def scan(self, space, batch_size=1000):
+    async def scan(self, space, batch_size=1000, category=None):
         """Every live product in id order, paged with search_after (no scroll context to keep)."""
         name = await self.ensure(space, make_current_if_none=False)
+        query = NOT_DELETED
+        if category is not None:
+            query = {
+                "bool": {
+                    "must_not": NOT_DELETED["bool"]["must_not"],
+                    "filter": [{"term": {"category": category}}],
+                }
+            }
         after = None
         while True:
-            body = {"query": NOT_DELETED, "sort": [{"id": "asc"}], "size": batch_size}
+            body = {"query": query, "sort": [{"id": "asc"}], "size": batch_size}
             if after is not None:
                 body["search_after"] = after
             resp = await self._call(f"scan {name}", self._client().search(index=name, body=body))
@@ -977,6 +986,24 @@ class ElasticIndex(CatalogIndex):
                 for h in hits
             ]
             after = hits[-1]["sort"]
+
+    async def categories(self, space):
+        """A terms aggregation on `category` (a keyword field), every bucket: categories are a
+        taxonomy of tens, so a remainder past MAX_CATEGORIES means a catalog this cannot group.
+        https://www.elastic.co/guide/en/elasticsearch/reference/8.17/search-aggregations-bucket-terms-aggregation.html"""
+        name = await self.ensure(space, make_current_if_none=False)
+        body = {
+            "query": NOT_DELETED,
+            "size": 0,
+            "aggs": {"categories": {"terms": {"field": "category", "size": MAX_CATEGORIES}}},
+        }
+        resp = await self._call(f"categories of {name}", self._client().search(index=name, body=body))
+        agg = resp["aggregations"]["categories"]
+        if agg.get("sum_other_doc_count"):
+            raise FailedPrecondition(
+                f"{name} has more than {MAX_CATEGORIES} categories; the dedup job groups one category at a time"
+            )
+        return {b["key"]: b["doc_count"] for b in agg["buckets"]}
 
     async def count(self, space):
         """Documents visible to search (written ones appear after the index refresh interval)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 import lancedb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from gateway.catalog import Product
 from gateway.errors import FailedPrecondition, Unavailable
@@ -619,9 +620,12 @@ class EmbeddedIndex(CatalogIndex):
                 out.setdefault(row["item_id"], []).append(_row_product(row))
         return out
 
-    async def scan(self, space, batch_size=2048):
+    async def scan(self, space, batch_size=2048, category=None):
         table = await self._table(await self.ensure(space, make_current_if_none=False), strong=True)
-        query = table.query().where("deleted = false").select([*_FIELDS, "image_hash", "vector"])
+        where = (
+            "deleted = false" if category is None else f"deleted = false AND category = {_quote(category)}"
+        )
+        query = table.query().where(where).select([*_FIELDS, "image_hash", "vector"])
         batch: list[StoredProduct] = []
         async for records in await query.to_batches():
             for row in records.to_pylist():
@@ -633,6 +637,14 @@ class EmbeddedIndex(CatalogIndex):
                     batch = []
         if batch:
             yield batch
+
+    async def categories(self, space):
+        table = await self._table(await self.ensure(space, make_current_if_none=False), strong=True)
+        column = (await table.query().where("deleted = false").select(["category"]).to_arrow()).column(
+            "category"
+        )
+        counts = pc.value_counts(column).to_pylist()
+        return {("" if c["values"] is None else c["values"]): c["counts"] for c in counts}
 
     async def get(self, space, ids):
         rows = await self._rows(space, ids) if ids else {}
