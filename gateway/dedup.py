@@ -4,7 +4,7 @@ re-photographed or re-compressed, under other titles and prices, grouped into on
     scan the index (every live listing with its vector)
       -> candidate pairs: each listing's nearest neighbours in the index's own kNN, within its
          category (never all pairs): `CatalogIndex.neighbours`, ids and scores only, batched,
-         with the backend's batch-job recall (the embedded index probes 4x the partitions)
+         with the backend's batch-job recall (the embedded index probes 3x the partitions)
       -> confirmed by the listings' own words and the picture: same category and brand (when
          both name one), title similarity >= title_threshold (content words of the titles, brand
          and retailer names and filler left out: "red striped shirt" vs "red checked shirt"

@@ -388,8 +388,8 @@ def test_search_plan_is_exact_under_narrow_filters_and_fixed_settings_otherwise(
     assert plan_search(4, 10**6, 20_000).nprobes == 4  # never more than there are
     # batch jobs: more probes for recall, no refine (they re-check candidates on full vectors)
     job = plan_search(500, 10**6, 20_000, job=True)
-    assert (job.exact, job.nprobes, job.refine) == (False, 32, 0)
-    assert plan_search(1732, 12 * 10**6, 20_000, job=True).nprobes == 108
+    assert (job.exact, job.nprobes, job.refine) == (False, 24, 0)
+    assert plan_search(1732, 12 * 10**6, 20_000, job=True).nprobes == 72
     assert plan_search(500, 20_000, 20_000, job=True).exact
 
 

@@ -63,12 +63,14 @@ EF = 300
 # Batch jobs (the dedup self-join) look for a listing's re-shot copies, which sit further from
 # it than a query from its answers and so more often in another partition. Measured at 1 M
 # listings (64-d, `benchmarks/dedup_scale.py`'s world) under a category filter leaving 38 k
-# rows: the share of a listing's true copies among its 11 nearest was 0.84 at 8 probes, 0.93
-# at 16, 0.98 at 32 and 0.999 at 64, while ef (50-300) and refine (0-4) changed nothing; the
-# job re-checks every candidate on full vectors, so it needs no refine. Recall is what a job
-# buys with time: a sixteenth of the partitions, at least 32 (32 at 1 M rows, 108 at 12 M).
-JOB_MIN_NPROBES = 32
-JOB_NPROBES_SHARE = 1 / 16
+# rows, 11 neighbours: the share of a listing's copies among its own neighbours was 0.84 at 8
+# probes, 0.91 at 12, 0.94 at 16, 0.97 at 24, 0.99 at 32, and the share of copy pairs found
+# from either side (what grouping needs) 0.977 / 0.991 / 0.998 / 0.999 from 12 to 32 probes, at
+# 433 / 417 / 321 / 261 queries/s; ef (50-300) and refine (0-4) changed nothing, and the job
+# re-checks every candidate on full vectors, so it needs no refine. A twenty-fourth of the
+# partitions, at least 24 (24 at 1 M rows, 72 at 12 M).
+JOB_MIN_NPROBES = 24
+JOB_NPROBES_SHARE = 1 / 24
 JOB_EF = 100
 
 
