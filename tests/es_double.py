@@ -920,6 +920,7 @@ _ROUTES: dict[tuple, tuple[dict[str, str], set[str]]] = {
     ("{index}", "_refresh"): ({"POST": "refresh", "GET": "refresh"}, set()),
     ("{index}", "_forcemerge"): ({"POST": "forcemerge"}, set()),
     ("{index}", "_search"): ({"POST": "search", "GET": "search"}, set()),
+    ("{index}", "_msearch"): ({"POST": "msearch", "GET": "msearch"}, set()),
     ("{index}", "_count"): ({"POST": "count", "GET": "count"}, set()),
     ("{index}", "_mget"): ({"POST": "mget", "GET": "mget"}, set()),
     ("{index}", "_bulk"): ({"POST": "bulk", "PUT": "bulk"}, set()),
@@ -976,7 +977,7 @@ class ElasticsearchDouble:
         segments = [unquote(s) for s in parts.path.split("/") if s]
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
         hold = self.hold_searches
-        if hold is not None and segments[-1:] == ["_search"]:
+        if hold is not None and segments[-1:] in (["_search"], ["_msearch"]):
             hold.wait(60)
         with self.lock:
             body, body_error = self._decode(segments, headers, raw)
@@ -1006,17 +1007,17 @@ class ElasticsearchDouble:
             text = raw.decode("utf-8")
         except (OSError, EOFError, UnicodeDecodeError) as exc:
             return None, parse_error(f"unreadable request body: {exc}")
-        if segments and segments[-1] == "_bulk":
-            return self._parse_ndjson(text)
+        if segments and segments[-1] in ("_bulk", "_msearch"):
+            return self._parse_ndjson(text, segments[-1][1:])
         try:
             return json.loads(text, object_pairs_hook=_no_duplicates), None
         except (ValueError, DuplicateKey) as exc:
             return text, parse_error(f"{exc}")
 
-    def _parse_ndjson(self, text: str) -> tuple[Any, EsError | None]:
+    def _parse_ndjson(self, text: str, api: str) -> tuple[Any, EsError | None]:
         # https://www.elastic.co/guide/en/elasticsearch/reference/8.17/docs-bulk.html#docs-bulk-api-desc
         if not text.endswith("\n"):
-            return text, illegal("The bulk request must be terminated by a newline [\\n]")
+            return text, illegal(f"The {api} request must be terminated by a newline [\\n]")
         lines = []
         for number, line in enumerate(text.split("\n")[:-1], 1):
             if not line.strip():
@@ -2714,6 +2715,26 @@ class ElasticsearchDouble:
                 for name, (field, size_) in aggs.items()
             }
         return 200, out
+
+    def _api_msearch(self, method: str, args: dict, query: dict, body: Any) -> tuple[int, Any]:
+        """NDJSON pairs of header and search body; each search answered on its own, in order, a
+        failing one as its error and status among the others' answers (the request itself 200).
+        https://www.elastic.co/guide/en/elasticsearch/reference/8.17/search-multi-search.html"""
+        self._params(query, set(), "msearch")
+        if not isinstance(body, list) or not body:
+            raise validation(["no requests added"])
+        if len(body) % 2:
+            raise parse_error("msearch: a header line without its search body")
+        responses = []
+        for header, search in zip(body[0::2], body[1::2]):
+            self._body_keys(header, {"index"}, "msearch header")
+            target = {"index": header.get("index", args["index"])}
+            try:
+                status, answer = self._api_search("POST", target, {}, search)
+                responses.append({**answer, "status": status})
+            except EsError as exc:
+                responses.append({**exc.body(), "status": exc.status})
+        return 200, {"took": 1, "responses": responses}
 
     def _parse_knn(self, raw: Any, size: int) -> dict:
         """Top-level approximate kNN, answered exactly here (brute force).

@@ -1249,3 +1249,27 @@ def test_terms_aggregation_counts_every_match_per_term(d, es):
     assert buckets(paged, "b")[0] == [("K", 2), ("A", 1), ("B", 1)]
     with pytest.raises(BadRequestError):
         es.search(index=name, aggs={"b": {"terms": {"field": "brand", "size": 0}}})
+
+
+def test_msearch_answers_each_search_in_order_and_fails_them_one_by_one(d, es):
+    """Multi search: header/body pairs; each search answered as `_search` would, with its
+    status, and one that fails (a missing index) reported in its place without failing the
+    others; a body that does not end with a newline fails the request.
+    https://www.elastic.co/guide/en/elasticsearch/reference/8.17/search-multi-search.html"""
+    _vector_index(es, "vecs", "dot_product", {"x": [1.0, 0.0], "y": [0.6, 0.8], "z": [0.0, 1.0]})
+    knn = lambda q: {"knn": {"field": "v", "query_vector": q, "k": 2, "num_candidates": 10}, "_source": False}  # noqa: E731
+    resp = es.msearch(
+        index="vecs",
+        searches=[{}, knn([1.0, 0.0]), {"index": "absent"}, knn([1.0, 0.0]), {}, knn([0.0, 1.0])],
+    )
+    first, missing, last = resp["responses"]
+    alone = es.search(index="vecs", **knn([1.0, 0.0]))
+    assert first["status"] == 200 and first["hits"]["hits"] == alone["hits"]["hits"]
+    assert [h["_id"] for h in first["hits"]["hits"]] == ["x", "y"] and "_source" not in first["hits"]["hits"][
+        0
+    ]
+    assert missing["status"] == 404 and missing["error"]["type"] == "index_not_found_exception"
+    assert [h["_id"] for h in last["hits"]["hits"]] == ["z", "y"]
+    unterminated = b'{}\n{"query": {"match_all": {}}}'
+    status, _, body = raw(d, "POST", "/vecs/_msearch", unterminated, {"Content-Type": "application/x-ndjson"})
+    assert status == 400 and "must be terminated by a newline" in body["error"]["reason"]
