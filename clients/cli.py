@@ -298,6 +298,9 @@ def cmd_ingest_worker(args) -> int:
                     drain_timeout_s=s.ingest_drain_timeout_s,
                     dead_letters_max=s.ingest_dead_letters_max,
                     consumer_idle_s=s.ingest_consumer_idle_s,
+                    compact_every_s=s.ingest_compact_every_s,
+                    compact_unindexed_rows=s.ingest_compact_unindexed_rows,
+                    compact_fragments=s.ingest_compact_fragments,
                     dedup=DedupSettings(s.dedup_image_threshold, s.dedup_title_threshold)
                     if s.dedup_on_ingest
                     else None,

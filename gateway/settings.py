@@ -136,6 +136,16 @@ class Settings(BaseSettings):
     ingest_drain_timeout_s: float = Field(30.0, description="SIGTERM: time to finish the batch in hand")
     ingest_trim_every_s: float = Field(30.0, description="how often a worker trims the stream and group")
     ingest_dead_letters_max: int = Field(100_000, description="dead letters kept (oldest dropped)")
+    ingest_compact_every_s: float = Field(
+        300.0, description="how often a worker checks whether the embedded index needs compacting (0: never)"
+    )
+    ingest_compact_unindexed_rows: int = Field(
+        10_000,
+        description="rows outside the embedded index's indexes (new or rewritten) that make it compact",
+    )
+    ingest_compact_fragments: int = Field(
+        256, description="fragments of the embedded table that make it compact"
+    )
     ingest_consumer_idle_s: float = Field(
         3600.0, description="a consumer with nothing pending, idle this long, is removed from the group"
     )

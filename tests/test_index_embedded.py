@@ -472,3 +472,43 @@ def test_scalar_indexes_change_no_answer_of_any_filter(tmp_path):
         await answers(index, gone={"s5"})
 
     asyncio.run(scenario())
+
+
+def test_upkeep_compacts_when_writes_left_rows_outside_the_indexes_or_many_fragments(tmp_path):
+    """The ingest workers' upkeep (EmbeddedIndex.upkeep): rows written or rewritten after
+    `optimize` sit outside the indexes and every write adds a fragment; past either threshold
+    it compacts (indexes brought up to date, fragments merged) and the answers stay the same."""
+    products, vectors = _products(60), _vectors(60)
+
+    async def scenario():
+        index = EmbeddedIndex(tmp_path, refresh_s=0.0)
+        try:
+            await index.upsert(SPACE, [(p, f"h{p.id}", v) for p, v in zip(products[:40], vectors[:40])])
+            await index.optimize(SPACE)  # scalar indexes over the first 40 rows
+            clean = await index.upkeep(SPACE, max_unindexed_rows=5, max_fragments=100)
+            assert clean == {"unindexed_rows": 0, "fragments": clean["fragments"], "compacted": False}
+            for p, v in zip(products[40:], vectors[40:]):  # one write, one fragment each
+                await index.upsert(SPACE, [(p, f"h{p.id}", v)])
+            assert await index.update_fields(SPACE, "x3", {"price": 1.0}) == "applied"  # a rewritten row
+            _, before = await index.search(vectors[45], SPACE, build_filters(), 5)
+            found = await index.upkeep(SPACE, max_unindexed_rows=10**6, max_fragments=100)
+            assert found["unindexed_rows"] == 21 and not found["compacted"]  # under both
+            found = await index.upkeep(SPACE, max_unindexed_rows=21, max_fragments=100)
+            assert found["compacted"] and found["fragments"] >= 21
+            after = await index.upkeep(SPACE, max_unindexed_rows=21, max_fragments=100)
+            assert after["unindexed_rows"] == 0 and after["fragments"] < found["fragments"]
+            assert not after["compacted"]
+            _, again = await index.search(vectors[45], SPACE, build_filters(), 5)
+            assert [(h.product.id, h.product.price) for h in again] == [
+                (h.product.id, h.product.price) for h in before
+            ]
+            assert (await index.get(SPACE, ["x3"]))["x3"].product.price == 1.0
+            # many fragments alone (no index to be outside of) also compact
+            for p, v in zip(products[:12], vectors[:12]):
+                await index.upsert(SPACE, [(p, f"new{p.id}", v)])
+            many = await index.upkeep(SPACE, max_unindexed_rows=10**6, max_fragments=after["fragments"] + 12)
+            assert many["compacted"]
+        finally:
+            await index.close()
+
+    asyncio.run(scenario())

@@ -477,6 +477,65 @@ def test_mixed_stream_yields_the_expected_index(
     assert stream.xlen(DEAD_LETTERS) == 0
 
 
+def _fragments(data_dir: Path) -> int:
+    """Fragments of the catalog table, read from the side (another process may be writing)."""
+    import lancedb
+
+    async def read():
+        db = await lancedb.connect_async(data_dir / "index")
+        table = await db.open_table(SPACE.index_name)
+        return (await table.stats())["fragment_stats"]["num_fragments"]
+
+    return asyncio.run(read())
+
+
+def test_workers_compact_the_embedded_index_their_writes_fragment(
+    triton, catalog, products, image_server, stream, redis_url, tmp_path
+):
+    """Every write leaves a fragment (and rows outside the indexes, brute-forced by every
+    search): past LOOKSYNC_INGEST_COMPACT_FRAGMENTS a worker compacts the table, under a Redis
+    lock so two workers never both do; the index holds exactly what the stream says."""
+    events = [
+        {"schema": 1, "type": "product.upsert", "product": _record(catalog, products, n, image_server)}
+        for n in range(20, 32)
+    ]
+    events += [
+        {"schema": 1, "type": "product.update", "id": f"p{n:05d}", "fields": {"price": float(n)}}
+        for n in range(20, 32)
+    ]
+    env = _env(
+        triton,
+        tmp_path,
+        redis_url,
+        LOOKSYNC_INGEST_BATCH_SIZE="4",
+        LOOKSYNC_INGEST_TRIM_EVERY_S="0.2",
+        LOOKSYNC_INGEST_COMPACT_EVERY_S="0.2",
+        LOOKSYNC_INGEST_COMPACT_FRAGMENTS="6",
+    )
+    logs = [tmp_path / "w1.log", tmp_path / "w2.log"]
+    workers = [_worker(env, log, f"w{i}") for i, log in enumerate(logs, 1)]
+
+    def compactions():
+        lines = [line for log in logs for line in log.read_text().splitlines() if '"index compacted"' in line]
+        return [json.loads(line) for line in lines]
+
+    try:
+        # In waves, each drained before the next: every wave writes at least one fragment.
+        for n in range(12):
+            _publish(stream, [events[n], events[12 + n]])
+            _wait_drained(stream)
+        wait_for(compactions, what="a worker to compact the table")
+        # Once the writes stop, the next checks leave fewer fragments than the threshold.
+        wait_for(lambda: _fragments(tmp_path / "data") < 6, what="the table to be compacted")
+    finally:
+        for worker in workers:
+            _stop(worker)
+    assert all(c["fragments"] >= 6 and c["index"] == SPACE.index_name for c in compactions())
+    _assert_matches(_index_state(tmp_path / "data", {f"p{n:05d}" for n in range(20, 32)}), _fold(events))
+    assert stream.xlen(DEAD_LETTERS) == 0
+    assert not stream.exists("looksync:compact-lock:" + SPACE.index_name)  # released
+
+
 def test_metadata_updates_never_call_the_image_model(
     triton, catalog, products, image_server, stream, redis_url, tmp_path
 ):

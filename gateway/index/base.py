@@ -241,6 +241,13 @@ class CatalogIndex(ABC):
         and searches stay fast. Cheaper than `optimize`: no index is rebuilt from scratch."""
         return None  # Elasticsearch merges its segments itself
 
+    async def upkeep(self, space: EmbeddingSpace, max_unindexed_rows: int, max_fragments: int) -> dict | None:
+        """Compact when writes since the last compaction left at least `max_unindexed_rows` rows
+        outside the table's indexes or `max_fragments` fragments (the ingest workers call it
+        now and then). Returns what was found and whether it compacted; None: nothing to keep
+        up (Elasticsearch merges its segments itself)."""
+        return None
+
     @abstractmethod
     async def upsert(self, space: EmbeddingSpace, items: list[tuple]) -> None:
         """Insert or replace by id: items are (product, image content hash, vector[, event_seq]).

@@ -393,6 +393,19 @@ class EmbeddedIndex(CatalogIndex):
         async with self._writer(space.index_name):
             await table.optimize()
 
+    async def upkeep(self, space, max_unindexed_rows, max_fragments):
+        table = await self._table(await self.ensure(space, make_current_if_none=False), strong=True)
+        unindexed = 0
+        for config in await table.list_indices():
+            stats = await table.index_stats(config.name)
+            if stats is not None:
+                unindexed = max(unindexed, stats.num_unindexed_rows)
+        fragments = (await table.stats())["fragment_stats"]["num_fragments"]
+        due = unindexed >= max_unindexed_rows or fragments >= max_fragments
+        if due:
+            await self.compact(space)
+        return {"unindexed_rows": unindexed, "fragments": fragments, "compacted": due}
+
     async def ensure(self, space: EmbeddingSpace, make_current_if_none: bool = True) -> str:
         name = space.index_name
         async with self._lock:

@@ -16,6 +16,7 @@ events of the same product are applied in stream order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import LockError
 
 from gateway.dedup import Dedup, DedupSettings
 from gateway.errors import DeadlineExceeded, LookSyncError, Unavailable
@@ -40,6 +42,11 @@ LAG = Gauge("looksync_ingest_lag", "Entries in the stream not yet delivered to t
 PENDING = Gauge("looksync_ingest_pending", "Delivered but not yet acknowledged entries")
 BATCH_SECONDS = Histogram("looksync_ingest_batch_seconds", "Time to write one batch of new products")
 READY = Gauge("looksync_ingest_ready", "1 while Redis, the index and Triton answer; 0 while waiting")
+UNINDEXED = Gauge("looksync_index_unindexed_rows", "Rows outside the embedded index's indexes", ["index"])
+COMPACTIONS = Counter(
+    "looksync_index_compactions_total", "Compactions of the embedded index by workers", ["index"]
+)
+COMPACT_LOCK = "looksync:compact-lock:"  # + index name: one worker compacts an index at a time
 
 
 @dataclass
@@ -53,6 +60,11 @@ class WorkerSettings:
     trim_every_s: float = 30.0  # how often the stream, dead letters and consumers are tidied
     dead_letters_max: int = 100_000
     consumer_idle_s: float = 3600.0  # a consumer with nothing pending, idle this long, is removed
+    # Embedded index upkeep: every write leaves a fragment, and rows written or rewritten since
+    # the indexes were built are brute-forced by every search (gateway/index/embedded.py).
+    compact_every_s: float = 300.0  # how often to check (0: never)
+    compact_unindexed_rows: int = 10_000
+    compact_fragments: int = 256
     dedup: DedupSettings | None = None  # new listings join existing items (None: left to `looksync dedup`)
 
 
@@ -213,12 +225,55 @@ class IngestWorker:
 
     async def _tidy(self, stop: asyncio.Event) -> None:
         """Keep Redis bounded while the worker runs (several workers doing it is harmless)."""
+        checked = time.monotonic()
         while not stop.is_set():
             try:
                 await self.tidy()
             except Exception as exc:  # Redis away: the main loop reports it; try next round
                 log(logger, logging.DEBUG, "tidy failed", error=_one_line(exc))
+            every = self.settings.compact_every_s
+            if every > 0 and time.monotonic() - checked >= every:
+                checked = time.monotonic()
+                try:
+                    await self.upkeep()
+                except Exception as exc:  # Redis or the index away: next round
+                    log(logger, logging.WARNING, "index upkeep failed", error=_one_line(exc))
             await _sleep_unless(stop, self.settings.trim_every_s)
+
+    async def upkeep(self) -> list[dict]:
+        """Compact each write target that needs it (CatalogIndex.upkeep), one worker at a time
+        per index (a redis-py lock: the compaction holds the table's writer lock, so the other
+        workers' writes wait, and a second compaction would only repeat it)."""
+        done = []
+        for space in await self.targets():
+            name = space.index_name
+            lock = self.redis.lock(COMPACT_LOCK + name, timeout=3600, blocking=False)
+            if not await lock.acquire():
+                continue
+            try:
+                start = time.monotonic()
+                found = await self.index.upkeep(
+                    space, self.settings.compact_unindexed_rows, self.settings.compact_fragments
+                )
+            finally:
+                with contextlib.suppress(LockError):  # held past its timeout: another may hold it now
+                    await lock.release()
+            if found is None:
+                continue
+            # A compaction holds the writer lock and brings the indexes up to date: none left.
+            UNINDEXED.labels(name).set(0 if found["compacted"] else found["unindexed_rows"])
+            if found["compacted"]:
+                COMPACTIONS.labels(name).inc()
+                log(
+                    logger,
+                    logging.INFO,
+                    "index compacted",
+                    index=name,
+                    seconds=round(time.monotonic() - start, 2),
+                    **found,
+                )
+            done.append({"index": name, **found})
+        return done
 
     async def tidy(self) -> dict:
         """Trim the stream below the oldest entry anyone still needs, and forget consumers
