@@ -42,6 +42,10 @@ ASSIGNED = Counter("looksync_dedup_assigned_total", "Listings written with a new
 MAX_ITEM_LISTINGS = 16
 NEIGHBOURS = 10
 BATCH = 128  # listings per kNN request (one multi-vector query where the backend has them)
+# Item ids per write. Each write is one LanceDB merge_insert, which joins on `id` over the whole
+# table and leaves a fragment: at 1 M listings 500 per write ran at ~40 writes a minute, slowing
+# as fragments piled up (every listing of a full run is written: ~50 min for the writes alone).
+WRITE_CHUNK = 10_000
 _FILLER = {
     "a", "an", "and", "the", "for", "with", "in", "of", "by", "new", "sale", "women", "womens",
     "woman", "men", "mens", "man", "unisex", "ladies", "free", "shipping", "official", "store",
@@ -201,8 +205,8 @@ class Dedup:
             writes |= await self._group(category, full, report, bar)
         bar.close()
         ids = sorted(writes)
-        for start_at in range(0, len(ids), 500):
-            chunk = {pid: writes[pid] for pid in ids[start_at : start_at + 500]}
+        for start_at in range(0, len(ids), WRITE_CHUNK):
+            chunk = {pid: writes[pid] for pid in ids[start_at : start_at + WRITE_CHUNK]}
             outcomes = await self.index.assign_items(self.space, chunk)
             report.written += sum(o == "applied" for o in outcomes)
         ASSIGNED.labels(report.mode).inc(report.written)
