@@ -125,8 +125,7 @@ def _hits(found: pa.Table, with_vectors: bool, dim: int) -> list[tuple[int, Scor
     if n == 0:
         return []
     products = _products(found)
-    scores = 1.0 - found.column("_distance").to_numpy(zero_copy_only=False).astype(np.float64)
-    queries = found.column("query_index").to_pylist() if "query_index" in found.column_names else [0] * n
+    queries, scores = _queries_and_scores(found)
     vectors = None
     if with_vectors:
         flat = found.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -135,6 +134,14 @@ def _hits(found: pa.Table, with_vectors: bool, dim: int) -> list[tuple[int, Scor
         (queries[i], ScoredProduct(product, float(scores[i]), None if vectors is None else vectors[i]))
         for i, product in enumerate(products)
     ]
+
+
+def _queries_and_scores(found: pa.Table) -> tuple[list[int], np.ndarray]:
+    """Per row of a kNN answer: the query it answers (0 for a one-vector query) and its cosine."""
+    scores = 1.0 - found.column("_distance").to_numpy(zero_copy_only=False).astype(np.float64)
+    if "query_index" in found.column_names:
+        return found.column("query_index").to_pylist(), scores
+    return [0] * found.num_rows, scores
 
 
 def _products(found: pa.Table) -> list[Product]:
@@ -304,10 +311,7 @@ class EmbeddedIndex(CatalogIndex):
             return []
         found = await self._knn_many(vectors, space, filters, k, with_vectors=False, columns=["id"], job=True)
         ids = found.column("id").to_pylist()
-        scores = 1.0 - found.column("_distance").to_numpy(zero_copy_only=False).astype(np.float64)
-        queries = (
-            found.column("query_index").to_pylist() if "query_index" in found.column_names else [0] * len(ids)
-        )
+        queries, scores = _queries_and_scores(found)
         out: list[list[tuple[str, float]]] = [[] for _ in vectors]
         for query, pid, score in zip(queries, ids, scores):
             out[query].append((pid, float(score)))
