@@ -366,6 +366,8 @@ class RpcStats:
     timed: int = 0  # responses whose stage timings were read
     timed_service_ms: float = 0.0  # their service times, summed
     timed_stages_ms: float = 0.0  # their stage times, summed
+    # Per response: time from send to answer minus its stages (the gateway overhead's spread).
+    overhead: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def merge(self, other: RpcStats) -> RpcStats:
         self.sent += other.sent
@@ -380,6 +382,7 @@ class RpcStats:
         self.timed += other.timed
         self.timed_service_ms += other.timed_service_ms
         self.timed_stages_ms += other.timed_stages_ms
+        self.overhead.merge(other.overhead)
         return self
 
     def server_timings(self) -> dict | None:
@@ -395,6 +398,9 @@ class RpcStats:
             # Client-measured time from send to answer minus what the gateway's stages account
             # for: gRPC, (de)serialisation, loopback network, servicer glue, client event loop.
             "gateway_overhead_mean_ms": service - stages,
+            "gateway_overhead_ms": dict(
+                zip(("p50", "p90", "p99"), (v * 1e3 for v in self.overhead.percentiles((50, 90, 99))))
+            ),
         }
 
 
@@ -609,7 +615,8 @@ class LoadReport:
                 stages = ", ".join(f"{k} {v:.2f}" for k, v in t["stages_mean_ms"].items())
                 lines.append(
                     f"  {rpc:12s} {stages}; end to end {t['end_to_end_mean_ms']:.2f}, "
-                    f"gateway overhead {t['gateway_overhead_mean_ms']:.2f}"
+                    f"gateway overhead {t['gateway_overhead_mean_ms']:.2f} "
+                    f"(p50 {t['gateway_overhead_ms']['p50']:.2f})"
                 )
         shares = self.cpu_shares()
         gen = ", ".join(f"{s:.0%}" for s in shares)
@@ -783,6 +790,7 @@ class _Driver:
             rpc.timed += 1
             rpc.timed_service_ms += (done - sent) * 1e3
             rpc.timed_stages_ms += total
+            rpc.overhead.record(done - sent - total / 1e3)
 
     def _may_issue(self, now: float, end_at: float) -> tuple[bool, bool]:
         """(go on, measured) for a request scheduled at `now`."""

@@ -141,6 +141,9 @@ def test_closed_loop_mix_against_the_gateway(gateway, inputs):
         assert timings["stages_total_mean_ms"] == pytest.approx(total)
         assert 0 < total < timings["end_to_end_mean_ms"]
         assert timings["gateway_overhead_mean_ms"] > 0
+        # Each response's overhead is its own end to end minus its own stages: spread around the mean.
+        spread = timings["gateway_overhead_ms"]
+        assert 0 < spread["p50"] <= spread["p90"] <= spread["p99"] < timings["end_to_end_mean_ms"] * 10
     workers = data["generator"]["workers"]
     assert len(workers) == 1 and 0 < workers[0]["cpu_share"] <= 1.5
     assert sum(w["ok"] for w in data["timeline"]) == 40
