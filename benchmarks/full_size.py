@@ -1,4 +1,4 @@
-"""The design card's models at full size through export, Triton and the serving path (CPU target).
+"""CLIP ViT-H/14, SAM2 and Florence-2 at full size through export, Triton and the serving path (CPU target).
 
     python -m benchmarks.full_size [--models vith14,sam2,florence2] [--quick] [--no-record]
 

@@ -239,7 +239,7 @@ TASKS = {"text": "text -> product", "image": "image -> product", "look": "look -
 
 
 def compare_spaces(address: str, q: Queries, spaces: list[tuple[str, int]]) -> tuple[str, str, dict]:
-    """The paper's Table 1 on our own catalog: the same queries and looks through each
+    """Retrieval metrics per embedding space on our own catalog: the same queries and looks through each
     embedding space served by one gateway, side by side. Returns (overall table, R@5 by
     category and gender, figures)."""
     results = {f"{m} v{v}": summarise(gateway_ranks(address, q, (m, v))) for m, v in spaces}

@@ -107,6 +107,30 @@ def test_backticked_repository_paths_exist(doc: Path):
     assert not missing, _failure(doc, "cites repository paths that do not exist", missing)
 
 
+def unclosed_fences(text: str) -> list[str]:
+    """Fenced code blocks whose closing fence has text after it (Markdown does not close a block
+    there: the rest of the document renders as code). Returns "line N: ..." for each."""
+    problems, opening = [], None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if opening is None:
+            if stripped.startswith(("```", "~~~")):
+                opening = stripped[:3]
+        elif stripped.startswith(opening):
+            if stripped.strip(opening[0]):
+                problems.append(f"line {number}: {stripped[:60]}")
+            opening = None
+    if opening is not None:
+        problems.append(f"a {opening} block is never closed")
+    return problems
+
+
+@pytest.mark.parametrize("doc", LINKED_DOCS, ids=_name)
+def test_code_fences_close_on_a_line_of_their_own(doc: Path):
+    problems = unclosed_fences(doc.read_text(encoding="utf-8"))
+    assert not problems, _failure(doc, "has code fences that do not close", problems)
+
+
 def _text_files():
     for root, dirs, files in os.walk(REPO):
         dirs[:] = [d for d in dirs if d not in EXCLUDED_DIRS and not d.endswith(".egg-info")]
@@ -141,3 +165,6 @@ def test_the_checks_find_what_they_look_for():
     )
     assert markdown_links(text) == ["docs/DEPLOYMENT.md#2-one-gpu-server", "https://example.com", "#layout"]
     assert cited_paths(text) == ["gateway/look/pipeline.py", "benchmarks/RESULTS.md"]
+    assert unclosed_fences("```sh\nx\n```\nprose\n~~~\ny\n~~~\n") == []
+    assert unclosed_fences("```sh\nx\n``` prose\n") == ["line 3: ``` prose"]
+    assert unclosed_fences("```\nx\n") == ["a ``` block is never closed"]

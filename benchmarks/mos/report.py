@@ -1,4 +1,4 @@
-"""The aggregate tables of a MOS study (the layout of the paper's Table 1): mean scores by
+"""The aggregate tables of a MOS study (one table per study): mean scores by
 system x gender x annotator, agreement between annotators, and blind pairwise preferences."""
 
 from __future__ import annotations
