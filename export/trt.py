@@ -18,7 +18,7 @@ older ONNX version loading and break rollback). One model name per backend inste
                                                `<name>_image_encoder_trt`, runner "bls",
                                                "derived_from": N, "encoder_backend": "tensorrt"
 
-Version M is a version like any other: `looksync models activate <name> M` swaps to it (and
+Version M is a version like any other: `looksync models activate --model <name> --version M --catalog CATALOG.jsonl` swaps to it (and
 re-embeds the catalog with the engine's fp16 numerics: the same weights, but not bit-identical
 vectors), `rollback` returns to N, whose models were never touched.
 
