@@ -205,12 +205,17 @@ class Dedup:
             writes |= await self._group(category, full, report, bar)
         bar.close()
         ids = sorted(writes)
+        # At 1 M listings the writes and the compaction take ~15 minutes: they get a bar too.
+        bar = tqdm(total=len(ids), unit="listing", desc="item ids written", disable=not progress or not ids)
         for start_at in range(0, len(ids), WRITE_CHUNK):
             chunk = {pid: writes[pid] for pid in ids[start_at : start_at + WRITE_CHUNK]}
             outcomes = await self.index.assign_items(self.space, chunk)
             report.written += sum(o == "applied" for o in outcomes)
+            bar.update(len(chunk))
+        bar.close()
         ASSIGNED.labels(report.mode).inc(report.written)
         if report.written:
+            log(logger, logging.INFO, "dedup compacting the index", written=report.written)
             await self.index.compact(self.space)  # the item writes left many small fragments
         report.wall_s = time.perf_counter() - start
         log(
