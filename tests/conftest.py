@@ -27,6 +27,31 @@ from gateway.tritonserver import TritonServer
 REPO = Path(__file__).resolve().parent.parent
 
 
+# `make test` runs two xdist workers, each taking whole modules in the order collected
+# (--dist loadfile --no-loadscope-reorder). The modules that take minutes go first, longest
+# first (summed --durations of a run under load), so the run does not end with one worker
+# still on a long module while the other has nothing left.
+LONG_MODULES = (
+    "test_admin_jobs.py",
+    "test_ingest.py",
+    "test_finetune.py",
+    "test_swap.py",
+    "test_offline.py",
+    "test_look.py",
+    "test_demo_model.py",
+    "test_install.py",
+    "test_cache.py",
+    "test_external_data.py",
+    "test_live_and_faults.py",
+    "test_hardening.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -55,6 +55,9 @@ def world(jobs_triton, swap_repo, catalog, image_server, redis_url, tmp_path):  
         LOOKSYNC_ADMIN_ALLOW_PLAINTEXT="true",
         LOOKSYNC_ADMIN_CATALOG_DIR=str(catalogs),
         LOOKSYNC_SWAP_LOCK_TTL_S="5",  # a loaded machine may delay a heartbeat by seconds
+        # The held image stays in flight while the test starts a second gateway; on a loaded
+        # machine that outlasts the default 10 s, and a timed-out fetch would drop its product.
+        LOOKSYNC_FETCH_TIMEOUT_S="120",
     )
     indexed = looksync("index", str(catalog), "--quiet", "--version", "1", env=env)
     assert indexed.returncode == 0, indexed.stderr

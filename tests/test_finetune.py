@@ -143,7 +143,8 @@ def test_the_procedure_exports_beside_the_base_and_swaps_in(tiny_repo, worlds, t
 
 def test_a_model_worse_than_the_base_is_not_recommended(worlds, tmp_path):
     """Fine-tuned on shuffled titles, the demo model loses what it knew: the procedure exports
-    it (exit 3) but refuses to print the swap command."""
+    it (exit 3) but refuses to print the swap command. (10 steps at a high rate are enough to
+    unlearn: held-out mean R@5 1.00 -> 0.67 on the 2-core development machine.)"""
     train_world, heldout = worlds
     shuffled = tmp_path / "shuffled"
     shutil.copytree(train_world, shuffled)
@@ -162,8 +163,8 @@ def test_a_model_worse_than_the_base_is_not_recommended(worlds, tmp_path):
     export_clip(ExportRequest(arch="looksync-demo", checkpoint=str(weights), version=1, repository=repo))
     result = subprocess.run(
         [sys.executable, "-m", "export", "finetune", "--from-version", "1", "--world", str(shuffled),
-         "--eval-world", str(heldout), "--repository", str(repo), "--steps", "30", "--batch", "60",
-         "--lr", "3e-3", "--threads", "1", "--out", str(tmp_path / "ft" / "clip-v2.pt")],
+         "--eval-world", str(heldout), "--repository", str(repo), "--steps", "10", "--batch", "60",
+         "--lr", "1e-2", "--threads", "1", "--out", str(tmp_path / "ft" / "clip-v2.pt")],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 3, result.stdout[-3000:] + result.stderr[-3000:]
