@@ -1,7 +1,9 @@
 """The gateway over real gRPC, with real Triton and the on-disk index behind it."""
 
 import io
+import json
 import urllib.request
+import uuid
 
 import grpc
 import numpy as np
@@ -11,6 +13,7 @@ from PIL import Image
 
 from clients.client import FilterArgs
 from gateway.api import looksync_pb2 as pb
+from tests.conftest import wait_for
 
 
 def _image_bytes(catalog, product) -> bytes:
@@ -153,13 +156,22 @@ def test_text_beyond_the_context_is_truncated_and_says_so(client):
     assert huge.text_truncated and len(huge.hits) == 3
 
 
+def _access_lines(gateway, request_id):
+    lines = [json.loads(line) for line in gateway.log.read_text().splitlines() if line.startswith("{")]
+    return [e for e in lines if e["msg"] == "rpc" and e["request_id"] == request_id]
+
+
 def test_request_id_is_returned_in_metadata_and_body(gateway):
+    request_id = f"req-{uuid.uuid4().hex[:8]}"
     with gateway.client() as c:
         resp, call = c.stub.SearchText.with_call(
-            pb.SearchTextRequest(text="coat", k=2), metadata=(("x-request-id", "req-123"),), timeout=10
+            pb.SearchTextRequest(text="coat", k=2), metadata=(("x-request-id", request_id),), timeout=10
         )
-    assert resp.request_id == "req-123"
-    assert ("x-request-id", "req-123") in call.initial_metadata()
+    assert resp.request_id == request_id
+    assert ("x-request-id", request_id) in call.initial_metadata()
+    # The access line is written after the response (a loop callback) and still names the request.
+    line = wait_for(lambda: _access_lines(gateway, request_id), what="the access line")[0]
+    assert line["rpc"] == "SearchText" and line["code"] == "OK" and line["ms"] > 0
 
 
 def test_health_and_reflection(gateway, client):
