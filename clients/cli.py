@@ -230,7 +230,11 @@ def cmd_index(args) -> int:
             print(f"indexing {args.catalog} into {space.index_name} ({space})", file=sys.stderr)
             indexer = Indexer(embedder, index, space, batch_size=args.batch_size)
             report = await index_catalog(
-                Path(args.catalog), indexer, progress=not args.quiet, as_of_seq=as_of
+                Path(args.catalog),
+                indexer,
+                progress=not args.quiet,
+                as_of_seq=as_of,
+                fetch_timeout_s=s.fetch_timeout_s,
             )
             if await index.optimize(space):
                 print(f"optimised {space.index_name} for search (ANN index built)", file=sys.stderr)
@@ -367,7 +371,14 @@ def cmd_models(args) -> int:
                     raise SystemExit("activate needs --version and --catalog")
                 if args.no_catch_up or not s.swap_catch_up:
                     # No live ingestion, hence no Redis: no job record and no cross-process lock.
-                    swap = Swap(index, embedder, models, args.version, progress=not args.quiet)
+                    swap = Swap(
+                        index,
+                        embedder,
+                        models,
+                        args.version,
+                        progress=not args.quiet,
+                        fetch_timeout_s=s.fetch_timeout_s,
+                    )
                     await swap.prepare()
                     await swap.reindex(Path(args.catalog))
                     await swap.validate(Path(args.catalog), args.min_overlap, args.force)

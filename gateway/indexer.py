@@ -204,11 +204,13 @@ async def index_catalog(
     as_of_seq: int | None = None,
     on_progress=None,
     confine_to: Path | None = None,
+    fetch_timeout_s: float = 10.0,
 ) -> IndexReport:
     """Index a catalog file. `as_of_seq` orders its writes with live catalog events (see
     gateway/ingest/events.py); by default the file's age, so an update or delete that live
     ingestion wrote after the file was exported is not undone by indexing it (again).
-    `on_progress(done, total)` is called as products are finished (background jobs report it)."""
+    `on_progress(done, total)` is called as products are finished (background jobs report it);
+    `fetch_timeout_s`: per image fetched over HTTP (LOOKSYNC_FETCH_TIMEOUT_S)."""
     if as_of_seq is None:
         as_of_seq = snapshot_seq(path)
     report = IndexReport(space=indexer.space)
@@ -260,7 +262,9 @@ async def index_catalog(
                 seen.add(raw["id"])
                 if not isinstance(raw.get("image_url"), str) or not raw["image_url"]:
                     raise RecordError("image_url: missing")
-                image = await asyncio.to_thread(fetch_image, raw["image_url"], base, 10.0, confine_to)
+                image = await asyncio.to_thread(
+                    fetch_image, raw["image_url"], base, fetch_timeout_s, confine_to
+                )
             except (RecordError, OSError) as exc:
                 report.failed.append((where, str(exc)))
                 advance(1)

@@ -203,10 +203,19 @@ class Jobs:
                 before=Before(None, [], [], []),
                 owner=f"{socket.gethostname()}:{os.getpid()}",
             )
-            took = await self._call("lock", self.redis.set(self.lock_key, job.id, nx=True, px=self.ttl_ms))
+            # This process's own job refuses a second one even if its lock lapsed for a moment
+            # (a heartbeat late on a starved machine): the lock is for the other processes.
+            mine = next(iter(self._running.values()), None)
+            took = mine is None and await self._call(
+                "lock", self.redis.set(self.lock_key, job.id, nx=True, px=self.ttl_ms)
+            )
             if not took:
-                holder = (await self._call("lock", self.redis.get(self.lock_key)) or b"?").decode()
-                running = await self.get(holder)
+                holder = (
+                    mine[0].id
+                    if mine
+                    else (await self._call("lock", self.redis.get(self.lock_key)) or b"?").decode()
+                )
+                running = mine[0] if mine else await self.get(holder)
                 what = f"{running.model} v{running.version}, stage {running.stage}" if running else "starting"
                 raise FailedPrecondition(
                     f"another activation is running (job {holder}: {what}); one at a time — "
@@ -292,6 +301,7 @@ class Jobs:
             job.version,
             progress=progress,
             redis_url=self.settings.redis_url if self.settings.swap_catch_up else None,
+            fetch_timeout_s=self.settings.fetch_timeout_s,
         )
         earlier = list(job.steps)  # from the interrupted try this job resumes, if any
 

@@ -237,7 +237,9 @@ class Swap:
         batch_size: int = 32,
         progress: bool = True,
         redis_url: str | None = None,
+        fetch_timeout_s: float = 10.0,
     ):
+        self.fetch_timeout_s = fetch_timeout_s
         self.redis_url = redis_url  # live ingestion's stream, for the catch-up after the rebuild
         self._hold = f"swap:{models.model}:{version}"
         self._since_ms = 0
@@ -337,6 +339,7 @@ class Swap:
             as_of_seq=as_of,
             on_progress=on_progress,
             confine_to=confine_to,
+            fetch_timeout_s=self.fetch_timeout_s,
         )
         if self.redis_url:
             n = await catch_up(self.index, self.report.new, self.redis_url, since_ms, release=self._hold)

@@ -126,7 +126,9 @@ class Settings(BaseSettings):
     ingest_max_tries: int = Field(5, description="deliveries before a failing event is dead-lettered")
     worker_metrics_port: int = 9465
     fetch_max_bytes: int = 10 << 20
-    fetch_timeout_s: float = 10.0
+    fetch_timeout_s: float = Field(
+        10.0, description="per image fetch: ingestion, `looksync index`, activations"
+    )
     fetch_allowed_hosts: str = Field("", description="comma-separated; empty = any public host")
     fetch_allow_private: bool = False
     fetch_allow_loopback: bool = False

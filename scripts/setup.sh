@@ -33,9 +33,7 @@ if [ ! -f "$stamp" ]; then
   start=$(date +%s)
   echo "setup: installing Python packages into .venv (torch for export makes this take a minute)"
   .venv/bin/pip install -q --disable-pip-version-check --upgrade pip
-  # --no-compile: pip would byte-compile every file of torch, transformers, ... up front;
-  # Python compiles the modules that are imported, on first import, instead.
-  .venv/bin/pip install -q --disable-pip-version-check --no-compile -c constraints.txt \
+  .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt \
     -e ".[lancedb,elasticsearch,llm,triton-cpu,export,bench,dev]"
   # Only the tritonserver binary and python backend inside this wheel are used. Its own Python
   # requirements are for PyTriton's API, which LookSync does not import, so none are pulled in.

@@ -54,7 +54,9 @@ def world(jobs_triton, swap_repo, catalog, image_server, redis_url, tmp_path):  
         LOOKSYNC_ADMIN_TOKEN=TOKEN,
         LOOKSYNC_ADMIN_ALLOW_PLAINTEXT="true",
         LOOKSYNC_ADMIN_CATALOG_DIR=str(catalogs),
-        LOOKSYNC_SWAP_LOCK_TTL_S="5",  # a loaded machine may delay a heartbeat by seconds
+        # Short, so that a killed gateway's lock lapses soon; a starved machine has delayed a
+        # heartbeat (every TTL/3) past 5 s, letting another gateway take the lock mid-job.
+        LOOKSYNC_SWAP_LOCK_TTL_S="15",
         # The held image stays in flight while the test starts a second gateway; on a loaded
         # machine that outlasts the default 10 s, and a timed-out fetch would drop its product.
         LOOKSYNC_FETCH_TIMEOUT_S="120",
@@ -109,7 +111,7 @@ def _refused(call, code, needle):
     assert needle in err.value.details(), err.value.details()
 
 
-def test_activation_is_a_job_one_at_a_time_with_progress(world, held_images):
+def test_activation_is_a_job_one_at_a_time_with_progress(world, held_images, redis_url):
     gateway, _, total = world
     gw, client = gateway()
     before = _state(client)
@@ -139,6 +141,18 @@ def test_activation_is_a_job_one_at_a_time_with_progress(world, held_images):
             grpc.StatusCode.FAILED_PRECONDITION,
             started.job_id,
         )
+    # The gateway running the job refuses another even while its lock has lapsed (a late
+    # heartbeat on a starved machine): the Redis lock is for the other processes.
+    lock = "looksync:swap-lock:products"
+    r = redis_sync.Redis.from_url(redis_url)
+    r.delete(lock)
+    _refused(
+        lambda: client.activate_model(2, "catalog.jsonl", force=True),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        started.job_id,
+    )
+    # Its next heartbeat takes the lock again.
+    wait_for(lambda: r.get(lock) == started.job_id.encode(), what="the heartbeat to retake the lock")
     seen = _state(other)
     assert seen["job"] == ("running", "reindex")
     assert seen["loaded"] == [1, 2] and seen["written"] == ["products-clip-v2"]

@@ -81,7 +81,6 @@ def gateway_venv(tmp_path_factory):
             "install",
             "-q",
             "--disable-pip-version-check",
-            "--no-compile",  # as scripts/setup.sh: imports compile what they use
             "-c",
             str(REPO / "constraints.txt"),
             f"{src}[{EXTRAS}]",
