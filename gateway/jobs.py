@@ -205,17 +205,13 @@ class Jobs:
             )
             # This process's own job refuses a second one even if its lock lapsed for a moment
             # (a heartbeat late on a starved machine): the lock is for the other processes.
-            mine = next(iter(self._running.values()), None)
+            mine = next(iter(self._running), None)  # the id of this process's job, if any
             took = mine is None and await self._call(
                 "lock", self.redis.set(self.lock_key, job.id, nx=True, px=self.ttl_ms)
             )
             if not took:
-                holder = (
-                    mine[0].id
-                    if mine
-                    else (await self._call("lock", self.redis.get(self.lock_key)) or b"?").decode()
-                )
-                running = mine[0] if mine else await self.get(holder)
+                holder = mine or (await self._call("lock", self.redis.get(self.lock_key)) or b"?").decode()
+                running = await self.get(holder)
                 what = f"{running.model} v{running.version}, stage {running.stage}" if running else "starting"
                 raise FailedPrecondition(
                     f"another activation is running (job {holder}: {what}); one at a time — "
