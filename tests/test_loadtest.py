@@ -274,7 +274,10 @@ def test_open_loop_charges_queueing_to_the_schedule():
     assert report.ok == 50
     assert report.service.percentile(50) < 0.1
     assert report.latency.percentile(50) > 0.15
-    assert report.latency.percentile(99) > 3 * report.service.percentile(99)
+    # One server at 20 ms a request finishes the 49th request no earlier than 0.98 s after the
+    # start, 0.48 s after its slot: a lower bound that a stall on a busy machine only raises
+    # (a ratio to the service p99 did not hold: one 0.63 s stall made the service p99 the stall).
+    assert report.latency.percentile(99) > 0.45
     assert report.throughput < 70
     assert report.to_dict()["generator"]["workers"][0]["max_send_lag_ms"] > 100
 
