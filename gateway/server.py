@@ -41,6 +41,7 @@ def open_index(settings: Settings) -> CatalogIndex:
             settings.index_refresh_s,
             ann_min_rows=settings.ann_min_rows,
             exact_max_rows=settings.exact_max_rows,
+            exact_cache_mb=settings.exact_cache_mb,
         )
     if not settings.es_url:
         raise SystemExit("LOOKSYNC_INDEX_BACKEND=elasticsearch needs LOOKSYNC_ES_URL (http://host:9200)")

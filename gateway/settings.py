@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     exact_max_rows: int = Field(
         20_000, description="embedded index: exact search when a filter leaves <= this"
     )
+    exact_cache_mb: float = Field(
+        1024,
+        ge=0,
+        description="embedded index: memory per table for the vectors exact search scores (0: read them from disk)",
+    )
 
     # Other services
     redis_url: str = "redis://127.0.0.1:6379/0"

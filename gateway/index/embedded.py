@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import time
+import uuid
 from contextlib import asynccontextmanager, contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -30,7 +31,7 @@ import pyarrow.compute as pc
 from gateway.catalog import Product
 from gateway.errors import FailedPrecondition, Unavailable
 from gateway.filters import SearchFilters
-from gateway.index.ann_plan import index_config, partitions_for, plan_search, scalar_indexes
+from gateway.index.ann_plan import SearchPlan, index_config, partitions_for, plan_search, scalar_indexes
 from gateway.index.base import (
     CatalogIndex,
     EmbeddingSpace,
@@ -39,6 +40,7 @@ from gateway.index.base import (
     check_query,
     within,
 )
+from gateway.index.exact_cache import RowVectorCache, exact_search
 from gateway.index.lww import Op
 from gateway.index.lww import apply as lww_apply
 from gateway.ingest.events import seq_at_ms
@@ -201,6 +203,7 @@ class EmbeddedIndex(CatalogIndex):
         refresh_s: float = 0.5,
         ann_min_rows: int = 50_000,
         exact_max_rows: int = 20_000,
+        exact_cache_mb: float = 1024,
     ):
         # Measured (benchmarks/RESULTS.md, embedded index at scale): a flat scan costs ~4 ms per
         # 1,000 1024-d rows on 2 cores; IVF-HNSW-SQ answers in ~4 ms but loses recall when a
@@ -208,6 +211,10 @@ class EmbeddedIndex(CatalogIndex):
         # whenever the filter leaves at most exact_max_rows.
         self.ann_min_rows = ann_min_rows
         self.exact_max_rows = exact_max_rows
+        # Exact searches score vectors held in memory (gateway/index/exact_cache.py), per table
+        # within this budget; 0 leaves exact search to LanceDB.
+        self.exact_cache_bytes = int(exact_cache_mb * 2**20)
+        self._exact_caches: dict[str, RowVectorCache] = {}
         self._ann: dict[str, tuple[int, float]] = {}  # table -> (IVF partitions or 0, when checked)
         self.root = Path(root)
         self.alias = alias
@@ -340,24 +347,27 @@ class EmbeddedIndex(CatalogIndex):
         table = await self._table(target)
         where = where_clause(filters)
         # Only what a hit carries: the bookkeeping columns (field_seqs, ...) cost conversion.
-        columns = [*(columns or _FIELDS), *(["vector"] if with_vectors else []), "_distance"]
-        query = (
-            table.query().nearest_to(vectors).distance_type("cosine").where(where).select(columns).limit(k)
-        )
+        columns = [*(columns or _FIELDS), *(["vector"] if with_vectors else [])]
         try:
             async with within(timeout_s, f"search of {target}"):
-                query = await self._plan(table, target, query, where, job)
-                return await query.to_arrow()
+                plan = await self._plan(table, target, where, job)
+                if plan.exact and self.exact_cache_bytes:
+                    found = await self._exact(table, target, vectors, where, k, columns)
+                    if found is not None:
+                        return found
+                query = table.query().nearest_to(vectors).distance_type("cosine").where(where)
+                return await plan.apply(query.select([*columns, "_distance"]).limit(k)).to_arrow()
         except (RuntimeError, OSError) as exc:
             # Lance reports missing or unreadable files as RuntimeError: the index is not
             # there to answer. Forget the handle so a restored index is picked up again.
             self._tables.pop((target, False), None)
             self._ann.pop(target, None)
+            self._exact_caches.pop(target, None)
             raise Unavailable(
                 f"embedded index {target} cannot be read: {str(exc).splitlines()[0][:200]}"
             ) from None
 
-    async def _plan(self, table, name: str, query, where: str, job: bool = False):
+    async def _plan(self, table, name: str, where: str, job: bool = False) -> SearchPlan:
         """Exact search when the table has no ANN index or the filter leaves few rows; the ANN
         index otherwise, with the measured settings (gateway/index/ann_plan.py)."""
         known = self._ann.get(name)
@@ -368,9 +378,26 @@ class EmbeddedIndex(CatalogIndex):
             self._ann[name] = (partitions, time.monotonic())
         partitions = self._ann[name][0]
         if not partitions:
-            return query
+            return SearchPlan(exact=True)
         matching = await table.count_rows(where)
-        return plan_search(partitions, matching, self.exact_max_rows, job).apply(query)
+        return plan_search(partitions, matching, self.exact_max_rows, job)
+
+    async def _exact(self, table, name: str, vectors, where: str, k: int, columns: list[str]):
+        """Exact kNN from vectors held in memory (exact_cache.exact_search), with this table's
+        cache; None where LanceDB's own exact search should answer."""
+        record = self._manifest()["indexes"][name]
+        incarnation = record.get("incarnation") or record.get("created_at", "")
+        cache = self._exact_caches.get(name)
+        if cache is None or cache.incarnation != incarnation:
+            cache = RowVectorCache(self._space_of(name).dim, self.exact_cache_bytes, incarnation)
+            self._exact_caches[name] = cache
+        # The manifest is re-read every refresh_s; a table made again sooner shows itself by
+        # its version numbers starting over.
+        version = await table.version()
+        if version < cache.version_seen:
+            cache.clear()
+        cache.version_seen = version
+        return await exact_search(table, cache, vectors, where, k, columns)
 
     async def optimize(self, space: EmbeddingSpace) -> bool:
         """Scalar indexes (reads by id and item: writes, offers, dedup; and every filter column,
@@ -434,7 +461,12 @@ class EmbeddedIndex(CatalogIndex):
             with self.manifest.edit() as data:
                 data["indexes"].setdefault(
                     name,
-                    {**space.record(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                    {
+                        **space.record(),
+                        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        # Tells a table made again under the same name from the one it replaced.
+                        "incarnation": uuid.uuid4().hex,
+                    },
                 )
                 if make_current_if_none:
                     data["aliases"].setdefault(self.alias, name)
@@ -499,6 +531,7 @@ class EmbeddedIndex(CatalogIndex):
         await db.drop_table(name, ignore_missing=True)
         self._tables.pop((name, False), None)
         self._tables.pop((name, True), None)
+        self._exact_caches.pop(name, None)
 
     async def upsert(self, space, items):
         """items: (product, image_hash, vector[, event_seq]); without an event_seq the write
