@@ -97,7 +97,7 @@ def test_exact_search_from_memory_equals_lancedb_through_every_kind_of_write(tmp
     budget_mb = 1024 if budget_rows is None else budget_rows * 4 * SPACE.dim / 2**20
 
     async def scenario():
-        cached = EmbeddedIndex(tmp_path, refresh_s=0.0, exact_cache_mb=budget_mb)
+        cached = EmbeddedIndex(tmp_path, refresh_s=0.0, exact_cache_mb=budget_mb, exact_cache_min_floats=0)
         plain = EmbeddedIndex(tmp_path, refresh_s=0.0, exact_cache_mb=0)
         truth: dict[str, tuple[Product, np.ndarray]] = {}
         # Several writes: several fragments, so row addresses span fragment ids.
@@ -113,6 +113,11 @@ def test_exact_search_from_memory_equals_lancedb_through_every_kind_of_write(tmp
         await _compare(cached, plain, truth, queries)
         cache = cached._exact_caches[SPACE.index_name]
         assert 0 < len(cache) <= cache.max_rows
+        # With the default threshold a table this small is left to LanceDB's scan.
+        default = EmbeddedIndex(tmp_path, refresh_s=0.0)
+        _, hits = await default.search(queries[0], SPACE, build_filters(), 7)
+        assert [h.product.id for h in hits] == _brute_force(truth, queries[0], {}, 7)
+        assert not default._exact_caches
 
         # New images for some (new vectors at new addresses), metadata for others, deletes:
         # a held vector of an old row version must never be scored again.
@@ -169,7 +174,7 @@ def test_a_table_made_again_by_another_process_is_not_answered_from_old_vectors(
     rng = np.random.default_rng(9)
 
     async def before():
-        index = EmbeddedIndex(tmp_path, refresh_s=0.0)
+        index = EmbeddedIndex(tmp_path, refresh_s=0.0, exact_cache_min_floats=0)
         vectors = _unit(rng, 40)
         # Many versions, so the new table's first versions sit below the ones this process saw.
         for start in range(0, 40, 4):

@@ -204,6 +204,7 @@ class EmbeddedIndex(CatalogIndex):
         ann_min_rows: int = 50_000,
         exact_max_rows: int = 20_000,
         exact_cache_mb: float = 1024,
+        exact_cache_min_floats: int = 1_000_000,
     ):
         # Measured (benchmarks/RESULTS.md, embedded index at scale): a flat scan costs ~4 ms per
         # 1,000 1024-d rows on 2 cores; IVF-HNSW-SQ answers in ~4 ms but loses recall when a
@@ -215,7 +216,9 @@ class EmbeddedIndex(CatalogIndex):
         # within this budget; 0 leaves exact search to LanceDB.
         self.exact_cache_bytes = int(exact_cache_mb * 2**20)
         self._exact_caches: dict[str, RowVectorCache] = {}
-        self._ann: dict[str, tuple[int, float]] = {}  # table -> (IVF partitions or 0, when checked)
+        self.exact_cache_min_floats = exact_cache_min_floats
+        # table -> (IVF partitions or 0, rows, when checked)
+        self._ann: dict[str, tuple[int, int, float]] = {}
         self.root = Path(root)
         self.alias = alias
         self.refresh_s = refresh_s
@@ -351,7 +354,8 @@ class EmbeddedIndex(CatalogIndex):
         try:
             async with within(timeout_s, f"search of {target}"):
                 plan = await self._plan(table, target, where, job)
-                if plan.exact and self.exact_cache_bytes:
+                # A table of a few hundred rows is scanned faster than three calls cost.
+                if plan.exact and self._exact_from_memory(target):
                     found = await self._exact(table, target, vectors, where, k, columns)
                     if found is not None:
                         return found
@@ -371,16 +375,29 @@ class EmbeddedIndex(CatalogIndex):
         """Exact search when the table has no ANN index or the filter leaves few rows; the ANN
         index otherwise, with the measured settings (gateway/index/ann_plan.py)."""
         known = self._ann.get(name)
-        if known is None or time.monotonic() - known[1] > 60:  # another process may build one
+        if known is None or time.monotonic() - known[2] > 60:  # another process may build one
             indices = await table.list_indices()
             has_ann = any("vector" in i.columns for i in indices)
-            partitions = partitions_for(await table.count_rows()) if has_ann else 0
-            self._ann[name] = (partitions, time.monotonic())
+            rows = await table.count_rows()
+            self._ann[name] = (partitions_for(rows) if has_ann else 0, rows, time.monotonic())
         partitions = self._ann[name][0]
         if not partitions:
             return SearchPlan(exact=True)
         matching = await table.count_rows(where)
         return plan_search(partitions, matching, self.exact_max_rows, job)
+
+    def _exact_from_memory(self, name: str) -> bool:
+        """Whether exact search goes through the vector cache. Always on a table with an ANN
+        index (large: a filter's rows lie scattered, each a random read). Without one, only
+        from rows x dim = exact_cache_min_floats on: a small table's scan reads its vectors in
+        sequence, and the cache path's three calls (row ids, lookup, winners) cost more.
+        Measured (benchmarks/RESULTS.md, "Exact search from memory"): 1024-d, scan against
+        cache 3.6 / 3.9 ms at 300 rows, 4.6 / 3.9 at 1,000, 40.6 / 9.2 at 10,000; at 64-d the
+        scan stays ahead up to 10,000 rows (5.2 / 7.7 ms)."""
+        partitions, rows, _ = self._ann[name]
+        if not self.exact_cache_bytes:
+            return False
+        return partitions > 0 or rows * self._space_of(name).dim >= self.exact_cache_min_floats
 
     async def _exact(self, table, name: str, vectors, where: str, k: int, columns: list[str]):
         """Exact kNN from vectors held in memory (exact_cache.exact_search), with this table's
