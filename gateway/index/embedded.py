@@ -354,7 +354,6 @@ class EmbeddedIndex(CatalogIndex):
         try:
             async with within(timeout_s, f"search of {target}"):
                 plan = await self._plan(table, target, where, job)
-                # A table of a few hundred rows is scanned faster than three calls cost.
                 if plan.exact and self._exact_from_memory(target):
                     found = await self._exact(table, target, vectors, where, k, columns)
                     if found is not None:
