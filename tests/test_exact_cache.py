@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from gateway.catalog import Product
 from gateway.filters import build_filters
@@ -46,6 +47,17 @@ def _product(i: int, price: float, in_stock: bool = True) -> Product:
 def _unit(rng, n, dim=16):
     v = rng.standard_normal((n, dim)).astype(np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+PATHS = ("memory", "filled", "lancedb")
+
+
+def _metric(name: str, **labels) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _searches(path: str) -> float:
+    return _metric("looksync_exact_searches_total", index=SPACE.index_name, path=path)
 
 
 def _brute_force(truth: dict, query: np.ndarray, f: dict, k: int) -> list[str]:
@@ -97,6 +109,7 @@ def test_exact_search_from_memory_equals_lancedb_through_every_kind_of_write(tmp
     budget_mb = 1024 if budget_rows is None else budget_rows * 4 * SPACE.dim / 2**20
 
     async def scenario():
+        before = {p: _searches(p) for p in PATHS}
         cached = EmbeddedIndex(tmp_path, refresh_s=0.0, exact_cache_mb=budget_mb, exact_cache_min_floats=0)
         plain = EmbeddedIndex(tmp_path, refresh_s=0.0, exact_cache_mb=0)
         truth: dict[str, tuple[Product, np.ndarray]] = {}
@@ -113,6 +126,12 @@ def test_exact_search_from_memory_equals_lancedb_through_every_kind_of_write(tmp
         await _compare(cached, plain, truth, queries)
         cache = cached._exact_caches[SPACE.index_name]
         assert 0 < len(cache) <= cache.max_rows
+        assert _metric("looksync_exact_cache_rows", index=SPACE.index_name) == len(cache)
+        paths = {p: _searches(p) - before[p] for p in PATHS}
+        assert paths["memory"] > 0 and paths["filled"] > 0
+        # "nobody" matches no row (and under the small budget, 200 unfiltered rows do not fit):
+        # LanceDB answers.
+        assert paths["lancedb"] > 0
         # With the default threshold a table this small is left to LanceDB's scan.
         default = EmbeddedIndex(tmp_path, refresh_s=0.0)
         _, hits = await default.search(queries[0], SPACE, build_filters(), 7)

@@ -365,7 +365,7 @@ class EmbeddedIndex(CatalogIndex):
             # there to answer. Forget the handle so a restored index is picked up again.
             self._tables.pop((target, False), None)
             self._ann.pop(target, None)
-            self._exact_caches.pop(target, None)
+            self._forget_vectors(target)
             raise Unavailable(
                 f"embedded index {target} cannot be read: {str(exc).splitlines()[0][:200]}"
             ) from None
@@ -384,6 +384,11 @@ class EmbeddedIndex(CatalogIndex):
             return SearchPlan(exact=True)
         matching = await table.count_rows(where)
         return plan_search(partitions, matching, self.exact_max_rows, job)
+
+    def _forget_vectors(self, name: str) -> None:
+        cache = self._exact_caches.pop(name, None)
+        if cache is not None:
+            cache.clear()  # frees the memory now and zeroes its gauge
 
     def _exact_from_memory(self, name: str) -> bool:
         """Whether exact search goes through the vector cache. Always on a table with an ANN
@@ -405,7 +410,7 @@ class EmbeddedIndex(CatalogIndex):
         incarnation = record.get("incarnation") or record.get("created_at", "")
         cache = self._exact_caches.get(name)
         if cache is None or cache.incarnation != incarnation:
-            cache = RowVectorCache(self._space_of(name).dim, self.exact_cache_bytes, incarnation)
+            cache = RowVectorCache(self._space_of(name).dim, self.exact_cache_bytes, incarnation, name)
             self._exact_caches[name] = cache
         # The manifest is re-read every refresh_s; a table made again sooner shows itself by
         # its version numbers starting over.
@@ -547,7 +552,7 @@ class EmbeddedIndex(CatalogIndex):
         await db.drop_table(name, ignore_missing=True)
         self._tables.pop((name, False), None)
         self._tables.pop((name, True), None)
-        self._exact_caches.pop(name, None)
+        self._forget_vectors(name)
 
     async def upsert(self, space, items):
         """items: (product, image_hash, vector[, event_seq]); without an event_seq the write

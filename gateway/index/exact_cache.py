@@ -21,6 +21,15 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+from prometheus_client import Counter, Gauge
+
+HELD = Gauge("looksync_exact_cache_rows", "Vectors held in memory for exact search", ["index"])
+EXACT = Counter(
+    "looksync_exact_searches_total",
+    "Exact searches by where their vectors came from: memory (all held), filled (some read "
+    "from disk first) or lancedb (LanceDB's own exact search: too many rows or a row gone)",
+    ["index", "path"],
+)
 
 
 class RowVectorCache:
@@ -30,8 +39,9 @@ class RowVectorCache:
     are never looked up again, and a budget smaller than the working set should degrade to
     LanceDB's speed, not fail."""
 
-    def __init__(self, dim: int, budget_bytes: int, incarnation: str = ""):
+    def __init__(self, dim: int, budget_bytes: int, incarnation: str = "", name: str = ""):
         self.dim = dim
+        self.name = name  # the table's, for the metrics
         self.incarnation = incarnation  # of the table whose rows it holds (the manifest's record)
         self.max_rows = max(0, budget_bytes // (4 * dim))
         self.version_seen = 0
@@ -42,6 +52,7 @@ class RowVectorCache:
         self._slots = np.empty(0, np.int64)
         self._vectors = np.empty((0, self.dim), np.float32)
         self._used = 0
+        HELD.labels(index=self.name).set(0)
 
     def __len__(self) -> int:
         return self._used
@@ -75,6 +86,7 @@ class RowVectorCache:
         slots = np.arange(self._used, self._used + len(rowids))
         self._vectors[slots] = vectors / np.where(norms > 0, norms, 1.0)
         self._used += len(rowids)
+        HELD.labels(index=self.name).set(self._used)
         addresses = np.concatenate([self._addresses, rowids.astype(np.uint64)])
         order = np.argsort(addresses, kind="stable")
         self._addresses = addresses[order]
@@ -143,15 +155,19 @@ async def exact_search(table, cache: RowVectorCache, vectors, where: str | None,
     matched = await query.select([]).with_row_id().to_arrow()
     rowids = matched.column("_rowid").to_numpy()
     if not len(rowids) or not cache.fits(len(rowids)):
+        EXACT.labels(index=cache.name, path="lancedb").inc()
         return None
     slots = cache.lookup(rowids)
+    path = "memory"
     if (slots < 0).any():
+        path = "filled"
         if not cache.fits(len(cache) + int((slots < 0).sum())):
             cache.clear()
             slots = cache.lookup(rowids)
         missing = rowids[slots < 0]
         read = await table.take_row_ids(missing.tolist()).select(["vector"]).with_row_id().to_arrow()
         if read.num_rows != len(missing):
+            EXACT.labels(index=cache.name, path="lancedb").inc()
             return None
         flat = read.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         cache.add(
@@ -159,8 +175,11 @@ async def exact_search(table, cache: RowVectorCache, vectors, where: str | None,
         )
         slots = cache.lookup(rowids)
         if (slots < 0).any():  # another search's fill dropped some of them meanwhile
+            EXACT.labels(index=cache.name, path="lancedb").inc()
             return None
     queries = np.stack(vectors) if isinstance(vectors, list) else vectors
     query_index, winners, distances = top_k(cache.distances(slots, queries), rowids, k)
     rows = await table.take_row_ids(np.unique(winners).tolist()).select(columns).with_row_id().to_arrow()
-    return assemble(rows, query_index, winners, distances, multi=isinstance(vectors, list))
+    found = assemble(rows, query_index, winners, distances, multi=isinstance(vectors, list))
+    EXACT.labels(index=cache.name, path=path if found is not None else "lancedb").inc()
+    return found
