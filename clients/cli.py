@@ -386,6 +386,7 @@ def cmd_models(args) -> int:
                     r = swap.report
                     print(
                         f"activated {r.new}: reindex {r.reindex_s:.1f}s, counts {r.counts}, "
+                        f"{r.failed} failed, "
                         f"overlap {r.overlap if r.overlap is None else round(r.overlap, 3)}; "
                         f"total {r.steps[-1][1]:.1f}s"
                     )
@@ -408,7 +409,8 @@ def cmd_models(args) -> int:
                     r = job.result
                     print(
                         f"activated {r['space']['model']} v{r['space']['version']}: reindex "
-                        f"{r['reindex_s']:.1f}s, {r['products']} products, overlap {round(r['overlap'], 3)} "
+                        f"{r['reindex_s']:.1f}s, {r['products']} products, {r.get('failed', 0)} failed, "
+                        f"overlap {round(r['overlap'], 3)} "
                         f"(job {job.id})"
                     )
             elif args.action == "drop":

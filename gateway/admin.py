@@ -187,6 +187,7 @@ def job_pb(job: JobRecord) -> pb.Job:
             reindex_s=r["reindex_s"],
             overlap=r["overlap"],
             products=r["products"],
+            failed=r.get("failed", 0),  # jobs recorded before the field existed
         )
     return pb.Job(
         id=job.id,

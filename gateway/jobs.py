@@ -356,6 +356,7 @@ class Jobs:
                 "reindex_s": r.reindex_s,
                 "overlap": r.overlap or 0.0,
                 "products": r.counts[1],
+                "failed": r.failed,
             }
             job.state, job.stage = SUCCEEDED, "done"
             log(logger, logging.INFO, "activation succeeded", job=job.id, space=str(r.new))

@@ -144,6 +144,7 @@ class SwapReport:
     reindex_s: float = 0.0
     counts: tuple[int, int] = (0, 0)
     overlap: float | None = None
+    failed: int = 0  # catalog products the rebuild could not embed
     steps: list[tuple[str, float]] = field(default_factory=list)
 
 
@@ -346,6 +347,7 @@ class Swap:
             self._step(f"caught up {n} metadata updates and deletes published during the rebuild")
         await self.index.optimize(self.report.new)
         self.report.reindex_s = time.perf_counter() - start
+        self.report.failed = len(result.failed)
         self._step(
             f"re-embedded {result.written} products ({result.embedded} embedded, "
             f"{result.unchanged} already done, {len(result.failed)} failed)"

@@ -47,6 +47,10 @@ def world(jobs_triton, swap_repo, catalog, image_server, redis_url, tmp_path):  
         rec["image_url"] = f"{image_server}/{'held/' if n == HELD_AT else ''}{rec['image_url']}"
     (catalogs / "catalog.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (catalogs / "short.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:50]))
+    # The same 50, one of whose images is not on the server (HTTP 404).
+    broken = [dict(r) for r in lines[:50]]
+    broken[7]["image_url"] = f"{image_server}/missing/{broken[7]['id']}.jpg"
+    (catalogs / "broken.jsonl").write_text("".join(json.dumps(r) + "\n" for r in broken))
     env = looksync_env(
         jobs_triton,
         tmp_path / "data",
@@ -209,6 +213,19 @@ def test_a_failed_activation_rolls_back(world):
     assert job.state == "failed" and "document counts differ" in job.error
     assert any(s.startswith("rolled back") for s in job.steps)
     assert _state(client) == {**before, "job": ("failed", "validate")}
+
+
+def test_a_forced_activation_reports_the_products_it_could_not_embed(world):
+    gateway, _, _ = world
+    _, client = gateway()
+    started = client.activate_model(2, "broken.jsonl", grace_s=0.5, force=True)
+    job = client.wait_job(started.job_id, poll_s=0.2, timeout_s=300)
+    assert job.state == "succeeded", job.error
+    assert (job.result.products, job.result.failed) == (49, 1)
+    assert any("1 failed" in s for s in job.steps), job.steps
+    # Overridden, and said so: 49 products now serve where 200 did.
+    assert any("overridden: document counts differ" in s for s in job.steps), job.steps
+    assert client.search_text("dress", k=1).space.version == 2
 
 
 def test_cancel_rolls_back(world, held_images):

@@ -63,20 +63,22 @@ class ActivateModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., catalog_path: _Optional[str] = ..., grace_s: _Optional[float] = ..., min_overlap: _Optional[float] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class ActivateModelResponse(_message.Message):
-    __slots__ = ("space", "reindex_s", "overlap", "products", "job_id", "job")
+    __slots__ = ("space", "reindex_s", "overlap", "products", "job_id", "job", "failed")
     SPACE_FIELD_NUMBER: _ClassVar[int]
     REINDEX_S_FIELD_NUMBER: _ClassVar[int]
     OVERLAP_FIELD_NUMBER: _ClassVar[int]
     PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
     space: EmbeddingSpace
     reindex_s: float
     overlap: float
     products: int
     job_id: str
     job: Job
-    def __init__(self, space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., reindex_s: _Optional[float] = ..., overlap: _Optional[float] = ..., products: _Optional[int] = ..., job_id: _Optional[str] = ..., job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+    failed: int
+    def __init__(self, space: _Optional[_Union[EmbeddingSpace, _Mapping]] = ..., reindex_s: _Optional[float] = ..., overlap: _Optional[float] = ..., products: _Optional[int] = ..., job_id: _Optional[str] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., failed: _Optional[int] = ...) -> None: ...
 
 class RollbackModelRequest(_message.Message):
     __slots__ = ("model",)
