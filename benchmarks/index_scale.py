@@ -183,6 +183,10 @@ async def measure(table, qs, truth, allowed, knobs: dict | None, partitions: int
         got = await query.to_arrow()
         latencies.append((time.perf_counter() - s) * 1000)
         recalls.append(len(set(got.column("id").to_pylist()) & t) / 10)
+    return summary(latencies, recalls)
+
+
+def summary(latencies: list[float], recalls: list[float]) -> dict:
     return {
         "p50_ms": float(np.percentile(latencies, 50)),
         "p99_ms": float(np.percentile(latencies, 99)),
@@ -204,12 +208,7 @@ async def measure_in_memory(table, qs, truth, allowed, dim: int) -> dict:
         got = await exact_search(table, cache, q, where, 10, ["id"])
         latencies.append((time.perf_counter() - s) * 1000)
         recalls.append(len(set(got.column("id").to_pylist()) & t) / 10)
-    return {
-        "p50_ms": float(np.percentile(latencies, 50)),
-        "p99_ms": float(np.percentile(latencies, 99)),
-        "recall@10": float(np.mean(recalls)),
-        "fill_ms": fill_ms,
-    }
+    return {**summary(latencies, recalls), "fill_ms": fill_ms}
 
 
 def knob_label(knobs: dict | None, partitions: int) -> str:
