@@ -21,6 +21,13 @@ restores the previous state and drops the half-built index (it missed writes onc
 being a write target, so it could not be resumed exactly). After it, only the grace period and
 the unloading of the old version remain; an interruption there leaves a state that a retry
 finishes and a rollback undoes.
+
+A job that finds its lock held by another job (its heartbeat was late past the TTL: a starved
+machine, a long Redis outage, and meanwhile another gateway resumed it) stops where it is and
+undoes nothing: the state is the other job's now, and restoring "before" would drop the index
+that job is building. Its record is left as it was, so it reads as interrupted (or as resumed,
+when the other job has said so). The alias move checks the lock first, so a job that lost it
+never commits.
 """
 
 from __future__ import annotations
@@ -117,6 +124,7 @@ class Jobs:
         self.latest_key = f"looksync:job-latest:{index.alias}"
         self.ttl_ms = int(settings.swap_lock_ttl_s * 1000)
         self._running: dict[str, tuple[JobRecord, asyncio.Task]] = {}  # this process's jobs
+        self._lost: set[str] = set()  # this process's jobs whose lock another job holds now
         self._redis: aioredis.Redis | None = None
         self._save_lock = asyncio.Lock()  # saves land in order: the last one wins
 
@@ -271,7 +279,7 @@ class Jobs:
                 # Our lock may have lapsed (a long Redis outage) and someone may have taken it.
                 renewed = await self.redis.eval(_RENEW, 1, self.lock_key, job.id, self.ttl_ms)
                 if not renewed and not await self.redis.set(self.lock_key, job.id, nx=True, px=self.ttl_ms):
-                    job.error = "lost the activation lock to another process"
+                    self._lose(job)
                     task.cancel()
                     return
                 if await self.redis.exists(f"looksync:job-cancel:{job.id}"):
@@ -281,6 +289,27 @@ class Jobs:
                 await self._save(job)
             except (RedisError, OSError, LookSyncError) as exc:
                 log(logger, logging.WARNING, "job heartbeat failed; retrying", job=job.id, error=str(exc))
+
+    def _lose(self, job: JobRecord) -> None:
+        job.error = "lost the activation lock to another process"
+        self._lost.add(job.id)
+        log(
+            logger,
+            logging.WARNING,
+            "activation lock taken by another job; stopping, undoing nothing",
+            job=job.id,
+        )
+
+    async def _still_ours(self, job: JobRecord) -> bool:
+        """Renews the lock; False only when Redis says another job holds it."""
+        try:
+            if await self.redis.eval(_RENEW, 1, self.lock_key, job.id, self.ttl_ms):
+                return True
+            return not await self.redis.exists(self.lock_key) and bool(
+                await self.redis.set(self.lock_key, job.id, nx=True, px=self.ttl_ms)
+            )
+        except (RedisError, OSError):
+            return True  # unknown: the state is this job's as far as anyone can tell
 
     async def wait(self, job_id: str) -> JobRecord:
         """Until this process's job has ended; its final record."""
@@ -326,6 +355,10 @@ class Jobs:
                     await stage("validate")
                     await swap.validate(catalog, min_overlap, force)
                     await stage("switch")
+                    # The commit point: never move the alias under a lock another job holds.
+                    if not await self._still_ours(job):
+                        self._lose(job)
+                        raise asyncio.CancelledError
                     await swap.move()
                     job.committed = True
                 else:
@@ -334,6 +367,9 @@ class Jobs:
                 await swap.unload_old(grace_s)
                 await stage("unloaded")
             except asyncio.CancelledError:
+                if job.id in self._lost or not await self._still_ours(job):
+                    self._lost.add(job.id)
+                    raise  # the other job owns the state now: nothing to undo (module docstring)
                 if job.committed and not job.error:
                     # The gateway is shutting down after the alias moved: leave the job for a
                     # retry (which finishes the grace period) or a rollback. It reads as
@@ -346,7 +382,9 @@ class Jobs:
             except Exception as exc:
                 job.error = redact(str(exc)) or type(exc).__name__
                 log(logger, logging.WARNING, "activation failed", job=job.id, error=job.error)
-                if not job.committed:
+                if not await self._still_ours(job):
+                    self._lost.add(job.id)  # the failure may be the other job's doing: leave it be
+                elif not job.committed:
                     await self._restore(job, models)
                 job.state = FAILED
                 return
@@ -362,8 +400,11 @@ class Jobs:
             log(logger, logging.INFO, "activation succeeded", job=job.id, space=str(r.new))
         finally:
             heartbeat.cancel()
-            await self._quiet_save(job)
-            await self._release(job.id)
+            if job.id in self._lost:
+                self._lost.discard(job.id)  # its record stays as the job that took over left it
+            else:
+                await self._quiet_save(job)
+                await self._release(job.id)
             await models.close()
 
     async def _quiet_save(self, job: JobRecord) -> None:

@@ -238,6 +238,37 @@ def test_cancel_rolls_back(world, held_images):
     assert _state(client) == {**before, "job": ("cancelled", "reindex")}
 
 
+def test_a_job_whose_lock_another_job_took_stops_and_undoes_nothing(world, held_images, redis_url):
+    """A heartbeat late past the TTL (a starved machine, a Redis outage) and meanwhile another
+    gateway took the lock: the job must not restore its "before", which would drop the index
+    the other job is building. It stops, reads as interrupted, and a retry finishes it."""
+    gateway, _, total = world
+    _, client = gateway()
+    _, started = _held_activation(client)
+    during = _state(client)
+    assert during["written"] == ["products-clip-v2"] and during["loaded"] == [1, 2]
+    r = redis_sync.Redis.from_url(redis_url)
+    lock = "looksync:swap-lock:products"
+    r.set(lock, "another-job", px=600_000)
+    stopped = wait_for(
+        lambda: (j := client.get_job(started.job_id)).state == "interrupted" and j,
+        what="the job to notice that another job holds its lock",
+    )
+    assert stopped.stage == "reindex"
+    assert _state(client) == {**during, "job": ("interrupted", "reindex")}
+    assert r.get(lock) == b"another-job"  # never released by the job that lost it
+
+    # The other job is gone; retrying the version resumes the stopped job and completes it.
+    r.delete(lock)
+    held_images.set()
+    again = client.activate_model(2, "catalog.jsonl", grace_s=0.5, force=True)
+    done = client.wait_job(again.job_id, poll_s=0.2, timeout_s=300)
+    assert done.state == "succeeded", done.error
+    assert done.result.products == total
+    assert any(f"resumed interrupted job {started.job_id}" in s for s in done.steps), done.steps
+    assert _state(client)["alias"] == "products-clip-v2"
+
+
 @pytest.mark.parametrize("then", ["retry", "rollback"])
 def test_a_gateway_killed_mid_swap_leaves_a_state_a_retry_or_rollback_completes(world, held_images, then):
     gateway, url, total = world
