@@ -115,6 +115,80 @@ def test_bad_look_requests_are_invalid_argument(client):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
 
 
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def _boxes(resp):
+    return {
+        layer.layer: (layer.box.left, layer.box.top, layer.box.right, layer.box.bottom)
+        for layer in resp.layers
+    }
+
+
+def test_garment_boxes_are_in_the_pixels_of_the_look_as_sent(client, catalog, products):
+    """The look is worked on reduced to 1024 px; boxes must come back in the client's pixels,
+    and in the frame a viewer shows (EXIF orientation applied)."""
+    image, _ = _look_of(catalog, products, 6)
+    look = Image.open(io.BytesIO(image)).convert("RGB")
+    small = client.search_look(_png(look), k_per_layer=3)
+    scale = 4
+    big_look = look.resize((look.width * scale, look.height * scale), Image.Resampling.BICUBIC)
+    assert max(big_look.size) > 1024  # reduced before the garments are found
+    big = client.search_look(_png(big_look), k_per_layer=3)
+    small_boxes, big_boxes = _boxes(small), _boxes(big)
+    assert small_boxes.keys() == big_boxes.keys() and small_boxes
+    for layer, box in small_boxes.items():
+        expected = [scale * v for v in box]
+        # The zones are cut on a copy 1024 / 2304 the size: a few of its pixels of rounding.
+        assert all(abs(got - want) <= 3 * scale for got, want in zip(big_boxes[layer], expected)), (
+            layer,
+            big_boxes[layer],
+            expected,
+        )
+    # Stored lying on its side with an EXIF orientation (a phone photo): answered as seen.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the viewer turns it 90 degrees clockwise
+    turned = client.search_look(_png(look.transpose(Image.Transpose.ROTATE_90), exif=exif), k_per_layer=3)
+    assert _boxes(turned) == small_boxes
+    assert [[h.product.id for h in layer.hits] for layer in turned.layers] == [
+        [h.product.id for h in layer.hits] for layer in small.layers
+    ]
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 3), (600, 1), (4000, 3), (2, 900)])
+def test_tiny_and_thin_looks_are_answered(client, size):
+    resp = client.search_look(_png(Image.new("RGB", size, (180, 40, 40))), k_per_layer=2)
+    assert resp.layers
+    width, height = size
+    for layer in resp.layers:
+        assert (
+            0 <= layer.box.left < layer.box.right <= width and 0 <= layer.box.top < layer.box.bottom <= height
+        )
+
+
+def test_k_per_layer_above_the_configured_candidates_is_honoured(client, catalog, products):
+    """LOOKSYNC_LOOK_CANDIDATES (30) is how many are retrieved for dedup and rerank; a request
+    for more gets more. The sample catalog has 57 bottoms."""
+    image, _ = _look_of(catalog, products, 7)
+    resp = client.search_look(image, k_per_layer=50)
+    counts = {layer.layer: len(layer.hits) for layer in resp.layers}
+    assert all(n <= 50 for n in counts.values()), counts
+    assert counts.get("bottomwear", 0) > 30, counts
+
+
+def test_search_image_sees_a_photo_as_its_exif_orientation_shows_it(client, catalog, products):
+    photo = Image.open(catalog.parent / products[5].image_url).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 8  # the viewer turns it 90 degrees anticlockwise
+    upright = client.search_image(_png(photo), k=5)
+    stored_turned = client.search_image(_png(photo.transpose(Image.Transpose.ROTATE_270), exif=exif), k=5)
+    assert [h.product.id for h in stored_turned.hits] == [h.product.id for h in upright.hits]
+    assert [h.score for h in stored_turned.hits] == pytest.approx([h.score for h in upright.hits], abs=1e-5)
+
+
 # --- near-duplicates -----------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 # Pillow's own bomb guard fires at ~179 MP with an exception and warns from ~89 MP; our limit
 # is applied first (from the header, before any pixel is decoded), so silence the warning.
@@ -91,14 +91,39 @@ def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Imag
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Fully decode an image to RGB; truncated or corrupt data raises InvalidImage."""
+    """Fully decode an image to RGB, upright; truncated or corrupt data raises InvalidImage."""
     img = probe_image(data, max_pixels)
     try:
         img.seek(0)  # animated formats: the first frame is the product shot
         img.load()
     except Exception as exc:
         raise InvalidImage(f"image data is corrupt or truncated ({exc})") from None
-    return to_rgb(img)
+    return to_rgb(upright(img))
+
+
+# EXIF orientations that swap width and height (a phone held upright stores 6 or 8).
+SWAPS_SIDES = (5, 6, 7, 8)
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored; 2-8 = how a viewer turns or mirrors it)."""
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block: show the pixels as stored, as browsers do
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: phones store pixels as the sensor read them plus an EXIF
+    orientation, and an image search must see what the user saw (a shop photo on its side
+    embeds far from itself). A copy only when there is something to turn."""
+    if orientation(img) == 1:
+        return img
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:
+        return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -24,12 +24,13 @@ BODY_ZONES: dict[str, tuple[float, float, tuple[str, ...]]] = {
 
 
 def zone_box(zone: str, width: int, height: int) -> tuple[int, int, int, int]:
-    """The square box (centred in the zone) that a garment of that zone occupies."""
+    """The square box (centred in the zone) that a garment of that zone occupies; at least one
+    pixel, inside the look, however small or thin the look is."""
     top_f, bottom_f, _ = BODY_ZONES[zone]
     top, bottom = int(top_f * height), int(bottom_f * height)
-    side = min(bottom - top, width)
+    side = max(1, min(bottom - top, width, height))
     left = (width - side) // 2
-    top += (bottom - top - side) // 2
+    top = min(max(0, top + (bottom - top - side) // 2), height - side)
     return left, top, left + side, top + side
 
 

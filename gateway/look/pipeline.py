@@ -29,7 +29,13 @@ from gateway.index.base import CatalogIndex, EmbeddingSpace
 from gateway.items import OVERFETCH, group_by_item
 from gateway.llm import LLMError
 from gateway.look.dedup import dedup
-from gateway.look.querygen import FallbackQueryGenerator, LLMQueryGenerator, decode_look_async, llm_image
+from gateway.look.querygen import (
+    FallbackQueryGenerator,
+    LLMQueryGenerator,
+    decode_look_async,
+    llm_image,
+    source_box,
+)
 from gateway.look.rerank import LLMReranker, embedding_rerank
 from gateway.look.stored import restore, to_stored
 from gateway.look.types import Candidate, LayerOutcome, LayerQuery
@@ -134,7 +140,7 @@ class LookSearcher:
             if layers is not None:
                 return LookResult(layers, space, timings, cached=True)
         with timings.stage("decode"):
-            look = await decode_look_async(image, self.max_image_pixels)
+            look = await decode_look_async(image, self.max_image_pixels, deadline)
             # The LLM sees the look reduced and re-encoded once, labelled with its true type,
             # never the client's original (up to 16 MB) inlined into each of up to 9 calls.
             llm_look = (
@@ -149,7 +155,9 @@ class LookSearcher:
             await self._embed_queries(queries, look, space, deadline)
         # 3 retrieve + 3b dedup, all layers at once
         with timings.stage("retrieve"):
-            outcomes = await asyncio.gather(*(self._retrieve(q, space, filters, deadline) for q in queries))
+            outcomes = await asyncio.gather(
+                *(self._retrieve(q, space, filters, deadline, k) for q in queries)
+            )
         if fallback_started is not None:
             self.query_reserve.observe(time.monotonic() - fallback_started)
         # 4 rerank, all layers at once; segmentation (if configured) runs once, for whichever
@@ -159,8 +167,14 @@ class LookSearcher:
             await asyncio.gather(
                 *(self._rerank(llm_look, o, deadline, segmented, str(i)) for i, o in enumerate(outcomes))
             )
+        mapped = set()
         for outcome in outcomes:
             outcome.candidates = outcome.candidates[:k]
+            query = outcome.query
+            if query.region is not None and id(query) not in mapped:
+                # Found on the working copy of the look; answered in the look's own pixels.
+                query.region = replace(query.region, box=source_box(query.region.box, look))
+                mapped.add(id(query))
         await self.result_cache.set(cache_key, to_stored(outcomes))
         return LookResult(list(outcomes), space, timings)
 
@@ -249,9 +263,13 @@ class LookSearcher:
             for (q, region), v in zip(need_region, results.pop(0)):
                 q.region, q.region_vector = region, v
 
-    async def _retrieve(self, query: LayerQuery, space, filters: SearchFilters, deadline) -> LayerOutcome:
-        """kNN for one layer. A region embedding (the garment itself) leads when there is one;
-        the text query alone is the LLM path's vector."""
+    async def _retrieve(
+        self, query: LayerQuery, space, filters: SearchFilters, deadline, k: int = 0
+    ) -> LayerOutcome:
+        """kNN for one layer, at least `k` candidates (the request's k_per_layer) or the
+        configured candidates when more. A region embedding (the garment itself) leads when
+        there is one; the text query alone is the LLM path's vector."""
+        wanted = max(self.settings.candidates_per_layer, k)
         vector = query.text_vector
         if vector is None:  # image-only space
             vector = query.region_vector
@@ -272,15 +290,13 @@ class LookSearcher:
             vector,
             vector_space,
             layer_filters,
-            self.settings.candidates_per_layer * OVERFETCH,
+            wanted * OVERFETCH,
             with_vectors=True,
             timeout_s=deadline.left(),
         )
         # One candidate per item (offers attached); listings the dedup job has not grouped yet
         # are collapsed by image similarity.
-        hits = await group_by_item(
-            self.index, vector_space, hits, layer_filters, self.settings.candidates_per_layer
-        )
+        hits = await group_by_item(self.index, vector_space, hits, layer_filters, wanted)
         # The space's calibrated threshold when it has one (looksync calibrate-dedup).
         threshold = space.dedup_threshold or self.settings.dedup_threshold
         candidates = dedup([Candidate(h) for h in hits], threshold)

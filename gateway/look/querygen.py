@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from export.triton.preprocess import InvalidImage, probe_image, to_rgb
+from export.triton.preprocess import SWAPS_SIDES, InvalidImage, orientation, probe_image, to_rgb, upright
 from gateway.embedder import TritonEmbedder
-from gateway.errors import InvalidArgument, LookSyncError
+from gateway.errors import DeadlineExceeded, InvalidArgument, LookSyncError
 from gateway.index.base import EmbeddingSpace
 from gateway.llm import LLMClient, LLMError, image_part, load_prompt
 from gateway.look.localizer import Localizer
@@ -243,20 +243,44 @@ LOOK_DECODES_AT_ONCE = max(1, (os.cpu_count() or 2) // 2)
 _decode_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> semaphore
 
 
+# Where decode_look records the look's size as sent (upright): garment boxes are given in it.
+SOURCE_SIZE = "looksync.source_size"
+
+
 def decode_look(data: bytes, max_pixels: int) -> Image.Image:
-    """The look, decoded and reduced to LOOK_WORKING_SIDE: a truncated or corrupt file is the
-    client's error. JPEGs decode straight at a reduced scale (draft mode: 1/2 to 1/8 in the
-    DCT), so a 25 MP JPEG never exists in memory at full size; other formats decode in full,
-    then shrink."""
+    """The look, decoded, upright (EXIF orientation applied) and reduced to LOOK_WORKING_SIDE: a
+    truncated or corrupt file is the client's error. JPEGs decode straight at a reduced scale
+    (draft mode: 1/2 to 1/8 in the DCT), so a 25 MP JPEG never exists in memory at full size;
+    other formats decode in full, then shrink. `img.info[SOURCE_SIZE]` is the size the client's
+    pixels have upright, which `source_box` maps garment boxes back to."""
     try:
         img = probe_image(data, max_pixels)
+        width, height = img.size
+        if orientation(img) in SWAPS_SIDES:
+            width, height = height, width
         img.draft("RGB", (LOOK_WORKING_SIDE, LOOK_WORKING_SIDE))
-        img = to_rgb(_load_first_frame(img))
+        img = to_rgb(upright(_load_first_frame(img)))
     except InvalidImage as exc:
         raise InvalidArgument(f"image: {exc}") from None
     if max(img.size) > LOOK_WORKING_SIDE:
         img.thumbnail((LOOK_WORKING_SIDE, LOOK_WORKING_SIDE), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    img.info[SOURCE_SIZE] = (width, height)
     return img
+
+
+def source_box(box: tuple[int, int, int, int], look: Image.Image) -> tuple[int, int, int, int]:
+    """A box on the working copy of the look, in the pixels of the look as sent (upright)."""
+    width, height = look.info.get(SOURCE_SIZE, look.size)
+    sx, sy = width / look.width, height / look.height
+    if (sx, sy) == (1.0, 1.0):
+        return tuple(box)
+    left, top, right, bottom = box
+    return (
+        min(width, round(left * sx)),
+        min(height, round(top * sy)),
+        min(width, round(right * sx)),
+        min(height, round(bottom * sy)),
+    )
 
 
 def llm_image(look: Image.Image) -> bytes:
@@ -267,13 +291,23 @@ def llm_image(look: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-async def decode_look_async(data: bytes, max_pixels: int) -> Image.Image:
+async def decode_look_async(data: bytes, max_pixels: int, deadline=None) -> Image.Image:
     """decode_look off the event loop (other RPCs keep being served meanwhile), at most
-    LOOK_DECODES_AT_ONCE at a time, which bounds the decode memory of the whole gateway."""
+    LOOK_DECODES_AT_ONCE at a time, which bounds the decode memory of the whole gateway.
+    With a `deadline` (gateway/search.py), a request whose deadline passes while it queues
+    for a slot fails then, never decoding a look nobody waits for any more."""
     loop = asyncio.get_running_loop()
     slots = _decode_slots.setdefault(loop, asyncio.Semaphore(LOOK_DECODES_AT_ONCE))
-    async with slots:
+    try:
+        await asyncio.wait_for(slots.acquire(), None if deadline is None else deadline.left())
+    except TimeoutError:
+        raise DeadlineExceeded("the request's deadline passed while it waited to decode the look") from None
+    try:
+        if deadline is not None:
+            deadline.left()  # raises once it has passed
         return await asyncio.to_thread(decode_look, data, max_pixels)
+    finally:
+        slots.release()
 
 
 def _load_first_frame(img: Image.Image) -> Image.Image:
