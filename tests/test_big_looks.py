@@ -108,3 +108,43 @@ def test_search_text_keeps_its_latency_while_big_looks_are_in_flight(
     assert loaded <= 3 * idle, (idle, loaded)
     bound = LOOKS_IN_FLIGHT * 20 + LOOK_DECODES_AT_ONCE * 4 * 30_000_000 / (1 << 20)
     assert peak - base_rss < bound, (base_rss, peak, bound)
+
+
+def test_a_look_whose_deadline_passes_while_it_queues_is_never_decoded(monkeypatch):
+    """Decode slots are few (LOOK_DECODES_AT_ONCE): a request whose deadline passes while it
+    waits for one fails then, instead of decoding a look nobody waits for and delaying those
+    queued behind it."""
+    import asyncio
+
+    from gateway.errors import DeadlineExceeded
+    from gateway.look import querygen
+    from gateway.search import Deadline
+
+    decoded = []
+    real = querygen.decode_look
+    monkeypatch.setattr(querygen, "decode_look", lambda data, px: decoded.append(1) or real(data, px))
+    look = io.BytesIO()
+    Image.new("RGB", (64, 128), (20, 90, 200)).save(look, "PNG")
+
+    async def run():
+        slots = querygen._decode_slots.setdefault(
+            asyncio.get_running_loop(), asyncio.Semaphore(LOOK_DECODES_AT_ONCE)
+        )
+        for _ in range(LOOK_DECODES_AT_ONCE):  # every slot busy with other looks
+            await slots.acquire()
+        started = time.monotonic()
+        try:
+            await querygen.decode_look_async(look.getvalue(), 10**7, Deadline.after(0.3))
+        except DeadlineExceeded:
+            waited = time.monotonic() - started
+        else:
+            raise AssertionError("decoded after its deadline")
+        for _ in range(LOOK_DECODES_AT_ONCE):
+            slots.release()
+        assert not decoded
+        img = await querygen.decode_look_async(look.getvalue(), 10**7, Deadline.after(30))
+        return waited, img
+
+    waited, img = asyncio.run(run())
+    assert 0.29 <= waited < 10  # failed at its deadline, not after the slots freed
+    assert img.size == (64, 128) and decoded == [1]

@@ -168,6 +168,32 @@ def test_look_search_finds_the_worn_garments(demo):
     assert recall >= LOOK_R5_MIN
 
 
+def test_triton_out_of_reach_fails_the_look_and_never_turns_the_detector_off(demo):
+    """Triton unreachable is UNAVAILABLE for that look, not 30 s of body zones (and answers
+    cached as if they were the detector's best) once it is back."""
+    import asyncio
+
+    from PIL import Image
+
+    from gateway.embedder import TritonEmbedder
+    from gateway.errors import Unavailable
+    from gateway.look.detector import DetectorLocalizer
+    from tests.conftest import free_port
+
+    _, world, manifest, server, _ = demo
+    look = Image.open(world / manifest["looks"][0]["image"]).convert("RGB")
+
+    async def run():
+        localizer = DetectorLocalizer(TritonEmbedder(f"127.0.0.1:{free_port()}"))  # nothing listens
+        with pytest.raises(Unavailable):
+            await localizer.regions(look, 5.0)
+        localizer.embedder = TritonEmbedder(f"127.0.0.1:{server.grpc_port}")  # Triton is back
+        return await localizer.regions(look, 30.0)
+
+    regions = asyncio.run(run())
+    assert regions and {r.source for r in regions} == {"detector"}
+
+
 def test_text_queries_find_colour_and_pattern(demo):
     gw, world, manifest, _, _ = demo
     attrs = manifest["attributes"]

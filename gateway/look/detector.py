@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from export.detector import letterbox
-from gateway.errors import LookSyncError
+from gateway.errors import DeadlineExceeded, LookSyncError, Unavailable
 from gateway.look.localizer import BodyZoneLocalizer
 from gateway.look.types import Region
 from gateway.observability import log
@@ -157,7 +157,8 @@ def regions_from_logits(
 
 class DetectorLocalizer:
     """Garments from the detector; body zones when it is not served (checked again every
-    `retry_s`) or finds nothing in a look."""
+    `retry_s`), is too slow once, or finds nothing in a look. A Triton that cannot be reached
+    fails the search (UNAVAILABLE) rather than turning the detector off for `retry_s`."""
 
     name = "detector"
 
@@ -176,6 +177,12 @@ class DetectorLocalizer:
                 self._spec = DetectorSpec(
                     tuple(params["classes"].split(",")), int(params["input_size"]), int(params["stride"])
                 )
+            except Unavailable:
+                # Triton itself is unreachable: this search cannot be answered at all, and the
+                # next one must ask again rather than settle for zones for `retry_s`.
+                raise
+            except DeadlineExceeded:
+                return None  # slow this once: zones for this look, ask again for the next
             except (LookSyncError, KeyError, ValueError) as exc:
                 self._unavailable_until = time.monotonic() + self.retry_s
                 log(logger, logging.WARNING, "garment detector not served; using body zones", error=str(exc))
