@@ -11,6 +11,7 @@ import asyncio
 import math
 import re
 import time
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -67,6 +68,12 @@ class Deadline:
         return min(left, cap) if cap is not None else left
 
 
+def _visible(text: str) -> bool:
+    """Whether the text has a letter, digit, punctuation mark or symbol: only spaces, zero-width
+    and other format or control characters is as empty as "" to a text encoder."""
+    return any(unicodedata.category(ch)[0] in "LNPS" for ch in text)
+
+
 def check_k(k: int, max_k: int, field_name: str = "k") -> int:
     # proto3 cannot tell an unset k from 0; a silent default would hide client bugs.
     if k < 1 or k > max_k:
@@ -76,7 +83,7 @@ def check_k(k: int, max_k: int, field_name: str = "k") -> int:
 
 def check_text(text: str, field_name: str, required: bool = True) -> tuple[str, bool]:
     text = text.strip()
-    if required and not text:
+    if required and not _visible(text):
         raise InvalidArgument(f"{field_name}: empty text")
     if len(text) > MAX_TEXT_CHARS:
         return text[:MAX_TEXT_CHARS], True
@@ -117,6 +124,8 @@ async def request_space(index: CatalogIndex, requested: EmbeddingSpace | None) -
         raise InvalidArgument(f"space.model: {requested.model!r} is not a model name ([a-z0-9_-], up to 64)")
     if requested.version < 0:
         raise InvalidArgument(f"space.version: {requested.version} is negative (0 = the newest)")
+    if requested.dim < 0:
+        raise InvalidArgument(f"space.dim: {requested.dim} is negative (0 = any)")
     wanted = f"{requested.model} v{requested.version}" if requested.version else requested.model
     if current is not None and requested.model == current.model and requested.version in (0, current.version):
         space = current

@@ -18,7 +18,7 @@ from prometheus_client import start_http_server
 from gateway.api import looksync_pb2 as pb
 from gateway.api import looksync_pb2_grpc as pb_grpc
 from gateway.embedder import TritonEmbedder
-from gateway.errors import LookSyncError
+from gateway.errors import InvalidArgument, LookSyncError
 from gateway.filters import from_proto
 from gateway.index.base import CatalogIndex, EmbeddingSpace
 from gateway.look.pipeline import LookResult, LookSearcher, LookSettings
@@ -175,6 +175,9 @@ def _look_response(result: LookResult, request_id: str) -> pb.SearchLookResponse
 
 def _space_from_proto(msg) -> EmbeddingSpace | None:
     if not msg.model:
+        if msg.version or msg.dim:
+            # A pin without its model would silently answer from whatever the alias serves.
+            raise InvalidArgument("space.model: required when space.version or space.dim is set")
         return None
     return EmbeddingSpace(msg.model, msg.version, msg.dim)
 
