@@ -36,6 +36,7 @@ import re
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -336,6 +337,9 @@ VECTOR_INDEX_TYPES = {
     "int4_flat": (8, 15),
     "bbq_flat": (8, 16),
 }
+# Binary quantisation needs at least this many dimensions (bbq_hnsw, bbq_flat).
+# https://www.elastic.co/guide/en/elasticsearch/reference/8.17/dense-vector.html#dense-vector-quantization
+BBQ_MIN_DIMS = 64
 _FIELD_PARAMS = {
     "keyword": {"type", "ignore_above", "fields"},
     "text": {"type", "fields"},
@@ -953,6 +957,12 @@ class ElasticsearchDouble:
         # Test control, not an Elasticsearch behaviour: while set to an unset Event, _search
         # requests wait for it (a slow cluster, without guessing how slow).
         self.hold_searches: threading.Event | None = None
+        # Test control: index name -> reason. That index answers searches and counts as if it had
+        # two primary shards and every copy of the second were unreachable: Elasticsearch then
+        # answers 200 with the first shard's hits and the failure in `_shards` (partial results
+        # are allowed by default: `allow_partial_search_results`, search-search.html), which a
+        # client must check. Documents go to the lost shard by a stable hash of their _id.
+        self.lost_shard: dict[str, str] = {}
         self.lock = threading.Lock()
         self.node_id = uuid.uuid4().hex[:22]
         self.cluster_uuid = uuid.uuid4().hex[:22]
@@ -1410,6 +1420,15 @@ class ElasticsearchDouble:
                     400,
                     "mapper_parsing_exception",
                     f"Unknown vector index options type [{options['type']}] for field [{where}]",
+                )
+            if options["type"].startswith("bbq") and isinstance(dims, int) and dims < BBQ_MIN_DIMS:
+                # DenseVectorFieldMapper.BBQ_MIN_DIMS; the mapper's IllegalArgumentException comes
+                # back wrapped as a mapping failure.
+                raise EsError(
+                    400,
+                    "mapper_parsing_exception",
+                    f"Failed to parse mapping: {options['type']} does not support dimensions fewer than "
+                    f"{BBQ_MIN_DIMS}; provided={dims}",
                 )
             extra = sorted(set(options) - {"type", "m", "ef_construction", "confidence_interval"})
             if extra:
@@ -2587,6 +2606,24 @@ class ElasticsearchDouble:
             return True, as_list(value.get("includes")), as_list(value.get("excludes"))
         raise parse_error("[_source] must be a boolean, a string, an array or an object")
 
+    def _answering(self, index: Index):
+        """The documents a search over `index` sees, and the failure of its lost shard if a test
+        set one (`lost_shard`)."""
+        reason = self.lost_shard.get(index.name)
+        if reason is None:
+            return index.visible.items(), None
+        docs = [(d, r) for d, r in index.visible.items() if zlib.crc32(d.encode()) % 2 == 0]
+        failure = {
+            "shard": 1,
+            "index": index.name,
+            "node": self.node_id,
+            "reason": {"type": "node_not_connected_exception", "reason": reason},
+        }
+        return docs, failure
+
+    def _shard_count(self, targets: list[Index]) -> int:
+        return sum(2 if index.name in self.lost_shard else 1 for index in targets)
+
     def _shards(self, total: int, failures: list[dict]) -> dict:
         out = {"total": total, "successful": total - len(failures), "skipped": 0, "failed": len(failures)}
         if failures:
@@ -2661,18 +2698,21 @@ class ElasticsearchDouble:
         failures: list[dict] = []
         scored: list[tuple[float, str, str, dict]] = []
         for index in targets:
+            docs, lost = self._answering(index)
+            if lost is not None:
+                failures.append(lost)
             try:
                 if knn is not None:
-                    scored.extend(self._knn_index(index, knn))
+                    scored.extend(self._knn_index(index, knn, docs))
                 else:
                     matcher = bind_query(parsed_query or ("match_all",), index, scoring=True)
-                    for doc_id, record in index.visible.items():
+                    for doc_id, record in docs:
                         score = matcher(doc_id, record["source"])
                         if score is not None:
                             scored.append((_f32(score), index.name, doc_id, record["source"]))
             except ShardFailure as exc:
                 failures.append(self._shard_failure(index, exc))
-        if targets and len(failures) == len(targets):
+        if targets and len(failures) == self._shard_count(targets):
             raise self._all_shards_failed("dfs" if knn is not None else "query", failures)
         # Ties: Elasticsearch orders equal scores by shard and Lucene doc id (roughly index
         # order); the double orders them by index name then _id, which is stable and close.
@@ -2705,7 +2745,7 @@ class ElasticsearchDouble:
         out = {
             "took": 1,
             "timed_out": False,
-            "_shards": self._shards(len(targets), failures),
+            "_shards": self._shards(self._shard_count(targets), failures),
             "hits": out_hits,
         }
         if aggs:
@@ -2788,7 +2828,7 @@ class ElasticsearchDouble:
             "filter": ("bool", [], filters, [], [], None),
         }
 
-    def _knn_index(self, index: Index, knn: dict) -> list[tuple[float, str, str, dict]]:
+    def _knn_index(self, index: Index, knn: dict, docs=None) -> list[tuple[float, str, str, dict]]:
         """One index's exact kNN: filter first, then the k best by the field's similarity.
         Scores: https://www.elastic.co/guide/en/elasticsearch/reference/8.17/dense-vector.html#dense-vector-similarity"""
         field = knn["field"]
@@ -2821,7 +2861,7 @@ class ElasticsearchDouble:
         if similarity == "cosine":
             q = q / np.float32(np.linalg.norm(q))
         scored = []
-        for doc_id, record in index.visible.items():
+        for doc_id, record in index.visible.items() if docs is None else docs:
             values = _values_at(record["source"], path)
             if not values or matcher(doc_id, record["source"]) is None:
                 continue
@@ -2850,18 +2890,17 @@ class ElasticsearchDouble:
         targets = self._search_targets(args, params, self.now())
         count, failures = 0, []
         for index in targets:
+            docs, lost = self._answering(index)
+            if lost is not None:
+                failures.append(lost)
             try:
                 matcher = bind_query(parsed, index, scoring=False)
-                count += sum(
-                    1
-                    for doc_id, record in index.visible.items()
-                    if matcher(doc_id, record["source"]) is not None
-                )
+                count += sum(1 for doc_id, record in docs if matcher(doc_id, record["source"]) is not None)
             except ShardFailure as exc:
                 failures.append(self._shard_failure(index, exc))
-        if targets and len(failures) == len(targets):
+        if targets and len(failures) == self._shard_count(targets):
             raise self._all_shards_failed("query", failures)
-        return 200, {"count": count, "_shards": self._shards(len(targets), failures)}
+        return 200, {"count": count, "_shards": self._shards(self._shard_count(targets), failures)}
 
 
 class DuplicateKey(ValueError):

@@ -749,6 +749,25 @@ def test_strict_mapping_refuses_new_fields(d, es):
     assert d.indices["products"].docs == {} and d.indices["products"].seq_no == -1
 
 
+def test_binary_quantisation_needs_64_dimensions(d, es):
+    """https://www.elastic.co/guide/en/elasticsearch/reference/8.17/dense-vector.html#dense-vector-quantization
+    (DenseVectorFieldMapper.BBQ_MIN_DIMS)"""
+
+    def vector(dims):
+        return {
+            "type": "dense_vector",
+            "dims": dims,
+            "similarity": "cosine",
+            "index_options": {"type": "bbq_hnsw"},
+        }
+
+    with pytest.raises(BadRequestError) as caught:
+        es.indices.create(index="small", mappings={"properties": {"v": vector(63)}})
+    assert error_of(caught)["type"] == "mapper_parsing_exception"
+    assert "bbq_hnsw does not support dimensions fewer than 64; provided=63" in error_of(caught)["reason"]
+    es.indices.create(index="enough", mappings={"properties": {"v": vector(64)}})
+
+
 def test_dense_vector_dimensions_and_magnitude(d, es):
     """https://www.elastic.co/guide/en/elasticsearch/reference/8.17/dense-vector.html#dense-vector-similarity"""
     make_products(es)

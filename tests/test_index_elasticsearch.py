@@ -152,6 +152,9 @@ def test_index_body_per_server_version():
         index_body(SPACE64, server=(8, 11))  # int8_hnsw arrived in 8.12
     with pytest.raises(FailedPrecondition):
         index_body(SPACE64, server=(8, 15), index_type="bbq_hnsw")
+    # Elasticsearch refuses binary quantisation under 64 dimensions: say so before it does.
+    with pytest.raises(FailedPrecondition, match="at least 64 dimensions"):
+        index_body(EmbeddingSpace("clip", 1, 63), server=(9, 0), index_type="bbq_hnsw")
 
 
 def test_identity_is_read_from_meta():
@@ -977,3 +980,55 @@ def test_a_slow_search_ends_at_the_requests_deadline_not_the_client_timeout():
         fake.stop()
     assert took < 2.5, took  # the deadline (0.3 s) plus a loaded machine's margin, not 5 s
     assert len(hits) == 3  # the held request did not break the client for the next one
+
+
+def test_an_answer_from_part_of_the_shards_is_unavailable_never_a_shorter_answer():
+    """Every copy of one shard down: Elasticsearch answers searches and counts 200 with the other
+    shards' hits and the failure in `_shards` (partial results are allowed by default). A kNN
+    answer, a dedup scan, a category census or a swap's count from part of the catalog would
+    pass for the whole, so each is Unavailable naming the shards."""
+    from gateway.errors import Unavailable
+
+    space = EmbeddingSpace("clip", 1, 16)
+    fake = ElasticsearchDouble()
+    products, vectors = _products(40), _vectors(40)
+    reads = {
+        "search": lambda index: index.search(vectors[0], space, build_filters(), 40),
+        "neighbours": lambda index: index.neighbours([vectors[0]], space, build_filters(), 40),
+        "count": lambda index: index.count(space),
+        "categories": lambda index: index.categories(space),
+        "scan": lambda index: _drain(index.scan(space, batch_size=7)),
+        "listings": lambda index: index.listings(space, [p.item_id or p.id for p in products]),
+        "look matches": lambda index: index.look_matches.count(),
+    }
+
+    async def scenario():
+        index = ElasticIndex(fake.url, refresh_s=0.0, index_type="hnsw")
+        try:
+            await index.upsert(space, [(p, "h", v) for p, v in zip(products, vectors)])
+            await index.refresh(space)
+            whole = {name: await read(index) for name, read in reads.items()}
+            fake.lost_shard = {space.index_name: "node left", index.look_matches.name: "node left"}
+            refused = {}
+            for name, read in reads.items():
+                with pytest.raises(Unavailable) as err:
+                    await read(index)
+                refused[name] = str(err.value)
+            fake.lost_shard = {}
+            again = {name: await read(index) for name, read in reads.items()}
+            return whole, refused, again
+        finally:
+            await index.close()
+
+    try:
+        whole, refused, again = asyncio.run(scenario())
+    finally:
+        fake.stop()
+    assert whole["count"] == 40 and len(whole["search"][1]) == 40 and len(whole["scan"]) == 40
+    for name, message in refused.items():
+        assert "from 1 of 2 shards (node left)" in message, (name, message)
+    assert again["count"] == 40 and len(again["scan"]) == 40  # nothing was left broken
+
+
+async def _drain(batches) -> list:
+    return [s async for batch in batches for s in batch]

@@ -83,6 +83,9 @@ MIN_NUM_CANDIDATES = 100
 # The oldest server version each vector index type works on.
 INDEX_TYPES = {"hnsw": (8, 0), "int8_hnsw": (8, 12), "bbq_hnsw": (8, 16)}
 MIN_SERVER = (8, 12)
+# Binary quantisation is refused below this many dimensions (Elasticsearch's BBQ_MIN_DIMS,
+# https://www.elastic.co/guide/en/elasticsearch/reference/8.17/dense-vector.html#dense-vector-quantization).
+BBQ_MIN_DIMS = 64
 # Elasticsearch refuses dot_product vectors whose squared length is off 1 by more than 1e-4
 # (1e-3 from 8.15 on);
 # vectors within this of unit length are sent as they are, others are normalised first.
@@ -127,6 +130,11 @@ def index_body(
     if server < INDEX_TYPES[index_type]:
         oldest = ".".join(map(str, INDEX_TYPES[index_type]))
         raise FailedPrecondition(f"index_options {index_type} needs Elasticsearch {oldest} or newer")
+    if index_type.startswith("bbq") and space.dim < BBQ_MIN_DIMS:
+        raise FailedPrecondition(
+            f"index_options {index_type} needs at least {BBQ_MIN_DIMS} dimensions (Elasticsearch refuses "
+            f"fewer); {space} has {space.dim}: set LOOKSYNC_ES_INDEX_TYPE=int8_hnsw"
+        )
     settings: dict[str, Any] = {"index.number_of_shards": shards}
     if replicas is not None:
         settings["index.number_of_replicas"] = replicas
@@ -484,6 +492,28 @@ class ElasticIndex(CatalogIndex):
         except TransportError as exc:
             raise Unavailable(f"Elasticsearch at {where} failed ({what}): {exc}") from None
 
+    async def _read(self, what: str, request: Awaitable):
+        """A search or count, refused when it came back partial: by default Elasticsearch
+        answers 200 with the hits of the shards that answered when every copy of some shard
+        failed (`allow_partial_search_results`,
+        https://www.elastic.co/guide/en/elasticsearch/reference/8.17/search-search.html), and a
+        kNN answer, a dedup scan or a swap's count from part of the catalog must not pass for
+        the whole."""
+        return self._whole(await self._call(what, request), what)
+
+    def _whole(self, resp, what: str):
+        shards = resp.get("_shards") or {}
+        failed = int(shards.get("failed", 0) or 0)
+        if failed or resp.get("timed_out"):
+            failures = shards.get("failures") or [{}]
+            reason = (failures[0].get("reason") or {}).get("reason", "timed out") if failed else "timed out"
+            raise Unavailable(
+                f"Elasticsearch at {safe_url(self.url)} answered {what} from "
+                f"{shards.get('successful', '?')} of {shards.get('total', '?')} shards ({reason}); "
+                "a partial answer is refused"
+            )
+        return resp
+
     async def server_version(self) -> tuple[int, int]:
         if self._server is None:
             info = await self._call("server info", self._client().info())
@@ -577,7 +607,7 @@ class ElasticIndex(CatalogIndex):
                 # The deadline (asyncio) ends the request first; the HTTP timeout, just behind it,
                 # is the backstop for a request that outlives its caller.
                 client = self._client(min(timeout_s + 1.0, self.timeout_s) if timeout_s else None)
-                resp = await self._call(f"search {target}", client.search(index=target, body=body))
+                resp = await self._read(f"search {target}", client.search(index=target, body=body))
             except NotFoundError:
                 self._forget(target)  # deleted meanwhile: look it up once more
                 continue
@@ -611,6 +641,7 @@ class ElasticIndex(CatalogIndex):
                 error = answer["error"]
                 reason = error.get("reason", error) if isinstance(error, dict) else error
                 raise Unavailable(f"kNN of {target} failed ({answer.get('status')}): {reason}")
+            self._whole(answer, f"kNN of {target}")
             out.append([(h["_id"], score_to_cosine(h["_score"])) for h in answer["hits"]["hits"]])
         return out
 
@@ -974,7 +1005,7 @@ class ElasticIndex(CatalogIndex):
                 "size": min(10_000, 64 * len(chunk)),
                 "_source": {"excludes": ["vector"]},
             }
-            resp = await self._call(
+            resp = await self._read(
                 f"read item listings from {name}", self._client().search(index=name, body=body)
             )
             for hit in resp["hits"]["hits"]:
@@ -998,7 +1029,7 @@ class ElasticIndex(CatalogIndex):
             body = {"query": query, "sort": [{"id": "asc"}], "size": batch_size}
             if after is not None:
                 body["search_after"] = after
-            resp = await self._call(f"scan {name}", self._client().search(index=name, body=body))
+            resp = await self._read(f"scan {name}", self._client().search(index=name, body=body))
             hits = resp["hits"]["hits"]
             if not hits:
                 return
@@ -1022,7 +1053,7 @@ class ElasticIndex(CatalogIndex):
             "size": 0,
             "aggs": {"categories": {"terms": {"field": "category", "size": MAX_CATEGORIES}}},
         }
-        resp = await self._call(f"categories of {name}", self._client().search(index=name, body=body))
+        resp = await self._read(f"categories of {name}", self._client().search(index=name, body=body))
         agg = resp["aggregations"]["categories"]
         if agg.get("sum_other_doc_count"):
             raise FailedPrecondition(
@@ -1033,7 +1064,7 @@ class ElasticIndex(CatalogIndex):
     async def count(self, space):
         """Documents visible to search (written ones appear after the index refresh interval)."""
         name = await self.ensure(space, make_current_if_none=False)
-        resp = await self._call(f"count {name}", self._client().count(index=name, query=NOT_DELETED))
+        resp = await self._read(f"count {name}", self._client().count(index=name, query=NOT_DELETED))
         return int(resp["count"])
 
     async def refresh(self, space: EmbeddingSpace) -> None:

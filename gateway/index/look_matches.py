@@ -230,7 +230,7 @@ class ElasticLookMatches:
             }
             if after is not None:
                 body["search_after"] = [after]
-            resp = await self.index._call(
+            resp = await self.index._read(
                 f"scan {self.name}", self.index._client().search(index=self.name, **body)
             )
             hits = resp["hits"]["hits"]
@@ -241,7 +241,7 @@ class ElasticLookMatches:
 
     async def count(self) -> int:
         await self._ensure()
-        resp = await self.index._call(f"count {self.name}", self.index._client().count(index=self.name))
+        resp = await self.index._read(f"count {self.name}", self.index._client().count(index=self.name))
         return int(resp["count"])
 
     async def optimize(self) -> None:
