@@ -328,17 +328,32 @@ def cmd_publish(args) -> int:
 
     from gateway.ingest.events import STREAM, upsert_event
 
-    client = redis.Redis.from_url(_settings().redis_url, socket_timeout=10)
-    count = 0
+    # The whole file is read and checked first: a bad line publishes nothing, rather than the
+    # lines before it (the workers judge each event; this only refuses what is not JSON).
+    events, bad = [], []
     with open(args.file, encoding="utf-8") as fh:
-        for line in fh:
+        for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            doc = json.loads(line)
-            event = upsert_event(doc) if args.as_upserts else doc
-            client.xadd(STREAM, {"event": json.dumps(event)})
-            count += 1
-    print(f"published {count} events to {STREAM}")
+            try:
+                doc = json.loads(line)
+            except ValueError as exc:
+                bad.append(f"line {number}: not JSON ({exc})")
+                continue
+            if not isinstance(doc, dict):
+                bad.append(f"line {number}: not a JSON object")
+                continue
+            events.append(json.dumps(upsert_event(doc) if args.as_upserts else doc))
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"{args.file}: {len(bad)} bad line(s), nothing published: {shown}")
+    client = redis.Redis.from_url(_settings().redis_url, socket_timeout=10)
+    for start in range(0, len(events), 500):
+        pipe = client.pipeline(transaction=False)
+        for event in events[start : start + 500]:
+            pipe.xadd(STREAM, {"event": event})
+        pipe.execute()
+    print(f"published {len(events)} events to {STREAM}")
     return 0
 
 

@@ -82,6 +82,16 @@ def _text(name: str, value, required: bool = True) -> str:
         raise RecordError(f"{name}: missing")
     if len(value) > TEXT_LIMITS.get(name, 500):
         raise RecordError(f"{name}: longer than {TEXT_LIMITS.get(name, 500)} characters")
+    return _unicode(name, value)
+
+
+def _unicode(name: str, value: str) -> str:
+    """JSON may carry lone surrogates (\\ud800) that no UTF-8 store can hold: refuse them by
+    name here rather than fail a whole batch's write later."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RecordError(f"{name}: not valid Unicode (a lone surrogate at character {exc.start})") from None
     return value
 
 
@@ -122,7 +132,7 @@ def check_field(name: str, value):
         sizes = [v.strip() for v in value if v.strip()]
         if len(sizes) > MAX_SIZES or any(len(v) > MAX_SIZE_CHARS for v in sizes):
             raise RecordError(f"sizes: at most {MAX_SIZES} sizes of at most {MAX_SIZE_CHARS} characters")
-        return sizes
+        return [_unicode("sizes", v) for v in sizes]
     if name == "in_stock":
         if not isinstance(value, bool):
             raise RecordError(f"in_stock: expected true or false, got {value!r}")

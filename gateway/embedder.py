@@ -11,7 +11,7 @@ import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
-from gateway.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from gateway.errors import DeadlineExceeded, InvalidArgument, ModelNotLoaded, Unavailable
 
 # Reconnect quickly after Triton restarts: gRPC's default backoff grows to two minutes, which
 # would keep answering UNAVAILABLE long after the server is back.
@@ -32,7 +32,7 @@ def _translate(exc: InferenceServerException, url: str, what: str) -> Exception:
     if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in message:
         return DeadlineExceeded(f"{what}: Triton did not answer within the deadline")
     if "NOT_FOUND" in status or "unknown model" in message or "is not found" in message:
-        return FailedPrecondition(f"{what}: not loaded in Triton ({message})")
+        return ModelNotLoaded(f"{what}: not loaded in Triton ({message})")
     return Unavailable(f"{what}: Triton at {url} failed: {status} {message}".strip())
 
 

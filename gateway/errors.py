@@ -31,6 +31,11 @@ class FailedPrecondition(LookSyncError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class ModelNotLoaded(FailedPrecondition):
+    """Triton does not serve the model (version) now: unloaded, or still loading after a restart.
+    A request gets FAILED_PRECONDITION; a worker waits for it like for Triton being down."""
+
+
 class ResourceExhausted(LookSyncError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -98,6 +98,9 @@ CORPUS = {
     ),
     "image: truncated PNG": ("image", dict(image=_img("RGB", (300, 300), "PNG")[:200]), INVALID, "image"),
     "image: decompression bomb": ("image", dict(image=_bomb()), INVALID, "over the limit"),
+    # 1 x 20000: a few hundred bytes that the resize to the model's input would make gigabytes.
+    "image: a 1-pixel strip": ("image", dict(image=_img("RGB", (1, 20_000))), INVALID, "times the other"),
+    "image: long but plausible": ("image", dict(image=_img("RGB", (40, 3000))), OK, None),
     "image: PDF bytes": (
         "image",
         dict(image=b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n"),

@@ -24,7 +24,7 @@ from gateway.index.lww import apply as lww_apply
 from gateway.ingest.enrich import standardise, vendor_category, vendor_gender, zero_shot_fill
 from gateway.ingest.events import DEAD_LETTERS, GROUP, STREAM, PoisonEvent, parse_event
 from gateway.ingest.fetch import FetchError, FetchPolicy, fetch_sync
-from tests.conftest import ODD_IMAGES, REPO, free_port, looksync_env, metric, start_redis, wait_for
+from tests.conftest import ODD_IMAGES, REPO, free_port, looksync, looksync_env, metric, start_redis, wait_for
 
 SPACE = EmbeddingSpace("clip", 1, 64)
 
@@ -597,6 +597,10 @@ def test_poison_messages_are_dead_lettered_and_the_stream_keeps_flowing(
 ):
     stream.xadd(STREAM, {"event": "{not json"})
     stream.xadd(STREAM, {"wrong": "field"})
+    latin1 = {"schema": 1, "type": "product.upsert", "product": _record(catalog, products, 34, image_server)}
+    latin1["product"]["title"] = "Café crème"
+    stream.xadd(STREAM, {"event": json.dumps(latin1, ensure_ascii=False).encode("latin-1")})
+    stream.xadd(STREAM, {"event": "x" * 300_000})  # poison, and too big to keep whole
     _publish(
         stream,
         [
@@ -621,6 +625,13 @@ def test_poison_messages_are_dead_lettered_and_the_stream_keeps_flowing(
                 "product": _record(catalog, products, 32, image_server, price="free"),
             },
             {"schema": 1, "type": "product.update", "id": "never-existed", "fields": {"price": 3.0}},
+            {"schema": 1, "type": "product.delete", "id": "d" * 1_000_000},
+            {"schema": 1, "type": "product.update", "id": "u" * 5000, "fields": {"price": 3.0}},
+            {
+                "schema": 1,
+                "type": "product.upsert",
+                "product": _record(catalog, products, 35, image_server, title="\ud800 lone surrogate"),
+            },
             {"schema": 1, "type": "product.upsert", "product": _record(catalog, products, 33, image_server)},
         ],
     )
@@ -633,18 +644,29 @@ def test_poison_messages_are_dead_lettered_and_the_stream_keeps_flowing(
         _stop(worker)
     dead = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in stream.xrange(DEAD_LETTERS)]
     reasons = " | ".join(d["reason"] for d in dead)
-    assert len(dead) == 7, reasons
+    assert len(dead) == 12, reasons
     for needle in (
         "not JSON",
         "no 'event' field",
+        "event: not UTF-8",
         "schema: 9",
         "HTTP 404",
         "content type 'text/html'",
         "price: 'free'",
         "'never-existed' is not in the index",
+        "id: longer than 200 characters",
+        "title: not valid Unicode",
     ):
         assert needle in reasons, needle
-    assert set(_index_state(tmp_path / "data", {"p00033", "broken", "html", "p00032"})) == {"p00033"}
+    assert reasons.count("id: longer than 200 characters") == 2  # the delete and the update, at once
+    # What was sent is kept (an entry without an event: all its fields), cut when it is huge.
+    by_reason = {d["reason"]: d["event"] for d in dead}
+    assert json.loads(next(e for r, e in by_reason.items() if "no 'event' field" in r)) == {"wrong": "field"}
+    assert next(e for r, e in by_reason.items() if "not UTF-8" in r).startswith('{"schema": 1')
+    big = next(e for e in by_reason.values() if e.startswith("xxx"))
+    assert len(big) < 70_000 and big.endswith("[cut: 300000 characters in all]")
+    stored = _index_state(tmp_path / "data", {"p00033", "broken", "html", "p00032", "p00034", "p00035"})
+    assert set(stored) == {"p00033"}
 
 
 def _racing_events(catalog, products, image_server, ids, n_events, rng) -> list[dict]:
@@ -1084,3 +1106,139 @@ def test_sigterm_mid_batch_acknowledges_only_what_was_written(
     finally:
         _stop(worker)
     _assert_matches(_index_state(tmp_path / "data", {e["product"]["id"] for e in held}), _fold(held))
+
+
+def test_a_model_unloaded_mid_run_holds_upserts_and_their_updates_and_loses_nothing(
+    triton, catalog, products, image_server, stream, redis_url, tmp_path
+):
+    """Triton up but the image model unloaded (a swap's unload, a restart still loading): the
+    worker waits as for Triton down. An update of a product whose upsert is held waits behind
+    it instead of finding the product missing on every delivery and being dead-lettered."""
+    import tritonclient.grpc as tgrpc
+
+    models = tgrpc.InferenceServerClient(f"127.0.0.1:{triton.grpc_port}")
+    env = _env(triton, tmp_path, redis_url, LOOKSYNC_INGEST_MAX_TRIES="2")
+    log = tmp_path / "worker.log"
+    worker = _worker(env, log, "w-unloaded")
+    try:
+        _publish(
+            stream,
+            [
+                {
+                    "schema": 1,
+                    "type": "product.upsert",
+                    "product": _record(catalog, products, 40, image_server),
+                }
+            ],
+        )
+        _wait_drained(stream)
+        models.unload_model("clip_image")
+        wait_for(lambda: not models.is_model_ready("clip_image"), what="the image model to unload")
+        _publish(
+            stream,
+            [
+                {
+                    "schema": 1,
+                    "type": "product.upsert",
+                    "product": _record(catalog, products, 41, image_server),
+                },
+                {
+                    "schema": 1,
+                    "type": "product.update",
+                    "id": "p00041",
+                    "fields": {"price": 7.0, "in_stock": False},
+                },
+                {"schema": 1, "type": "product.update", "id": "p00040", "fields": {"price": 8.0}},
+            ],
+        )
+
+        def deliveries() -> int:
+            pending = stream.xpending_range(STREAM, GROUP, min="-", max="+", count=10)
+            return min((p["times_delivered"] for p in pending), default=0) if len(pending) == 2 else 0
+
+        # Both held entries delivered more often than max_tries allows a failing message.
+        wait_for(lambda: deliveries() > 3, what="the held events to be redelivered", timeout_s=120)
+        assert worker.poll() is None
+        assert "not loaded in Triton" in log.read_text()
+        models.load_model("clip_image")
+        _wait_drained(stream)
+    finally:
+        if not models.is_model_ready("clip_image"):
+            models.load_model("clip_image")
+        _stop(worker)
+    assert stream.xlen(DEAD_LETTERS) == 0, stream.xrange(DEAD_LETTERS)
+    got = _index_state(tmp_path / "data", {"p00040", "p00041"})
+    assert (got["p00041"].price, got["p00041"].in_stock) == (7.0, False)
+    assert got["p00040"].price == 8.0  # a product that needed no model was never held
+
+
+def test_redis_out_of_memory_pauses_workers_instead_of_ending_them(
+    triton, catalog, products, image_server, stream, redis_url, tmp_path
+):
+    """`maxmemory` reached with noeviction: Redis refuses writes that grow it (XADD to the dead
+    letters, XGROUP CREATE). A running worker and one started meanwhile wait, then go on."""
+    env = _env(triton, tmp_path, redis_url)
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = _worker(env, first_log, "w-oom-1")
+    second = None
+    try:
+        upsert = {
+            "schema": 1,
+            "type": "product.upsert",
+            "product": _record(catalog, products, 42, image_server),
+        }
+        _publish(stream, [upsert])
+        _wait_drained(stream)
+        # A poison event and a full Redis at once: its dead letter cannot be written.
+        full = stream.pipeline(transaction=True)
+        full.xadd(STREAM, {"event": json.dumps({"schema": 7, "type": "product.delete", "id": "x"})})
+        full.config_set("maxmemory-policy", "noeviction")
+        full.config_set("maxmemory", 1)
+        full.execute()
+        wait_for(lambda: "OutOfMemoryError" in first_log.read_text(), what="the worker to meet a full Redis")
+        second = _worker(env, second_log, "w-oom-2")
+        wait_for(
+            lambda: "OutOfMemoryError" in second_log.read_text(), what="a worker started into a full Redis"
+        )
+        assert first.poll() is None and second.poll() is None, "a full Redis ended a worker"
+        assert stream.xlen(DEAD_LETTERS) == 0
+        stream.config_set("maxmemory", 0)
+        _publish(
+            stream,
+            [
+                {
+                    "schema": 1,
+                    "type": "product.upsert",
+                    "product": _record(catalog, products, 43, image_server),
+                }
+            ],
+        )
+        _wait_drained(stream)
+        assert first.poll() is None and second.poll() is None
+    finally:
+        stream.config_set("maxmemory", 0)
+        for w in (first, second):
+            if w is not None:
+                _stop(w)
+    assert set(_index_state(tmp_path / "data", {"p00042", "p00043"})) == {"p00042", "p00043"}
+    dead = stream.xrange(DEAD_LETTERS)
+    assert len(dead) == 1 and b"schema: 7" in dead[0][1][b"reason"]  # written once Redis had room
+
+
+def test_publish_checks_the_whole_file_before_publishing_any_of_it(stream, redis_url, tmp_path):
+    env = {**os.environ, "LOOKSYNC_REDIS_URL": redis_url}
+    lines = [json.dumps({"id": f"p{n}", "image_url": f"{n}.jpg"}) for n in range(5)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:2] + ['{"id": "p2" "image_url": 1}'] + lines[3:4] + ["[1, 2]"]) + "\n")
+    refused = looksync("publish", str(bad), "--as-upserts", env=env)
+    assert refused.returncode == 2
+    assert "2 bad line(s), nothing published" in refused.stderr
+    assert "line 3: not JSON" in refused.stderr and "line 5: not a JSON object" in refused.stderr
+    assert not stream.exists(STREAM)
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(lines) + "\n\n")
+    published = looksync("publish", str(good), "--as-upserts", env=env)
+    assert published.returncode == 0, published.stderr
+    events = [json.loads(fields[b"event"]) for _, fields in stream.xrange(STREAM)]
+    assert [e["product"]["id"] for e in events] == [f"p{n}" for n in range(5)]
+    assert all(e["type"] == "product.upsert" for e in events)

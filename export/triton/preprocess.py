@@ -20,6 +20,10 @@ from PIL import Image, ImageOps
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 DEFAULT_MAX_PIXELS = 40_000_000
+# Longest side over shortest side. Resizing the shortest side up to the model's input makes
+# the long side grow with it: a 164-byte 1 x 20000 PNG became a 224 x 4.5 M image (~3 GB); no
+# product photo or look is this elongated.
+MAX_ASPECT_RATIO = 100
 
 
 class InvalidImage(ValueError):
@@ -166,6 +170,11 @@ def resize_center_crop(img: Image.Image, size: int, resize_to: int | None = None
 
 def pixels(img: Image.Image, spec: ImageSpec) -> np.ndarray:
     """RGB image -> normalised float32 CHW array, as the image tower expects."""
+    width, height = img.size
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise InvalidImage(
+            f"image is {width}x{height}: one side is more than {MAX_ASPECT_RATIO} times the other"
+        )
     img = to_rgb(img)
     if spec.resize_mode == "squash":
         if img.size != (spec.size, spec.size):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from gateway.catalog import RecordError, check_field
+from gateway.catalog import TEXT_LIMITS, RecordError, check_field
 from gateway.ingest.enrich import vendor_category, vendor_gender
 
 STREAM = "catalog-updates"
@@ -105,6 +105,19 @@ def _check_field(name: str, value):
         raise PoisonEvent(f"fields.{exc}") from None
 
 
+def _product_id(value: str, where: str) -> str:
+    """An event's product id, by the record's rules for ids: a delete or an update of an id no
+    upsert could have written is poison at once, not a tombstone or a wait for a product."""
+    value = value.strip()
+    if len(value) > TEXT_LIMITS["id"]:
+        raise PoisonEvent(f"{where}: longer than {TEXT_LIMITS['id']} characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PoisonEvent(f"{where}: not valid Unicode (a lone surrogate at character {exc.start})") from None
+    return value
+
+
 def parse_event(stream_id: str, entry: dict) -> Event:
     """Validate one stream entry ({"event": "<json>"}); raises PoisonEvent with the reason."""
     raw = entry.get("event") if isinstance(entry, dict) else None
@@ -128,19 +141,20 @@ def parse_event(stream_id: str, entry: dict) -> Event:
             raise PoisonEvent("product: missing, or without an id")
         if not isinstance(record.get("image_url"), str) or not record["image_url"].strip():
             raise PoisonEvent("product.image_url: missing")
-        return Event(stream_id, seq, kind, record["id"].strip(), record=record)
+        return Event(stream_id, seq, kind, _product_id(record["id"], "product.id"), record=record)
     pid = doc.get("id")
     if not isinstance(pid, str) or not pid.strip():
         raise PoisonEvent("id: missing")
+    pid = _product_id(pid, "id")
     if kind == "product.delete":
-        return Event(stream_id, seq, kind, pid.strip())
+        return Event(stream_id, seq, kind, pid)
     fields = doc.get("fields")
     if not isinstance(fields, dict) or not fields:
         raise PoisonEvent("fields: missing or empty")
     unknown = sorted(set(fields) - set(UPDATABLE))
     if unknown:
         raise PoisonEvent(f"fields: {', '.join(unknown)} cannot be updated (a new image is a product.upsert)")
-    return Event(stream_id, seq, kind, pid.strip(), fields={k: _check_field(k, v) for k, v in fields.items()})
+    return Event(stream_id, seq, kind, pid, fields={k: _check_field(k, v) for k, v in fields.items()})
 
 
 def upsert_event(record: dict) -> dict:

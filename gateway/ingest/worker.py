@@ -28,7 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import LockError
 
 from gateway.dedup import Dedup, DedupSettings
-from gateway.errors import DeadlineExceeded, LookSyncError, Unavailable
+from gateway.errors import DeadlineExceeded, LookSyncError, ModelNotLoaded, Unavailable
 from gateway.index.base import CatalogIndex, EmbeddingSpace
 from gateway.indexer import Indexer, IndexReport, IngestItem
 from gateway.ingest.events import DEAD_LETTERS, GROUP, HOLDS, STREAM, Event, PoisonEvent, parse_event
@@ -69,10 +69,25 @@ class WorkerSettings:
 
 
 def is_redis_outage(exc: BaseException) -> bool:
-    """Redis unreachable, restarting or still loading its data: wait, never give up."""
+    """Redis unreachable, restarting, still loading its data, out of memory (`maxmemory` with
+    noeviction refuses writes) or a read-only replica after a failover: wait, never give up."""
     import redis.exceptions as rx
 
-    return isinstance(exc, rx.ConnectionError | rx.TimeoutError | ConnectionError | TimeoutError)
+    return isinstance(
+        exc,
+        rx.ConnectionError
+        | rx.TimeoutError
+        | rx.OutOfMemoryError
+        | rx.ReadOnlyError
+        | ConnectionError
+        | TimeoutError,
+    )
+
+
+def is_dependency_down(exc: BaseException) -> bool:
+    """Redis, Triton (or one of its models, unloaded or still loading) or the index not
+    answering: the messages stay pending, no try is counted against them."""
+    return is_redis_outage(exc) or isinstance(exc, Unavailable | DeadlineExceeded | ModelNotLoaded)
 
 
 class IngestWorker:
@@ -385,19 +400,16 @@ class IngestWorker:
         events, upserts = [], []
         for raw_id, fields in messages:
             stream_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-            entry = {
-                (k.decode() if isinstance(k, bytes) else k): (
-                    v.decode("utf-8", "replace") if isinstance(v, bytes) else v
-                )
-                for k, v in fields.items()
-            }
+            entry, undecodable = _decoded(fields)
             try:
+                if undecodable:
+                    raise PoisonEvent(undecodable)
                 event = parse_event(stream_id, entry)
             except PoisonEvent as exc:
-                await self.dead_letter(stream_id, entry.get("event", ""), str(exc), "invalid")
+                await self.dead_letter(stream_id, _as_sent(entry), str(exc), "invalid")
                 continue
             except Exception as exc:  # anything else a hostile payload trips is poison too
-                await self.dead_letter(stream_id, entry.get("event", "")[:10_000], _one_line(exc), "invalid")
+                await self.dead_letter(stream_id, _as_sent(entry), _one_line(exc), "invalid")
                 continue
             if event.type == "product.upsert":
                 upserts.append(event)
@@ -417,23 +429,40 @@ class IngestWorker:
             await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
 
     def _reap(self) -> None:
-        """Forget finished operations; re-raise the first failure (its messages stay pending)."""
+        """Forget finished operations; re-raise the first failure (its messages stay pending).
+        Every finished one's outcome is read, so none is reported as never retrieved."""
+        failure = None
         for task in [t for t in self._inflight if t.done()]:
             self._inflight.discard(task)
-            if task.exception():
-                raise task.exception()
+            exc = None if task.cancelled() else task.exception()
+            failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def _chain(self, events: list[Event], apply) -> None:
-        """Run `apply(events)` after every earlier operation on these products has finished."""
+        """Run `apply(events)` after every earlier operation on these products has finished.
+        Events of a product whose earlier operation is waiting for a dependency stay pending
+        with it (applied now, an update would find its product missing, or overtake it); the
+        others are applied."""
         product_ids = [e.product_id for e in events]
-        before = [self._chains[p] for p in set(product_ids) if p in self._chains]
+        before = {p: self._chains[p] for p in set(product_ids) if p in self._chains}
         self._held.update(e.stream_id for e in events)
 
         async def run():
             try:
+                ready, down = events, None
                 if before:
-                    await asyncio.gather(*before, return_exceptions=True)
-                await self._isolated(events, apply)
+                    done = dict(zip(before, await asyncio.gather(*before.values(), return_exceptions=True)))
+                    waiting = {
+                        p for p, r in done.items() if isinstance(r, BaseException) and is_dependency_down(r)
+                    }
+                    if waiting:
+                        down = done[next(iter(waiting))]
+                        ready = [e for e in events if e.product_id not in waiting]
+                if ready:
+                    await self._isolated(ready, apply)
+                if down is not None:
+                    raise Unavailable(f"held behind an earlier event of the same product: {_one_line(down)}")
             finally:
                 self._held.difference_update(e.stream_id for e in events)
 
@@ -452,7 +481,7 @@ class IngestWorker:
         try:
             await apply(events)
         except Exception as exc:
-            if is_redis_outage(exc) or isinstance(exc, Unavailable | DeadlineExceeded):
+            if is_dependency_down(exc):
                 raise  # a dependency is down: messages stay pending; the loop pauses and retries
             if len(events) > 1:
                 for event in events:
@@ -563,10 +592,14 @@ class IngestWorker:
             )
 
     async def dead_letter(self, stream_id: str, event: str, reason: str, kind: str) -> None:
-        """Copy to the dead-letter stream, then acknowledge: never dropped silently."""
+        """Copy to the dead-letter stream, then acknowledge: never dropped silently. The copy
+        is cut to DEAD_LETTER_EVENT_CHARS (saying how much was cut): the stream caps entries by
+        count, and a 20 MB poison event kept whole would be 20 MB of Redis memory each."""
+        if len(event) > DEAD_LETTER_EVENT_CHARS:
+            event = f"{event[:DEAD_LETTER_EVENT_CHARS]}... [cut: {len(event)} characters in all]"
         await self.redis.xadd(
             DEAD_LETTERS,
-            {"event": event, "reason": reason, "stream_id": stream_id, "consumer": self.consumer},
+            {"event": event, "reason": reason[:2000], "stream_id": stream_id, "consumer": self.consumer},
             maxlen=self.settings.dead_letters_max,
             approximate=True,
         )
@@ -584,6 +617,32 @@ class IngestWorker:
                     PENDING.set(group.get("pending") or 0)
         except Exception:
             pass
+
+
+# How much of a poison event its dead letter keeps (the reason says what was wrong with it).
+DEAD_LETTER_EVENT_CHARS = 64 * 1024
+
+
+def _decoded(fields: dict) -> tuple[dict, str]:
+    """A stream entry's fields as text, and what was not UTF-8 ("" when all was): an event is
+    JSON text, so undecodable bytes are poison, never text with replacement characters."""
+    entry, problem = {}, ""
+    for k, v in fields.items():
+        key = k.decode("utf-8", "replace") if isinstance(k, bytes) else k
+        if isinstance(v, bytes):
+            try:
+                v = v.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problem = problem or f"{key}: not UTF-8 ({exc.reason} at byte {exc.start})"
+                v = v.decode("utf-8", "replace")
+        entry[key] = v
+    return entry, problem
+
+
+def _as_sent(entry: dict) -> str:
+    """What a dead letter keeps of an entry: its event, or every field when it has none."""
+    event = entry.get("event")
+    return event if isinstance(event, str) else json.dumps(entry, ensure_ascii=False)
 
 
 def _one_line(exc: BaseException) -> str:
