@@ -2940,6 +2940,11 @@ def _parse_sort(raw: Any, after: Any) -> tuple[str, str, Any] | None:
         raise parse_error(f"[sort] unknown order [{order}]")
     if after is not None and (not isinstance(after, list) or len(after) != 1):
         raise illegal("search_after has 1 value(s) per sort field; got a different count")
+    if after is not None and after[0] is None:
+        # The sort value of a document without the field. Real clusters differ by version on
+        # paging past it (https://github.com/elastic/elasticsearch/issues/66242); restarting
+        # from the top would make a scan loop, so it is refused.
+        raise unsupported("[search_after] with a null value (paging past documents without the sort field)")
     return name, order, None if after is None else after[0]
 
 

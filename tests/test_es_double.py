@@ -1222,6 +1222,10 @@ def test_sort_by_a_keyword_and_page_with_search_after(d, es):
     assert [h["_source"]["brand"] for h in desc] == ["delta", "charlie"]
     with pytest.raises(BadRequestError):
         es.search(index=name, search_after=["alpha"], size=2)  # search_after needs a sort
+    # Paging past a document without the field is refused loudly, never restarted from the top.
+    with pytest.raises(BadRequestError) as caught:
+        es.search(index=name, sort=[{"brand": "asc"}], size=2, search_after=[None])
+    assert error_of(caught)["type"] == "looksync_double_unsupported"
 
 
 def test_terms_aggregation_counts_every_match_per_term(d, es):
