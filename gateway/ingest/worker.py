@@ -624,8 +624,9 @@ DEAD_LETTER_EVENT_CHARS = 64 * 1024
 
 
 def _decoded(fields: dict) -> tuple[dict, str]:
-    """A stream entry's fields as text, and what was not UTF-8 ("" when all was): an event is
-    JSON text, so undecodable bytes are poison, never text with replacement characters."""
+    """A stream entry's fields as text, and what was wrong with its event's bytes ("" when
+    nothing): an event is JSON text, so bytes that are not UTF-8 make it poison, never text with
+    replacement characters. Other fields (a producer's own) are not read."""
     entry, problem = {}, ""
     for k, v in fields.items():
         key = k.decode("utf-8", "replace") if isinstance(k, bytes) else k
@@ -633,7 +634,8 @@ def _decoded(fields: dict) -> tuple[dict, str]:
             try:
                 v = v.decode("utf-8")
             except UnicodeDecodeError as exc:
-                problem = problem or f"{key}: not UTF-8 ({exc.reason} at byte {exc.start})"
+                if key == "event":
+                    problem = f"event: not UTF-8 ({exc.reason} at byte {exc.start})"
                 v = v.decode("utf-8", "replace")
         entry[key] = v
     return entry, problem
