@@ -48,6 +48,7 @@ from redis.exceptions import RedisError
 from gateway.embedder import TritonEmbedder
 from gateway.errors import FailedPrecondition, InvalidArgument, LookSyncError, Unavailable
 from gateway.ingest.events import HOLDS
+from gateway.ingest.fetch import FetchPolicy
 from gateway.models import Swap, SwapReport, TritonModels, drop_index, rollback
 from gateway.observability import log, redact
 
@@ -327,6 +328,7 @@ class Jobs:
             progress=progress,
             redis_url=self.settings.redis_url if self.settings.swap_catch_up else None,
             fetch_timeout_s=self.settings.fetch_timeout_s,
+            fetch_policy=FetchPolicy.from_settings(self.settings),
         )
         earlier = list(job.steps)  # from the interrupted try this job resumes, if any
 

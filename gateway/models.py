@@ -28,8 +28,9 @@ from gateway.embedder import TritonEmbedder
 from gateway.errors import FailedPrecondition, Unavailable
 from gateway.filters import build_filters
 from gateway.index.base import EmbeddingSpace
-from gateway.indexer import Indexer, index_catalog, resolve_space
+from gateway.indexer import Indexer, IngestItem, index_catalog, resolve_space
 from gateway.ingest.events import HOLDS, STREAM, PoisonEvent, parse_event, redis_time_ms, snapshot_seq
+from gateway.ingest.fetch import FetchPolicy, fetch
 
 
 class TritonModels:
@@ -183,13 +184,17 @@ async def catch_up(
     since_ms: int,
     stream: str = STREAM,
     release: str | None = None,
+    upserts=None,
 ) -> int:
-    """Re-apply to a rebuilt index the metadata updates and deletes published since its
-    rebuild began. While the rebuild has not reached a product, live ingestion's update of it
-    finds nothing to update there; once the snapshot has written the product, the event (newer
-    than the snapshot) applies. Replays are harmless: writes are ordered by event_seq. Upserts
-    need no catch-up: workers write them to the new index and check for new targets before
-    acking. Returns how many events were re-applied."""
+    """Re-apply to a rebuilt index the events published since its rebuild began. While the
+    rebuild has not reached a product, live ingestion's update of it finds nothing to update
+    there; once the snapshot has written the product, the event (newer than the snapshot)
+    applies. Replays are harmless: writes are ordered by event_seq. Upserts go to
+    `await upserts(events)` (they need the new model's embedding), each chunk's before its
+    updates and deletes, so an update of a product new since the file finds it: a worker wrote
+    an upsert acknowledged before the new index was a write target (between the file's export
+    and the swap's start, or while Triton loaded the new version) to the old index only.
+    Returns how many events were re-applied."""
     import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
@@ -202,7 +207,7 @@ async def catch_up(
                 if release:  # done: trimming may pass the swap's start now
                     await client.hdel(HOLDS, release)
                 return applied
-            ops = []
+            ops, new = [], []
             for raw_id, fields in entries:
                 stream_id = raw_id.decode()
                 entry = {k.decode(): v.decode("utf-8", "replace") for k, v in fields.items()}
@@ -210,9 +215,13 @@ async def catch_up(
                     event = parse_event(stream_id, entry)
                 except PoisonEvent:
                     continue  # the worker dead-letters it
-                if event.type != "product.upsert":
+                if event.type == "product.upsert":
+                    new.append(event)
+                else:
                     kind = "delete" if event.type == "product.delete" else "update"
                     ops.append((kind, event.product_id, event.seq, event.fields))
+            if new and upserts is not None:
+                applied += await upserts(new)
             if ops:
                 await index.apply_events(space, ops)
                 applied += len(ops)
@@ -239,8 +248,11 @@ class Swap:
         progress: bool = True,
         redis_url: str | None = None,
         fetch_timeout_s: float = 10.0,
+        fetch_policy=None,
     ):
         self.fetch_timeout_s = fetch_timeout_s
+        # Upserts replayed from the stream are vendor feed entries: the workers' hardened fetch.
+        self.fetch_policy = fetch_policy or FetchPolicy(timeout_s=fetch_timeout_s)
         self.redis_url = redis_url  # live ingestion's stream, for the catch-up after the rebuild
         self._hold = f"swap:{models.model}:{version}"
         self._since_ms = 0
@@ -343,8 +355,15 @@ class Swap:
             fetch_timeout_s=self.fetch_timeout_s,
         )
         if self.redis_url:
-            n = await catch_up(self.index, self.report.new, self.redis_url, since_ms, release=self._hold)
-            self._step(f"caught up {n} metadata updates and deletes published during the rebuild")
+            n = await catch_up(
+                self.index,
+                self.report.new,
+                self.redis_url,
+                since_ms,
+                release=self._hold,
+                upserts=lambda events: self._replay_upserts(indexer, events, result),
+            )
+            self._step(f"caught up {n} upserts, updates and deletes published since the catalog file")
         await self.index.optimize(self.report.new)
         self.report.reindex_s = time.perf_counter() - start
         self.report.failed = len(result.failed)
@@ -352,6 +371,24 @@ class Swap:
             f"re-embedded {result.written} products ({result.embedded} embedded, "
             f"{result.unchanged} already done, {len(result.failed)} failed)"
         )
+
+    async def _replay_upserts(self, indexer: Indexer, events, report) -> int:
+        """Stream upserts into the new index, embedded by the new version, at their own stream
+        positions (a newer write of the product wins field by field, as everywhere)."""
+        images = await asyncio.gather(
+            *(fetch(e.record["image_url"], self.fetch_policy) for e in events), return_exceptions=True
+        )
+        items = []
+        for event, image in zip(events, images):
+            if isinstance(image, BaseException):  # its worker dead-letters it the same way
+                report.failed.append((f"stream {event.stream_id}", str(image)))
+                continue
+            items.append(
+                IngestItem(event.record, image, event_seq=event.seq, ref=f"stream {event.stream_id}")
+            )
+        for start in range(0, len(items), indexer.batch_size):
+            await indexer.write_batch(items[start : start + indexer.batch_size], report)
+        return len(items)
 
     async def validate(self, catalog: Path, min_overlap: float, force: bool) -> None:
         old, new = self.report.old, self.report.new

@@ -20,6 +20,7 @@ from gateway.index.base import EmbeddingSpace
 from gateway.index.elastic import ElasticIndex
 from gateway.index.embedded import EmbeddedIndex
 from gateway.ingest.events import STREAM
+from gateway.ingest.fetch import FetchPolicy
 from gateway.models import Swap, TritonModels
 from tests.conftest import looksync, looksync_env, start_gateway, start_triton, wait_for
 from tests.es_double import ElasticsearchDouble
@@ -183,7 +184,24 @@ async def _activate(server, repo, index, catalog, products, r, image_server, red
     embedder = TritonEmbedder(url)
     models = TritonModels(url, repo, "clip")
     try:
-        swap = Swap(index, embedder, models, 2, progress=False, redis_url=redis_url)
+        swap = Swap(
+            index, embedder, models, 2, progress=False, redis_url=redis_url,
+            fetch_policy=FetchPolicy(allow_loopback=True),
+        )  # fmt: skip
+        # Upserts after the catalog file was exported and before the swap: written to v1 only
+        # (v2 does not exist yet); the swap must bring them into v2, not the file's older rows.
+        relisted = {
+            **products[8].to_dict(),
+            "title": "relisted after the export",
+            "image_url": f"{image_server}/{products[9].image_url}",
+        }
+        brand_new = {**relisted, "id": "gap-new", "title": "new after the export"}
+        for rec in (relisted, brand_new):
+            r.xadd(STREAM, {"event": json.dumps({"schema": 1, "type": "product.upsert", "product": rec})})
+        deadline = time.monotonic() + 30
+        while not await asyncio.to_thread(_drained, r):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
         report = await swap.prepare()
         assert (report.old, report.new) == (V1, V2)
         # Events published after the new index exists but before the switch: the worker must
@@ -212,9 +230,19 @@ async def _activate(server, repo, index, catalog, products, r, image_server, red
         with pytest.raises(FailedPrecondition, match="overlap"):
             await swap.validate(catalog, min_overlap=0.999, force=False)
         await swap.validate(catalog, min_overlap=0.999, force=True)
-        assert report.counts[0] == report.counts[1] == 202  # 200 + 3 live - 1 deleted
+        assert report.counts[0] == report.counts[1] == 203  # 200 + 3 live + 1 new - 1 deleted
         got = await index.get(V2, [products[5].id, products[6].id])
         assert list(got) == [products[5].id] and got[products[5].id].product.price == 1.23
+        old, new = (
+            await index.get(V1, [products[8].id, "gap-new"]),
+            await index.get(V2, [products[8].id, "gap-new"]),
+        )
+        assert set(new) == set(old) == {products[8].id, "gap-new"}
+        for pid in old:
+            assert (
+                new[pid].product.title == old[pid].product.title
+                and new[pid].image_hash == old[pid].image_hash
+            )
         # A v1 query vector is refused by the v2 index.
         vec, _ = await embedder.embed_texts("clip", 1, ["shirt"], 10)
         with pytest.raises(FailedPrecondition):
