@@ -359,7 +359,8 @@ def cmd_publish(args) -> int:
 
 def cmd_models(args) -> int:
     from gateway.embedder import TritonEmbedder
-    from gateway.models import Swap, TritonModels, drop_index, rollback
+    from gateway.errors import FailedPrecondition
+    from gateway.models import Swap, TritonModels, drop_index, restore, rollback
     from gateway.server import open_index
 
     s = _settings()
@@ -383,7 +384,7 @@ def cmd_models(args) -> int:
                 print("  (* serving, + also written by live ingestion)")
             elif args.action == "activate":
                 if args.version is None or not args.catalog:
-                    raise SystemExit("activate needs --version and --catalog")
+                    raise ValueError("activate needs --version and --catalog")
                 if args.no_catch_up or not s.swap_catch_up:
                     # No live ingestion, hence no Redis: no job record and no cross-process lock.
                     swap = Swap(
@@ -394,9 +395,17 @@ def cmd_models(args) -> int:
                         progress=not args.quiet,
                         fetch_timeout_s=s.fetch_timeout_s,
                     )
-                    await swap.prepare()
-                    await swap.reindex(Path(args.catalog))
-                    await swap.validate(Path(args.catalog), args.min_overlap, args.force)
+                    targets = [w.index_name for w in await index.write_targets()]
+                    indexes, alias = set(await index.indexes()), await index.alias_target()
+                    loaded = (await models.loaded())[f"{args.model}_image"]
+                    try:
+                        await swap.prepare()
+                        await swap.reindex(Path(args.catalog))
+                        await swap.validate(Path(args.catalog), args.min_overlap, args.force)
+                    except BaseException:  # before the alias moves: back to how it was, as a job does
+                        new = swap.report.new.index_name if swap.report else ""
+                        await restore(index, models, alias, targets, indexes, loaded, new)
+                        raise
                     await swap.switch(args.grace_s)
                     r = swap.report
                     print(
@@ -420,7 +429,7 @@ def cmd_models(args) -> int:
                     finally:
                         await jobs.shutdown(60.0)
                     if job.state != "succeeded":
-                        raise SystemExit(f"error: activation {job.state}: {job.error}")
+                        raise FailedPrecondition(f"activation {job.state}: {job.error}")
                     r = job.result
                     print(
                         f"activated {r['space']['model']} v{r['space']['version']}: reindex "
@@ -430,11 +439,11 @@ def cmd_models(args) -> int:
                     )
             elif args.action == "drop":
                 if args.version is None:
-                    raise SystemExit("drop needs --version")
+                    raise ValueError("drop needs --version")
                 name = f"products-{args.model}-v{args.version}"
                 spaces = await index.indexes()
                 if name not in spaces:
-                    raise SystemExit(f"no index {name} (indexes: {', '.join(spaces) or 'none'})")
+                    raise FailedPrecondition(f"no index {name} (indexes: {', '.join(spaces) or 'none'})")
                 await drop_index(index, spaces[name])
                 print(f"dropped {name}")
             else:

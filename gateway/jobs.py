@@ -49,7 +49,7 @@ from gateway.embedder import TritonEmbedder
 from gateway.errors import FailedPrecondition, InvalidArgument, LookSyncError, Unavailable
 from gateway.ingest.events import HOLDS
 from gateway.ingest.fetch import FetchPolicy
-from gateway.models import Swap, SwapReport, TritonModels, drop_index, rollback
+from gateway.models import Swap, SwapReport, TritonModels, restore, rollback
 from gateway.observability import log, redact
 
 logger = logging.getLogger("looksync.jobs")
@@ -439,15 +439,8 @@ class Jobs:
 
     async def _restore(self, job: JobRecord, models: TritonModels) -> None:
         """Back to the state from before the job (not past the commit point: see the module)."""
-        before = job.before
-        spaces = await self.index.indexes()
-        if before.alias_target and await self.index.alias_target() != before.alias_target:
-            await self.index.set_current(spaces[before.alias_target])
-        await self.index.set_write_targets([spaces[n] for n in before.write_targets if n in spaces])
-        if job.new_index and job.new_index not in before.indexes and job.new_index in spaces:
-            await drop_index(self.index, spaces[job.new_index])
-        if before.loaded and (await models.loaded())[f"{models.model}_image"] != before.loaded:
-            await models.serve_versions(before.loaded)
+        b = job.before
+        await restore(self.index, models, b.alias_target, b.write_targets, b.indexes, b.loaded, job.new_index)
         try:
             await self.redis.hdel(HOLDS, f"swap:{job.model}:{job.version}")
         except (RedisError, OSError):

@@ -437,6 +437,22 @@ class Swap:
             )
 
 
+async def restore(
+    index, models: TritonModels, alias_target: str | None, write_targets, indexes, loaded, new_index: str = ""
+) -> None:
+    """Back to a state noted before a swap began (not past its alias move): the alias target,
+    the write targets and Triton's loaded versions as they were, the swap's new index dropped
+    when it did not exist before."""
+    spaces = await index.indexes()
+    if alias_target and await index.alias_target() != alias_target:
+        await index.set_current(spaces[alias_target])
+    await index.set_write_targets([spaces[n] for n in write_targets if n in spaces])
+    if new_index and new_index not in indexes and new_index in spaces:
+        await drop_index(index, spaces[new_index])
+    if loaded and (await models.loaded())[f"{models.model}_image"] != loaded:
+        await models.serve_versions(loaded)
+
+
 async def rollback(index, models: TritonModels) -> EmbeddingSpace:
     previous = await index.previous_target()
     if previous is None:

@@ -74,6 +74,7 @@ def world(jobs_triton, swap_repo, catalog, image_server, redis_url, tmp_path):  
         gateways.append(gw)
         return gw, LookSyncClient(gw.address, admin_token=TOKEN, timeout_s=30)
 
+    gateway.env, gateway.catalogs = env, catalogs  # for the CLI's own activation path
     yield gateway, url, len(lines)
     for gw in gateways:
         gw.stop()
@@ -226,6 +227,25 @@ def test_a_forced_activation_reports_the_products_it_could_not_embed(world):
     # Overridden, and said so: 49 products now serve where 200 did.
     assert any("overridden: document counts differ" in s for s in job.steps), job.steps
     assert client.search_text("dress", k=1).space.version == 2
+
+
+def test_the_clis_activation_without_catch_up_rolls_back_a_failure_too(world):
+    """`models activate --no-catch-up` (no live ingestion, no Redis job) fails like a job does:
+    exit code 2, one line, and the state from before it restored."""
+    gateway, _, _ = world
+    _, client = gateway()
+    before = _state(client)
+    failed = looksync(
+        "models", "activate", "--version", "2", "--catalog", str(gateway.catalogs / "short.jsonl"),
+        "--no-catch-up", "--min-overlap", "0.999", "--quiet", env=gateway.env,
+    )  # fmt: skip
+    assert failed.returncode == 2, failed.stderr
+    assert "validation failed" in failed.stderr and "Traceback" not in failed.stderr
+    assert _state(client) == before
+    missing = looksync("models", "drop", "--version", "9", env=gateway.env)
+    assert (
+        missing.returncode == 2 and "error: FAILED_PRECONDITION: no index products-clip-v9" in missing.stderr
+    )
 
 
 def test_cancel_rolls_back(world, held_images):
