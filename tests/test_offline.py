@@ -396,3 +396,78 @@ def test_a_stored_listing_that_fails_the_filters_gives_way_to_another_listing_of
     assert hits[0].hit.offers == []  # a1 is sold out: not an offer either
     hits = cheap.layers[0].candidates
     assert [c.hit.product.id for c in hits] == ["a1", "b1"]  # a2 is over the price
+
+
+def test_a_model_unloaded_mid_job_pauses_it_and_a_look_that_cannot_pass_is_not_retried(env, tmp_path):
+    """A Triton model unloaded or still loading is a dependency being down: the job waits for
+    it and no look fails. A look whose image can never be read fails once, not max_tries
+    times; and the failures file says what this run failed, never an earlier run's."""
+    import tritonclient.grpc as tgrpc
+
+    models = tgrpc.InferenceServerClient(env["env"]["LOOKSYNC_TRITON_URL"])
+    paths = list(env["looks"].values())
+    manifest = tmp_path / "unloaded.jsonl"
+    lines = [json.dumps({"look_id": f"u-{i}", "image": paths[i]}) for i in range(4)]
+    lines.append(json.dumps({"look_id": "u-refused", "image": "http://127.0.0.1:9/look.png"}))
+    manifest.write_text("\n".join(lines) + "\n")
+    failures = tmp_path / "failures.jsonl"
+    log = tmp_path / "job.log"
+    models.unload_model("clip_image")
+    try:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "clients.cli", "match-looks", str(manifest), "--quiet", "--json",
+             "--failures", str(failures)],
+            env=env["env"], cwd=REPO, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
+        )  # fmt: skip
+        wait_for(lambda: "waiting for a dependency" in log.read_text(), what="the job to wait for the model")
+        assert job.poll() is None
+    finally:
+        models.load_model("clip_image")
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, log.read_text()[-2000:]
+    report = json.loads(out)
+    assert report["matched"] == 4, report
+    assert list(report["failed"]) == ["u-refused"]
+    assert report["failed"]["u-refused"]["reason"] == "fetch_forbidden_address"
+    assert report["retries"] == 0  # it could never pass
+    assert [json.loads(line)["look_id"] for line in failures.read_text().splitlines()] == ["u-refused"]
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("\n".join(lines[:2]) + "\n")
+    again = looksync(
+        "match-looks", str(clean), "--quiet", "--no-resume", "--failures", str(failures), env=env["env"]
+    )
+    assert again.returncode == 0, again.stderr
+    assert failures.read_text() == ""  # this run failed nothing
+
+
+def test_queued_and_manifest_requests_are_checked_alike(env, redis_url, tmp_path):
+    """A hand-made queue message gets the manifest's checks (keep in range, filters an object);
+    a manifest line that is not UTF-8 is refused, never stored under a changed id."""
+    manifest = tmp_path / "odd.jsonl"
+    path = next(iter(env["looks"].values()))
+    manifest.write_bytes(
+        json.dumps({"look_id": "caf\u00e9", "image": path}, ensure_ascii=False).encode("latin-1") + b"\n"
+        + json.dumps({"look_id": "keep-true", "image": path, "keep": True}).encode() + b"\n"
+        + json.dumps({"look_id": "filters-list", "image": path, "filters": []}).encode() + b"\n"
+    )  # fmt: skip
+    ran = looksync("match-looks", str(manifest), "--quiet", "--json", env=env["env"])
+    assert ran.returncode == 0, ran.stderr
+    failed = json.loads(ran.stdout)["failed"]
+    assert sorted(failed) == ["line 1", "line 2", "line 3"], failed
+    assert "not UTF-8" in failed["line 1"]["detail"] and "keep" in failed["line 2"]["detail"]
+    r = redis_sync.Redis.from_url(redis_url)
+    r.delete(DEAD_LETTERS)
+    r.xadd(
+        STREAM, {"look": json.dumps({"look_id": "hand-made", "image": path, "filters": {}, "keep": 100000})}
+    )
+    worker = _match_worker(env, "checker")
+    try:
+
+        def refused():
+            return next((f for _, f in r.xrange(DEAD_LETTERS) if b"hand-made" in f[b"look"]), None)
+
+        dead = wait_for(refused, what="the hand-made request to be refused")
+    finally:
+        _stop(worker)
+    assert dead[b"reason"] == b"invalid_request" and b"keep 100000 is out of range" in dead[b"detail"]
+    assert "hand-made" not in {rec.look_id for rec in _store(env)}

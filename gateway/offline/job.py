@@ -78,7 +78,8 @@ async def match_looks(settings, options: MatchOptions) -> tuple[JobReport, str]:
             finally:
                 await client.aclose()
             report.failed.update(bad)
-            return report, f"queued {len(todo)} looks for the match workers"
+            where = _write_failures(report, options, settings)
+            return report, f"queued {len(todo)} looks for the match workers{where}"
         matcher = LookMatcher(settings, index, embedder, window_s=settings.match_window_ms / 1000)
         await run_looks(
             matcher,
@@ -89,16 +90,20 @@ async def match_looks(settings, options: MatchOptions) -> tuple[JobReport, str]:
             progress=options.progress,
         )
         report.failed.update(bad)
-        where = ""
-        if report.failed:
-            path = options.failures_path or settings.data_dir / "look-match-failures.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_failures(path, report.failed)
-            where = f"; failures in {path}"
+        where = _write_failures(report, options, settings)
         return report, f"space {space}: {report.summary()}{where}"
     finally:
         await embedder.close()
         await index.close()
+
+
+def _write_failures(report, options, settings) -> str:
+    """This run's failures, replacing the last run's (an empty file when there were none, so
+    that what it says is never an earlier job's); the summary's note."""
+    path = options.failures_path or settings.data_dir / "look-match-failures.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_failures(path, report.failed)
+    return f"; failures in {path}" if report.failed else ""
 
 
 async def match_worker(settings, consumer: str | None = None) -> None:

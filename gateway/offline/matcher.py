@@ -23,7 +23,7 @@ from pathlib import Path
 from prometheus_client import Counter, Gauge, Histogram
 
 from gateway.cache import NoCache
-from gateway.errors import DeadlineExceeded, InvalidArgument, LookSyncError, Unavailable
+from gateway.errors import DeadlineExceeded, InvalidArgument, LookSyncError, ModelNotLoaded, Unavailable
 from gateway.filters import build_filters
 from gateway.index.base import CatalogIndex, EmbeddingSpace
 from gateway.index.embedded import wall_clock_seq
@@ -47,7 +47,22 @@ LAST_COMPUTED = Gauge("looksync_match_last_computed_unix", "When the newest stor
 
 FILTER_KEYS = {"categories", "gender", "market", "brands", "sizes", "min_price", "max_price", "in_stock_only"}
 # Reasons a look will never match however often it is tried: recorded and not retried.
-PERMANENT = {"invalid_request", "invalid_image", "fetch_bad_url", "fetch_not_found", "fetch_too_large"}
+PERMANENT = {
+    "invalid_request",
+    "invalid_image",
+    "fetch_bad_url",
+    "fetch_bad_redirect",
+    "fetch_too_many_redirects",
+    "fetch_not_found",
+    "fetch_too_large",
+    "fetch_not_image",
+    "fetch_forbidden_scheme",
+    "fetch_forbidden_host",
+    "fetch_forbidden_address",
+    "fetch_forbidden_path",
+}
+# HTTP answers that say the image is not there and will not be (a 503 may pass).
+GONE = ("HTTP 404 ", "HTTP 410 ")
 
 
 @dataclass
@@ -57,7 +72,9 @@ class Failure:
 
     @property
     def permanent(self) -> bool:
-        return self.reason in PERMANENT
+        return self.reason in PERMANENT or (
+            self.reason == "fetch_http_status" and any(code in self.detail for code in GONE)
+        )
 
 
 @dataclass
@@ -82,7 +99,8 @@ def parse_manifest_line(line: str, base: Path | None, keep: int, max_keep: int) 
         raise InvalidArgument("look_id: a non-empty string of at most 256 characters is required")
     if not isinstance(image, str) or not image.strip():
         raise InvalidArgument(f"look {look_id!r}: image (a path or an http(s) URL) is required")
-    filters = doc.get("filters") or {}
+    filters = doc.get("filters")
+    filters = {} if filters is None else filters
     if not isinstance(filters, dict):
         raise InvalidArgument(f"look {look_id!r}: filters must be an object")
     if doc.get("market") and not filters.get("market"):
@@ -95,7 +113,7 @@ def parse_manifest_line(line: str, base: Path | None, keep: int, max_keep: int) 
     except InvalidArgument as exc:
         raise InvalidArgument(f"look {look_id!r}: {exc}") from None
     want = doc.get("keep", keep)
-    if not isinstance(want, int) or not 1 <= want <= max_keep:
+    if not isinstance(want, int) or isinstance(want, bool) or not 1 <= want <= max_keep:
         raise InvalidArgument(f"look {look_id!r}: keep {want!r} is out of range 1..{max_keep}")
     if "://" not in image and base is not None and not Path(image).is_absolute():
         image = str((base / image).resolve())  # workers elsewhere get a path they can open
@@ -107,11 +125,15 @@ def read_manifest(path: Path, keep: int, max_keep: int) -> tuple[list[LookReques
     no usable look id). A look id given twice: the last line wins."""
     looks: dict[str, LookRequest] = {}
     bad: dict[str, Failure] = {}
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if not raw.strip():
                 continue
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:  # a look id must not change under our hands
+                    raise InvalidArgument(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
                 req = parse_manifest_line(line, path.parent, keep, max_keep)
             except InvalidArgument as exc:
                 bad[f"line {n}"] = Failure("invalid_request", f"line {n}: {exc}")
@@ -169,7 +191,7 @@ class LookMatcher:
             return Failure(f"fetch_{exc.reason}", str(exc))
         except InvalidArgument as exc:
             return Failure("invalid_image", str(exc))
-        except Unavailable as exc:
+        except (Unavailable, ModelNotLoaded) as exc:  # a dependency: Triton (or its model), the index
             return Failure("unavailable", str(exc))
         except DeadlineExceeded as exc:  # this look was too slow: counted against its tries
             return Failure("deadline", str(exc))
@@ -186,8 +208,9 @@ class LookMatcher:
 
     async def match(self, requests: list[LookRequest]) -> MatchOutcome:
         """Match the looks concurrently (their Triton calls merged) and store the results in
-        one write. Raises Unavailable when the index or Triton is down for all of them (the
-        caller waits and retries); per-look failures come back in the outcome."""
+        one write. Raises Unavailable when the index, Triton or its model was down for any of
+        them (the caller waits and retries the batch); per-look failures come back in the
+        outcome."""
         space = await self.space()
         position = wall_clock_seq()
         results = await asyncio.gather(*(self._one(r, space, position) for r in requests))
@@ -197,8 +220,7 @@ class LookMatcher:
                 out.failures[req.look_id] = result
             else:
                 out.records.append(result)
-        if out.failures and not out.records and all(f.reason == "unavailable" for f in out.failures.values()):
-            raise Unavailable(next(iter(out.failures.values())).detail)
+        down = [f for f in out.failures.values() if f.reason == "unavailable"]
         # A swap during the batch: its answers belong to the old space and must not replace
         # answers of the new one; they are matched again (in the new space).
         now = await self.index.space()
@@ -207,6 +229,10 @@ class LookMatcher:
                 out.failures[r.look_id] = Failure("space_changed", f"matched in {space}, now {now} serves")
             out.records = []
         await self.index.look_matches.put(out.records)
+        if down:
+            # A dependency is down: the caller waits and runs the batch again (what was matched
+            # is stored; matching it again writes the same record), spending no look's tries.
+            raise Unavailable(down[0].detail)
         for failure in out.failures.values():
             FAILURES.labels(failure.reason).inc()
         MATCHED.labels("matched").inc(len(out.records))

@@ -29,7 +29,7 @@ from prometheus_client import Counter, Gauge
 from gateway.errors import LookSyncError, Unavailable
 from gateway.ingest.worker import _one_line, _sid, _sleep_unless, is_redis_outage
 from gateway.observability import log
-from gateway.offline.matcher import Failure, LookMatcher, stale_looks
+from gateway.offline.matcher import Failure, LookMatcher, parse_manifest_line, stale_looks
 from gateway.offline.record import LookRequest
 
 logger = logging.getLogger("looksync.offline")
@@ -177,9 +177,14 @@ class MatchWorker:
             stream_id = _sid(raw_id)
             raw = fields.get(b"look", fields.get("look", b""))
             try:
-                req = LookRequest(**json.loads(raw))
-                if not req.look_id:
-                    raise ValueError("look_id is empty")
+                # Checked again as a manifest line is: a queued message may be hand-made.
+                settings = self.matcher.settings
+                req = parse_manifest_line(
+                    raw.decode("utf-8") if isinstance(raw, bytes) else raw,
+                    None,
+                    settings.match_keep,
+                    settings.max_k_per_layer,
+                )
             except Exception as exc:  # a hand-made or foreign message: dead, never a crash
                 await self.dead_letter(stream_id, _sid(raw)[:10_000], "invalid_request", _one_line(exc))
                 continue
