@@ -364,6 +364,9 @@ class Swap:
                 upserts=lambda events: self._replay_upserts(indexer, events, result),
             )
             self._step(f"caught up {n} upserts, updates and deletes published since the catalog file")
+        if self.report.old is not None:
+            carried = await carry_items(self.index, self.report.old, self.report.new)
+            self._step(f"carried the item ids of {carried} listings over from {self.report.old.index_name}")
         await self.index.optimize(self.report.new)
         self.report.reindex_s = time.perf_counter() - start
         self.report.failed = len(result.failed)
@@ -435,6 +438,24 @@ class Swap:
             self._step(
                 f"grace period over: Triton unloaded {self.report.old.model} v{self.report.old.version}"
             )
+
+
+async def carry_items(index, old: EmbeddingSpace, new: EmbeddingSpace, chunk: int = 1000) -> int:
+    """Item ids (which listings are one item across retailers, `looksync dedup`) are catalog
+    facts, not the model's: the catalog file has none, so a rebuilt index would serve every
+    listing as its own item until dedup ran again. Each id is written on the image hash it was
+    grouped on, so a listing whose image changed since stays ungrouped, as after ingestion."""
+    carried, items = 0, {}
+    async for batch in index.scan(old):
+        for stored in batch:
+            if stored.product.item_id:
+                items[stored.product.id] = (stored.product.item_id, stored.image_hash)
+        if len(items) >= chunk:
+            carried += sum(o == "applied" for o in await index.assign_items(new, items))
+            items = {}
+    if items:
+        carried += sum(o == "applied" for o in await index.assign_items(new, items))
+    return carried
 
 
 async def restore(

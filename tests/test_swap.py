@@ -202,6 +202,14 @@ async def _activate(server, repo, index, catalog, products, r, image_server, red
         while not await asyncio.to_thread(_drained, r):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.2)
+        # Two listings grouped into one item in v1 (`looksync dedup`): a catalog fact the new
+        # index must keep, or every search would show them apart, without offers.
+        pair = [products[10].id, products[11].id]
+        stored = await index.get(V1, pair)
+        assert (
+            await index.assign_items(V1, {p: (pair[0], stored[p].image_hash) for p in pair})
+            == ["applied"] * 2
+        )
         report = await swap.prepare()
         assert (report.old, report.new) == (V1, V2)
         # Events published after the new index exists but before the switch: the worker must
@@ -233,6 +241,9 @@ async def _activate(server, repo, index, catalog, products, r, image_server, red
         assert report.counts[0] == report.counts[1] == 203  # 200 + 3 live + 1 new - 1 deleted
         got = await index.get(V2, [products[5].id, products[6].id])
         assert list(got) == [products[5].id] and got[products[5].id].product.price == 1.23
+        assert {p: s.product.item_id for p, s in (await index.get(V2, pair)).items()} == dict.fromkeys(
+            pair, pair[0]
+        )
         old, new = (
             await index.get(V1, [products[8].id, "gap-new"]),
             await index.get(V2, [products[8].id, "gap-new"]),
