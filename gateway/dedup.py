@@ -107,16 +107,14 @@ class Dedup:
         self.index, self.space = index, space
         self.s = settings or DedupSettings()
         self.listings: dict[str, _Listing] = {}
-        self.parent: dict[str, str] = {}
-        self.members: dict[str, list[str]] = {}
+        # listing -> its component's root: ("item", item id) or ("listing", listing id)
+        self.parent: dict[str, tuple[str, str]] = {}
+        self.members: dict[tuple[str, str], list[str]] = {}
 
     # -- components: keyed by a root id; a listing's parent chain leads to its root ----------
 
-    def _find(self, pid: str) -> str:
-        root = self.parent[pid]
-        while root in self.parent and self.parent[root] != root:
-            root = self.parent[root]
-        return root
+    def _find(self, pid: str) -> tuple[str, str]:
+        return self.parent[pid]  # a merge points every member at the kept root directly
 
     def _matches(self, a: _Listing, b: _Listing) -> bool:
         return (
@@ -243,9 +241,11 @@ class Dedup:
         report.listings += len(self.listings)
         # Existing items are the starting components (incremental); a full run starts from
         # singletons.
+        # Roots of the two kinds never meet: a listing that left its item keeps the id the item
+        # is named after, and must be matched like any other before it joins it again.
         for pid in sorted(self.listings):
             item = self.listings[pid].item_id
-            root = item if (item and not full) else pid
+            root = ("item", item) if (item and not full) else ("listing", pid)
             self.parent[pid] = root
             self.members.setdefault(root, []).append(pid)
         todo = sorted(p for p, x in self.listings.items() if full or not x.item_id)
@@ -271,11 +271,17 @@ class Dedup:
                     ):
                         self._merge(pid, other, report)
             bar.update(len(chunk))
-        # Item ids: an existing item keeps its id; a new one is named after its smallest id.
+        # Item ids: an existing item keeps its id; a new one is named after its smallest id that
+        # no existing item holds (none: it stays its own, unnamed, until a full run).
         writes: dict[str, tuple[str, str]] = {}
+        taken = {root[1] for root in self.members if root[0] == "item"}
         for members in self.members.values():
             kept = sorted({self.listings[m].item_id for m in members} - {""})
-            item = kept[0] if (kept and not full) else min(members)
+            if kept and not full:
+                item = kept[0]
+            else:
+                free = sorted(m for m in members if full or m not in taken)
+                item = free[0] if free else ""
             for m in members:
                 report.items_of[m] = item
                 if self.listings[m].item_id != item:

@@ -31,21 +31,23 @@ async def group_by_item(
 ) -> list[ScoredProduct]:
     """At most one hit per item, at most k, in the order of each item's best hit. `known`:
     listings by item already read (several lists served at once read them in one call)."""
-    order: list[str] = []
-    best: dict[str, ScoredProduct] = {}
+    # An ungrouped listing is its own item, keyed apart from item ids: a listing that left its
+    # item (a new image) keeps the id the item is named after, and must not take its place.
+    order: list[tuple[bool, str]] = []
+    best: dict[tuple[bool, str], ScoredProduct] = {}
     for hit in hits:
-        item = hit.product.item_id or hit.product.id
+        item = (True, hit.product.item_id) if hit.product.item_id else (False, hit.product.id)
         if item not in best:
             order.append(item)
             best[item] = hit
     order = order[:k]
-    grouped = [i for i in order if best[i].product.item_id]
+    grouped = [i for grouped, i in order if grouped]
     missing = [i for i in grouped if known is None or i not in known]
     listings = {**(known or {}), **(await index.listings(space, missing) if missing else {})}
     out = []
     for item in order:
         hit = best[item]
-        passing = [p for p in listings.get(item, []) if filters.matches(p)]
+        passing = [p for p in (listings.get(item[1], []) if item[0] else []) if filters.matches(p)]
         if not any(p.id == hit.product.id for p in passing):
             passing.append(hit.product)  # the search itself applied the filters to it
         ranked = best_first(passing)

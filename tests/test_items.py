@@ -285,3 +285,28 @@ def test_ingestion_puts_a_new_listing_into_its_item_without_a_full_run(
     after = asyncio.run(_stored_items(tmp_path / "data" / "index"))
     assert after["other-shop-3"] == before[source.id] != ""
     assert {p: i for p, i in after.items() if p != "other-shop-3"} == before  # nothing else moved
+
+
+def test_the_listing_an_item_is_named_after_leaves_it_without_taking_the_item_along(backend):
+    """a1 names item a1 (its smallest id). A new, unrelated picture of a1 clears its item: a
+    search must still answer the item a1 (a3 with its offers) and a1 apart from it; the next
+    incremental run must not put a1 back without a match, nor name a1's own item "a1"."""
+
+    async def scenario(idx):
+        await _dedup(idx, full=True)
+        product, _, _ = _listing("a1", "Completely different garment xyz", 40.0, None, "shopone")
+        other = _unit(np.random.default_rng(11).normal(size=16))
+        await idx.upsert(SPACE, [(product, "h-new", other)])
+        await _settle(idx)
+        assert (await _items(idx))["a1"] == ""
+        answers = dict(await _ask(idx, k=10))
+        assert answers["a3"] == ["a2"]  # the item a1, shown as its best listing, a1 no offer of it
+        _, hits = await idx.search(other, SPACE, build_filters(), 15)
+        alone = await group_by_item(idx, SPACE, hits, build_filters(), 10)
+        assert ("a1", []) in [(h.product.id, [o.id for o in h.offers]) for h in alone]
+        assert {h.product.id for h in alone} >= {"a1", "a3"}  # the item did not vanish behind a1
+        await _dedup(idx)
+        items = await _items(idx)
+        assert items["a2"] == items["a3"] == "a1" and items["a1"] != "a1"  # not joined unmatched
+
+    backend(scenario)
